@@ -1,0 +1,28 @@
+"""mbn: multi-domain N-BatchNorm training (AdvProp, Xie et al., CVPR 2020, generalised to N sources)."""
+
+from mbn.convert import convert_model, convert_sync_batchnorm, export_model
+from mbn.domain import Domain, DomainContext
+from mbn.norm import MultiSourceBatchNorm
+from mbn.registry import available_domains, create_domain, get_domain_class, register_domain
+from mbn.routing import eval_mode, frozen_stats, model_sources, multi_source_norms, split_sources, use_source
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Domain",
+    "DomainContext",
+    "MultiSourceBatchNorm",
+    "available_domains",
+    "convert_model",
+    "convert_sync_batchnorm",
+    "create_domain",
+    "eval_mode",
+    "export_model",
+    "frozen_stats",
+    "get_domain_class",
+    "model_sources",
+    "multi_source_norms",
+    "register_domain",
+    "split_sources",
+    "use_source",
+]

@@ -1,0 +1,312 @@
+"""Recipe schema and loading: typed dataclasses merged as defaults -> base recipe -> recipe -> CLI dotlist.
+
+A typo or a wrong type fails at load time with a :class:`RecipeError` naming the key (dinov2's
+``get_cfg_from_args`` flow on omegaconf structured configs). ``domains`` maps a domain's name to
+``{type, bn, weight, input, start, end, ...the type's parameters}``; the model's BN sources are the
+distinct ``bn`` values in order, the first being the main BN used at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+#: Keys of a domain entry that the trainer consumes; all other keys are the domain type's parameters.
+DOMAIN_RESERVED_KEYS = ("type", "bn", "weight", "input", "start", "end")
+
+
+class RecipeError(ValueError):
+    """A recipe or override is invalid; the message names the key (or file) and what was expected."""
+
+
+@dataclass
+class ModelCfg:
+    """Which network to build (see :func:`mbn.models.create_model`)."""
+
+    name: str = "cifar_resnet18"  # cifar_resnet{8,20,18,...} | torchvision.<name> | timm.<name>
+    width: int = 64  # base width of the CIFAR ResNets (16 for the small CPU-scale nets)
+    pretrained: bool = False
+    share_affine: bool = False  # one affine pair for every source (separate statistics only)
+    share_stats: bool = False  # one set of running statistics (separate affine only)
+
+
+@dataclass
+class DataCfg:
+    """Dataset, loading and the CPU-side base transforms (crop, flip)."""
+
+    name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | synthetic
+    root: str = "data"
+    download: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 2
+    image_size: int = 32
+    crop_padding: int = 4  # random crop with this zero padding (0 disables)
+    hflip: bool = True
+    on_device: bool = False  # hold the whole dataset on the training device as uint8 (no workers)
+    train_limit: int | None = None  # use the first N training images (after a fixed seeded shuffle)
+    test_limit: int | None = None  # use the first N test images
+    synthetic_train_size: int = 5000
+    synthetic_test_size: int = 1000
+
+
+@dataclass
+class OptimCfg:
+    """Optimiser and loss."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global grad norm
+
+
+@dataclass
+class ScheduleCfg:
+    """Learning-rate schedule, stepped every optimisation step."""
+
+    name: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training (step)
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainerCfg:
+    """Loop, device and run directory."""
+
+    epochs: int = 30
+    max_steps: int | None = None  # stop after this many steps (short runs, smoke tests)
+    out_dir: str | None = None  # default: runs/<recipe>-<timestamp>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    split_batch: bool = True  # one concatenated forward when every domain's batch is ready
+    eval_every: int = 1  # epochs between test evaluations (0: only at the end)
+    eval_all_bns: bool = False  # evaluate through every BN, not only the main one
+    checkpoint_every_steps: int = 0  # extra checkpoints inside an epoch (0: at epoch ends only)
+    log_every: int = 20  # steps between log lines / scalar writes
+    progress: str = "auto"  # auto | bar | plain | none
+
+
+@dataclass
+class EvalCfg:
+    """Evaluation settings used by ``mbn-eval`` (and stored with the run)."""
+
+    limit: int | None = None
+    corruptions: list[str] | None = None  # default: the 15 standard ones
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    linf_eps: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # 0-255 units
+    l2_eps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # [0,1]-pixel l2 norm
+    pgd_steps: int = 10
+    autoattack: bool = False
+
+
+@dataclass
+class LoggingCfg:
+    """TensorBoard output."""
+
+    tensorboard: bool = True
+    image_every: int = 500  # steps between per-domain image grids (0 disables)
+    divergence_every: int = 500  # steps between BN-statistics divergence scalars (0 disables)
+    perturbation_gain: float = 10.0  # amplification of (adv - clean) in the image grids
+
+
+@dataclass
+class RecipeCfg:
+    """A full training recipe."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    domains: dict[str, Any] = field(default_factory=dict)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    logging: LoggingCfg = field(default_factory=LoggingCfg)
+
+
+@dataclass
+class DomainSpec:
+    """One resolved entry of ``domains``."""
+
+    name: str
+    type: str
+    bn: str
+    weight: float = 1.0
+    input: str | None = None
+    start: float = 0.0  # fraction of training at which the domain starts contributing
+    end: float = 1.0  # fraction of training after which it stops
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry multi-line context; keep the first line
+        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
+    return cfg
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Load ``path``, first merging the recipe named by its optional ``base:`` key (relative path)."""
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: recipe 'base' chain forms a cycle")
+    cfg = _read_yaml(path)
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: key 'base' must be a path to another recipe, got {base!r}")
+    return OmegaConf.merge(_read_with_bases(path.parent / base, (*seen, path)), cfg)  # type: ignore[return-value]
+
+
+def _friendly(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
+    """Merge schema defaults, the recipe (and its bases) and ``key=value`` overrides, then validate.
+
+    Raises:
+        RecipeError: missing file, unknown key, wrong type or bad value; the message names it.
+    """
+    schema = OmegaConf.structured(RecipeCfg)
+    layers: list[Any] = [schema]
+    if path is not None:
+        layers.append(_read_with_bases(Path(path)))
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected dotted.key=value")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise RecipeError(_friendly(err)) from None
+    assert isinstance(cfg, DictConfig)
+    validate_recipe(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.name": ("cosine", "step", "constant"),
+    "trainer.amp": ("none", "bf16", "fp16"),
+    "trainer.progress": ("auto", "bar", "plain", "none"),
+}
+_POSITIVE = ("data.batch_size", "data.eval_batch_size", "data.image_size", "trainer.epochs", "optim.lr")
+_NON_NEGATIVE = ("data.num_workers", "data.crop_padding", "optim.weight_decay", "schedule.warmup_epochs")
+
+
+def validate_recipe(cfg: DictConfig) -> None:
+    """Check values the type system cannot (choices, ranges, domain entries)."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise RecipeError(f"key '{key}': expected one of {list(choices)}, got {value!r}")
+    for key in _POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise RecipeError(f"key '{key}': expected a positive value, got {OmegaConf.select(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise RecipeError(f"key '{key}': expected a value >= 0, got {OmegaConf.select(cfg, key)!r}")
+    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
+        raise RecipeError(f"key 'trainer.max_steps': expected a positive integer, got {cfg.trainer.max_steps}")
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise RecipeError(f"key 'optim.label_smoothing': expected a value in [0, 1), got {cfg.optim.label_smoothing}")
+    if cfg.data.name == "imagefolder" and not Path(cfg.data.root, "train").is_dir():
+        raise RecipeError(f"key 'data.root': imagefolder expects {cfg.data.root}/train/<class>/*; directory not found")
+    domain_specs(cfg)
+
+
+def domain_specs(cfg: DictConfig) -> list[DomainSpec]:
+    """Resolve ``cfg.domains`` into specs in recipe order, checking entries and ``input`` links.
+
+    Raises:
+        RecipeError: no domains, a malformed entry, an unknown ``input`` or an ``input`` cycle.
+    """
+    domains = cfg.domains
+    if not domains:
+        raise RecipeError("key 'domains': expected at least one domain, e.g. domains.clean.type=clean")
+    specs = []
+    for name, entry in domains.items():
+        key = f"domains.{name}"
+        if not isinstance(entry, DictConfig):
+            raise RecipeError(f"key '{key}': expected a mapping with at least 'type', got {entry!r}")
+        entry = OmegaConf.to_container(entry, resolve=True)
+        assert isinstance(entry, dict)
+        if not isinstance(entry.get("type"), str):
+            raise RecipeError(f"key '{key}.type': expected a registered domain type name")
+        weight, start, end = entry.get("weight", 1.0), entry.get("start", 0.0), entry.get("end", 1.0)
+        for sub, value in (("weight", weight), ("start", start), ("end", end)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise RecipeError(f"key '{key}.{sub}': expected a number, got {value!r}")
+        if not 0.0 <= start < end <= 1.0:
+            raise RecipeError(f"key '{key}.start/end': expected 0 <= start < end <= 1, got {start}, {end}")
+        bn = entry.get("bn") or name
+        if not isinstance(bn, str) or not bn.isidentifier():
+            raise RecipeError(f"key '{key}.bn': expected an identifier naming a BN source, got {bn!r}")
+        params = {k: v for k, v in entry.items() if k not in DOMAIN_RESERVED_KEYS}
+        specs.append(DomainSpec(str(name), entry["type"], bn, float(weight), entry.get("input"), start, end, params))
+    names = {s.name for s in specs}
+    for spec in specs:
+        if spec.input is not None and spec.input not in names:
+            raise RecipeError(
+                f"key 'domains.{spec.name}.input': unknown domain {spec.input!r}; domains: {sorted(names)}"
+            )
+    dependency_order(specs)
+    return specs
+
+
+def dependency_order(specs: list[DomainSpec]) -> list[DomainSpec]:
+    """Specs ordered so every domain comes after its ``input``; a cycle is a RecipeError."""
+    by_name = {s.name: s for s in specs}
+    ordered: list[DomainSpec] = []
+    state: dict[str, str] = {}
+
+    def visit(spec: DomainSpec, path: tuple[str, ...]) -> None:
+        if state.get(spec.name) == "done":
+            return
+        if state.get(spec.name) == "visiting":
+            cycle = " -> ".join((*path, spec.name))
+            raise RecipeError(f"key 'domains.{spec.name}.input': input cycle {cycle}")
+        state[spec.name] = "visiting"
+        if spec.input is not None:
+            visit(by_name[spec.input], (*path, spec.name))
+        state[spec.name] = "done"
+        ordered.append(spec)
+
+    for spec in specs:
+        visit(spec, ())
+    return ordered
+
+
+def bn_sources(specs: list[DomainSpec]) -> tuple[str, ...]:
+    """Distinct BN sources in recipe order; the first is the main BN."""
+    return tuple(dict.fromkeys(s.bn for s in specs))
+
+
+def save_recipe(cfg: DictConfig, path: Path) -> None:
+    """Write the fully resolved recipe as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,133 @@
+"""The Domain interface: a plugin that turns the clean batch into one data source's batch.
+
+A domain runs on the training device inside the training step (AdvProp's adversarial examples are
+generated on the fly against the current model, Xie et al. 2020 §3-4). The base class owns the
+bookkeeping; a plugin fills :meth:`Domain.generate`.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mbn.routing import eval_mode, frozen_stats, use_source
+
+AttackBN = Literal["eval", "train", "train_update"]
+ATTACK_BN_MODES: tuple[str, ...] = ("eval", "train", "train_update")
+
+
+@dataclass
+class DomainContext:
+    """What a domain may use while generating its batch.
+
+    Attributes:
+        model: the (unwrapped) classifier taking [0, 1] images; normalisation lives inside it.
+        bn: the BN source this domain trains (and attacks) through.
+        step: global optimisation step.
+        epoch: current epoch.
+        generator: seeded RNG on the training device; draw all randomness from it.
+        num_classes: number of classes of the task.
+        loss_fn: loss used by attacks, ``(logits, labels) -> scalar``; cross-entropy by default.
+    """
+
+    model: nn.Module
+    bn: str
+    step: int = 0
+    epoch: int = 0
+    generator: torch.Generator | None = None
+    num_classes: int = 10
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.cross_entropy)
+
+    @property
+    def device(self) -> torch.device:
+        """The training device."""
+        return next(self.model.parameters()).device
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of ``x`` with the model routed through this domain's BN (train or eval mode)."""
+        with use_source(self.model, self.bn):
+            return self.model(x)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The attack loss (cross-entropy unless the trainer sets another)."""
+        return self.loss_fn(logits, labels)
+
+    @contextmanager
+    def attack_mode(self, mode: str) -> Iterator[None]:
+        """BN behaviour for attack forwards.
+
+        ``eval``: running statistics, nothing updated (Xie's ImageNet adversarial-training attacker);
+        ``train``: batch statistics, running statistics untouched (Fast AdvProp code);
+        ``train_update``: batch statistics and running statistics updated.
+        """
+        if mode == "eval":
+            with eval_mode(self.model):
+                yield
+        elif mode == "train":
+            with frozen_stats(self.model):
+                yield
+        elif mode == "train_update":
+            yield
+        else:
+            raise ValueError(f"attack_bn must be one of {list(ATTACK_BN_MODES)}, got {mode!r}")
+
+
+class Domain(abc.ABC):
+    """One data source: turns a clean ``(images, labels)`` batch into this source's batch.
+
+    Subclasses take their recipe parameters as keyword arguments of ``__init__`` and implement
+    :meth:`generate`. Images are float ``(N, C, H, W)`` in [0, 1] on the training device.
+
+    Examples:
+        >>> import mbn
+        >>> @mbn.register_domain("invert_example")
+        ... class Invert(mbn.Domain):
+        ...     def generate(self, images, labels, ctx):
+        ...         return 1.0 - images, labels
+        >>> type(mbn.create_domain("invert_example")).__name__
+        'Invert'
+    """
+
+    name: ClassVar[str] = ""
+    #: True when ``generate`` runs the model (attacks); the trainer then passes a routed context.
+    uses_model: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
+        """Return this source's ``(images, labels)``; ``ctx.forward`` runs the model through its BN."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        """Recipe parameters this domain accepts (its ``__init__`` keyword arguments)."""
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    @classmethod
+    def accepts_any_parameter(cls) -> bool:
+        """True when ``__init__`` takes ``**kwargs``."""
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+
+def build_domain(cls: type[Domain], name: str, params: dict[str, Any]) -> Domain:
+    """Instantiate ``cls`` from recipe ``params``, naming the domain and parameter on any mismatch."""
+    if not cls.accepts_any_parameter():
+        allowed = cls.parameter_names()
+        for key in params:
+            if key not in allowed:
+                raise ValueError(f"domain {name!r}: unknown parameter {key!r}; expected one of {allowed}")
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise ValueError(f"domain {name!r}: {err}") from err
