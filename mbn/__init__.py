@@ -1,5 +1,6 @@
 """mbn: multi-domain N-BatchNorm training (AdvProp, Xie et al., CVPR 2020, generalised to N sources)."""
 
+from mbn import attacks
 from mbn.convert import convert_model, convert_sync_batchnorm, export_model
 from mbn.domain import Domain, DomainContext
 from mbn.norm import MultiSourceBatchNorm
@@ -9,6 +10,7 @@ from mbn.routing import eval_mode, frozen_stats, model_sources, multi_source_nor
 __version__ = "0.1.0"
 
 __all__ = [
+    "attacks",
     "Domain",
     "DomainContext",
     "MultiSourceBatchNorm",

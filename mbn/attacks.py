@@ -1,0 +1,332 @@
+"""Gradient attacks in pixel space: PGD (L-inf / L2), FGSM and unsigned gradient descent.
+
+Plain functions shared by the attack domains (:mod:`domains.pgd`) and robustness evaluation. ``model``
+is any callable mapping ``(N, C, H, W)`` images in [0, 1] to logits (e.g. ``DomainContext.forward``);
+``eps`` and ``step_size`` are in [0, 1] pixel units, as in torchattacks.
+
+References:
+    * PGD: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018;
+      update and L2 projection follow torchattacks' ``PGD`` / ``PGDL2`` (Kim, 2020).
+    * FGSM: Goodfellow et al., ICLR 2015; with ``random_start`` it is the RS-FGSM of Wong et al.,
+      "Fast is better than free", ICLR 2020 (uniform start in the ball, step ``1.25 * eps``).
+    * GD and FGSM as alternative AdvProp attackers: Xie et al., CVPR 2020, §5.4 / Table 5.
+    * Random wrong target class: Xie et al.'s ImageNet-Adversarial-Training ``PGDAttacker``.
+
+Every result lies inside the ``eps`` ball around ``images`` and inside the [0, 1] box; L-inf results
+satisfy ``(adv - images).abs() <= eps`` exactly in the input's dtype. Gradients are taken with
+``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad`` fields are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.functional import cross_entropy
+
+Model = Callable[[Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+NORMS: tuple[str, ...] = ("linf", "l2")
+
+# Guards the per-sample divisions by gradient / perturbation norms (torchattacks uses the same value).
+_TINY = 1e-10
+
+
+def pgd(
+    model: Model,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str = "linf",
+    random_start: bool | float = False,
+    loss_fn: LossFn | None = None,
+    targeted: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient ascent on the loss (Madry et al. 2018).
+
+    L-inf steps move by ``step_size * sign(grad)``; L2 steps by ``step_size`` along the per-sample
+    L2-normalised gradient. Each step is projected onto the ``eps`` ball and the [0, 1] box.
+
+    Args:
+        model: callable mapping images in [0, 1] to logits.
+        images: clean images ``(N, C, H, W)`` in [0, 1]; their dtype is kept.
+        labels: true labels ``(N,)``, or target labels when ``targeted``.
+        eps: radius of the ball, in [0, 1] pixel units.
+        steps: number of gradient steps (>= 1).
+        step_size: step length, in [0, 1] pixel units.
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: ``True``/``False``, or the per-sample probability of starting from a random
+            point of the ball (uniform per pixel for L-inf; a Gaussian direction with radius
+            ``U(0, 1) * eps`` for L2, as torchattacks) instead of the clean image.
+        loss_fn: ``(logits, labels) -> scalar``; cross-entropy by default.
+        targeted: ``labels`` are targets and the loss is minimised instead of maximised.
+        generator: RNG for the random start.
+
+    Returns:
+        Detached adversarial images, same shape, dtype and device as ``images``.
+
+    Raises:
+        ValueError: on a negative ``eps`` / ``step_size``, ``steps < 1``, an unknown ``norm`` or a
+            ``random_start`` outside [0, 1].
+    """
+    return _iterate(
+        model,
+        images,
+        labels,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        norm=norm,
+        random_start=random_start,
+        loss_fn=loss_fn,
+        targeted=targeted,
+        generator=generator,
+        signed=True,
+    )
+
+
+def fgsm(
+    model: Model,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    random_start: bool | float = False,
+    step_size: float | None = None,
+    norm: str = "linf",
+    loss_fn: LossFn | None = None,
+    targeted: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One projected gradient step: FGSM, or RS-FGSM ("Fast is better than free") with ``random_start``.
+
+    Args:
+        model: callable mapping images in [0, 1] to logits.
+        images: clean images ``(N, C, H, W)`` in [0, 1].
+        labels: true labels ``(N,)``, or target labels when ``targeted``.
+        eps: radius of the ball, in [0, 1] pixel units.
+        random_start: as in :func:`pgd`; Wong et al. 2020 use ``True``.
+        step_size: defaults to ``eps``, or ``1.25 * eps`` when ``random_start`` is non-zero (Wong et al.).
+        norm: ``"linf"`` (FGSM) or ``"l2"`` (fast gradient method with a normalised gradient).
+        loss_fn: ``(logits, labels) -> scalar``; cross-entropy by default.
+        targeted: ``labels`` are targets and the loss is minimised.
+        generator: RNG for the random start.
+
+    Returns:
+        Detached adversarial images inside the ``eps`` ball and the [0, 1] box.
+    """
+    _check_eps(eps)
+    probability = _start_probability(random_start)
+    if step_size is None:
+        step_size = 1.25 * eps if probability > 0 else eps
+    return _iterate(
+        model,
+        images,
+        labels,
+        eps=eps,
+        steps=1,
+        step_size=step_size,
+        norm=norm,
+        random_start=probability,
+        loss_fn=loss_fn,
+        targeted=targeted,
+        generator=generator,
+        signed=True,
+    )
+
+
+def gd(
+    model: Model,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str = "linf",
+    random_start: bool | float = False,
+    loss_fn: LossFn | None = None,
+    targeted: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient ascent along the raw gradient direction, without the sign.
+
+    The gradient is L2-normalised per sample and scaled so that a step has the same L2 length as a
+    signed step of the same ``step_size``: ``step_size * sqrt(C*H*W)`` for ``linf`` (a sign step's
+    length; per-pixel RMS equals ``step_size``), ``step_size`` for ``l2`` (where it coincides with
+    :func:`pgd`). Only the direction differs from PGD, which makes it the weaker, "GD" attacker of
+    AdvProp §5.4. Arguments are those of :func:`pgd`.
+
+    Returns:
+        Detached adversarial images inside the ``eps`` ball and the [0, 1] box.
+    """
+    return _iterate(
+        model,
+        images,
+        labels,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        norm=norm,
+        random_start=random_start,
+        loss_fn=loss_fn,
+        targeted=targeted,
+        generator=generator,
+        signed=False,
+    )
+
+
+def random_wrong_labels(labels: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """A target class drawn uniformly among the ``num_classes - 1`` wrong classes of each sample.
+
+    The offset is drawn from ``1 .. num_classes - 1`` (never 0), as in Xie et al.'s
+    ImageNet-Adversarial-Training attacker, so the target is never the true label.
+
+    Raises:
+        ValueError: if ``num_classes < 2`` or a label lies outside ``[0, num_classes)``.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 to draw a wrong class, got {num_classes!r}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+    device = generator.device if generator is not None else labels.device
+    offset = torch.randint(1, num_classes, labels.shape, generator=generator, device=device).to(labels.device)
+    return (labels + offset) % num_classes
+
+
+def _check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _start_probability(random_start: bool | float) -> float:
+    if isinstance(random_start, bool):
+        return float(random_start)
+    if not isinstance(random_start, (int, float)) or not 0.0 <= random_start <= 1.0:
+        raise ValueError(f"random_start must be a bool or a probability in [0, 1], got {random_start!r}")
+    return float(random_start)
+
+
+def _validate(eps: float, steps: int, step_size: float, norm: str, random_start: bool | float) -> float:
+    """Check the shared attack arguments; return the random-start probability."""
+    _check_eps(eps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if (
+        isinstance(step_size, bool)
+        or not isinstance(step_size, (int, float))
+        or not math.isfinite(step_size)
+        or step_size < 0
+    ):
+        raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    return _start_probability(random_start)
+
+
+def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None, *, normal: bool = False) -> Tensor:
+    """Uniform [0, 1) (or standard normal) draws on the generator's device, moved to ``like``'s."""
+    device = generator.device if generator is not None else like.device
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _radius(eps: float, dtype: torch.dtype) -> Tensor:
+    """``eps`` in ``dtype``, rounded down so comparisons against the Python float hold too."""
+    radius = torch.tensor(eps, dtype=torch.float64).to(dtype)
+    if float(radius) > eps:
+        radius = torch.nextafter(radius, torch.zeros_like(radius))
+    return radius
+
+
+def _per_sample_norm(x: Tensor) -> Tensor:
+    """L2 norm of each sample, shaped ``(N, 1, ..., 1)`` for broadcasting."""
+    return x.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _project(adv: Tensor, images: Tensor, eps: float, norm: str) -> Tensor:
+    """Project ``adv`` onto the ``eps`` ball around ``images`` intersected with the [0, 1] box."""
+    if norm == "l2":
+        delta = adv - images
+        factor = torch.clamp(eps / (_per_sample_norm(delta) + _TINY), max=1.0)
+        # Clamping to the box after the ball only moves pixels towards ``images``, so the norm can only shrink.
+        return torch.clamp(images + delta * factor, 0.0, 1.0)
+    radius = _radius(eps, images.dtype)
+    low = torch.clamp(images - radius, min=0.0)
+    high = torch.clamp(images + radius, max=1.0)
+    adv = torch.clamp(adv, low, high)
+    # images +/- eps is rounded, so adv - images can exceed eps by an ulp; step those pixels towards
+    # the clean value (which stays in the box) until the ball holds exactly in this dtype.
+    for _ in range(8):
+        outside = (adv - images).abs() > radius
+        if not outside.any():
+            break
+        adv = torch.where(outside, torch.nextafter(adv, images), adv)
+    return adv
+
+
+def _random_start(
+    images: Tensor, eps: float, norm: str, probability: float, generator: torch.Generator | None
+) -> Tensor:
+    """Per sample, a random point of the ball with ``probability``, else the clean image."""
+    if probability == 0.0 or eps == 0:
+        return images.clone()
+    if norm == "linf":
+        delta = (2.0 * _rand(tuple(images.shape), images, generator) - 1.0) * eps
+    else:
+        direction = _rand(tuple(images.shape), images, generator, normal=True)
+        radius = _rand((images.shape[0],), images, generator).view(-1, *([1] * (images.dim() - 1)))
+        delta = direction / (_per_sample_norm(direction) + _TINY) * radius * eps
+    if probability < 1.0:
+        chosen = _rand((images.shape[0],), images, generator) < probability
+        delta = delta * chosen.view(-1, *([1] * (images.dim() - 1))).to(delta.dtype)
+    return _project(images + delta, images, eps, norm)
+
+
+def _iterate(
+    model: Model,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str,
+    random_start: bool | float,
+    loss_fn: LossFn | None,
+    targeted: bool,
+    generator: torch.Generator | None,
+    signed: bool,
+) -> Tensor:
+    """The projected-gradient loop shared by :func:`pgd`, :func:`fgsm` and :func:`gd`."""
+    probability = _validate(eps, steps, step_size, norm, random_start)
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}")
+    if labels.shape[:1] != images.shape[:1]:
+        raise ValueError(f"labels must have one entry per image: {tuple(labels.shape)} vs {tuple(images.shape)}")
+    loss_fn = cross_entropy if loss_fn is None else loss_fn
+    images = images.detach()
+    sign = -1.0 if targeted else 1.0
+    # A signed step has L2 length step_size * sqrt(d); gd matches it for linf (see gd's docstring).
+    unsigned_scale = step_size * math.sqrt(math.prod(images.shape[1:])) if norm == "linf" else step_size
+
+    adv = _random_start(images, eps, norm, probability, generator)
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = sign * loss_fn(model(adv), labels)
+            (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach()
+        if signed and norm == "linf":
+            adv = adv + step_size * grad.sign()
+        else:
+            unit = grad / (_per_sample_norm(grad) + _TINY)
+            adv = adv + (step_size if signed else unsigned_scale) * unit
+        adv = _project(adv, images, eps, norm)
+    return adv.detach()

@@ -1,0 +1,52 @@
+"""Build a recipe's pieces: the device, the multi-source model, the domain plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from mbn.config import DomainSpec, RecipeError
+from mbn.convert import convert_model
+from mbn.domain import Domain
+from mbn.models import create_model
+from mbn.registry import create_domain
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable device is a RecipeError naming the key."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"key 'trainer.device': expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"key 'trainer.device': {name!r} requested but CUDA is not available")
+    return device
+
+
+def build_model(
+    cfg: DictConfig, num_classes: int, mean: Sequence[float], std: Sequence[float], sources: Sequence[str]
+) -> nn.Module:
+    """The recipe's network with one BN per source (sources from the domains' ``bn`` values)."""
+    try:
+        model = create_model(cfg.model, num_classes, mean, std)
+    except ValueError as err:
+        raise RecipeError(f"key 'model.name': {err}") from None
+    return convert_model(model, sources, share_affine=cfg.model.share_affine, share_stats=cfg.model.share_stats)
+
+
+def build_domains(specs: Sequence[DomainSpec]) -> dict[str, Domain]:
+    """Instantiate each domain from its recipe entry; errors name the ``domains.<name>`` key."""
+    domains = {}
+    for spec in specs:
+        try:
+            domains[spec.name] = create_domain(spec.type, **spec.params)
+        except KeyError as err:
+            raise RecipeError(f"key 'domains.{spec.name}.type': {err.args[0]}") from None
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"key 'domains.{spec.name}': {err}") from None
+    return domains

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``mbn-train`` and ``mbn-eval``."""

@@ -1,0 +1,586 @@
+"""Datasets, CPU-side base transforms and resumable, deterministic loaders.
+
+Every dataset is held in memory as uint8 NHWC arrays: CIFAR-10/100 through torchvision, an ImageFolder
+tree (``<root>/{train,test}/<class>/*``, decoded once and cached as ``.npy``) or the embedded synthetic
+shape set (:mod:`mbn.synthetic`). Training batches get the standard CIFAR base augmentation (zero-padded
+random crop and horizontal flip, He et al. 2016) with albumentations in DataLoader workers; each
+sample's augmentation is seeded from ``(seed, epoch, sample index)``, so an epoch's batches are
+identical bit for bit whatever the worker count, and a resumed run can jump to any batch without
+touching the ones before. Batches are ``(uint8 NCHW images, int64 labels)``; :func:`to_device` turns
+them into float images in [0, 1] on the training device, where the domains run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI for updates on import
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, get_worker_info  # noqa: E402
+
+from mbn.config import RecipeError  # noqa: E402
+from mbn.synthetic import SYNTHETIC_CLASSES, generate_synthetic  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: Per-channel statistics in [0, 1] units, computed on the training sets.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+_SUBSET_SEED = 20200614  # fixed, so train_limit/test_limit pick the same images whatever the run seed
+_CACHE_VERSION = 1
+_DECODE_CHUNK = 512
+
+
+# --------------------------------------------------------------------------------------------- arrays
+
+
+@dataclass
+class ArraySplit:
+    """One split held in memory: uint8 images (N, H, W, 3) and int64 labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def subset_indices(num_items: int, limit: int | None, key: str = "limit") -> np.ndarray:
+    """Sorted indices of the first ``limit`` items after a fixed seeded shuffle (all items when None).
+
+    Raises:
+        RecipeError: if ``limit`` is not positive.
+    """
+    if limit is None or limit >= num_items:
+        return np.arange(num_items)
+    if limit < 1:
+        raise RecipeError(f"key '{key}': expected a positive integer or null, got {limit}")
+    perm = np.random.default_rng(_SUBSET_SEED).permutation(num_items)
+    return np.sort(perm[:limit])
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std in [0, 1] units of uint8 NHWC images (from 256-bin histograms)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[-1]):
+        hist = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+        hist /= hist.sum()
+        mean = float(hist @ values)
+        means.append(mean)
+        stds.append(float(np.sqrt(hist @ (values - mean) ** 2)))
+    return tuple(means), tuple(stds)
+
+
+# -------------------------------------------------------------------------------------------- sources
+
+
+def _load_cifar(cfg: Any) -> tuple[ArraySplit, ArraySplit, list[str]]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
+    if cfg.image_size != 32:
+        raise RecipeError(f"key 'data.image_size': {cfg.name} images are 32x32, got {cfg.image_size}")
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(cfg.root), train=train, download=bool(cfg.download))
+        except RuntimeError as err:
+            raise RecipeError(
+                f"key 'data.root': {cfg.name} not found under {cfg.root!r} (expected {cls.base_folder}/ there; "
+                f"set data.download=true to fetch it): {str(err).splitlines()[0]}"
+            ) from None
+        splits.append(ArraySplit(np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64)))
+    return splits[0], splits[1], list(ds.classes)
+
+
+def default_cache_dir() -> Path:
+    """Where decoded ImageFolder arrays are cached: ``$MBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/mbn``.
+
+    The cache lives outside the dataset tree so that read-only and shared trees work and stay clean.
+    """
+    if os.environ.get("MBN_CACHE_DIR"):
+        return Path(os.environ["MBN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mbn"
+
+
+def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
+    """Decode image files to uint8 (N, S, S, 3); other sizes get a shorter-side resize and a centre crop."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    for lo in range(0, len(paths), _DECODE_CHUNK):
+        chunk = paths[lo : lo + _DECODE_CHUNK]
+        datas = [read_file(p) for p in chunk]
+        try:  # libjpeg-turbo on a whole list is ~4x faster than PIL file by file
+            if not all(p.lower().endswith((".jpg", ".jpeg")) for p in chunk):
+                raise ValueError("not all JPEG")
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            images = []
+            for path, data in zip(chunk, datas, strict=True):
+                try:
+                    images.append(decode_image(data, mode=ImageReadMode.RGB))
+                except RuntimeError as err:
+                    raise ValueError(f"data.root: cannot decode image {path}: {err}") from None
+        for i, img in enumerate(images):
+            if img.shape[-2:] != (image_size, image_size):
+                img = TF.center_crop(TF.resize(img, image_size, antialias=True), [image_size, image_size])
+            out[lo + i] = img.permute(1, 2, 0).numpy()
+    return out
+
+
+def _fingerprint(root: Path, samples: Sequence[tuple[str, int]], image_size: int) -> str:
+    digest = hashlib.sha1(f"v{_CACHE_VERSION}|{image_size}".encode())
+    for path, label in samples:
+        digest.update(f"|{os.path.relpath(path, root)}:{os.path.getsize(path)}:{label}".encode())
+    return digest.hexdigest()[:20]
+
+
+def _load_folder_split(
+    root: Path, split: str, samples: list[tuple[str, int]], image_size: int, cache_dir: Path | None
+) -> ArraySplit:
+    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    key = _fingerprint(root, samples, image_size)
+    path = cache_dir / f"{root.name}-{split}-{len(samples)}-{image_size}px-{key}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            images = np.load(path)
+            if images.shape == (len(samples), image_size, image_size, 3) and images.dtype == np.uint8:
+                return ArraySplit(images, labels)
+        except (OSError, ValueError):
+            pass  # a truncated or foreign file: decode again and overwrite it
+    log.info("decoding %d images from %s/%s (once; cached in %s)", len(samples), root, split, cache_dir)
+    images = _decode_files([p for p, _ in samples], image_size)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, images)
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("could not cache decoded images in %s: %s", cache_dir, err)
+    return ArraySplit(images, labels)
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int = 32,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[ArraySplit, ArraySplit, list[str]]:
+    """Load ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` into memory.
+
+    Limits are applied to the file lists before decoding, so a small subset of a large tree is cheap.
+    Decoded arrays are cached under ``cache_dir`` keyed by a fingerprint of the selected files (paths,
+    sizes, labels) and the image size.
+
+    Args:
+        root: the tree's root.
+        image_size: side length of the held images; other sizes are resized and centre-cropped.
+        train_limit: keep this many training images (fixed seeded choice); None keeps all.
+        test_limit: the same for the test split.
+        cache_dir: cache folder; defaults to :func:`default_cache_dir`.
+
+    Returns:
+        ``(train, test, class_names)``; labels follow the sorted train class folders.
+
+    Raises:
+        RecipeError: missing folders, no images, or test classes absent from train.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = Path(root)
+    expected = f"imagefolder expects {root}/train/<class>/<image> and {root}/test/<class>/<image>"
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise RecipeError(f"key 'data.root': {expected}; {root / split} is not a directory")
+    try:
+        classes, class_to_idx = find_classes(str(root / "train"))
+        test_classes, _ = find_classes(str(root / "test"))
+    except FileNotFoundError as err:
+        raise RecipeError(f"key 'data.root': {expected}; {err}") from None
+    unknown = sorted(set(test_classes) - set(classes))
+    if unknown:
+        raise RecipeError(f"key 'data.root': test classes {unknown} have no folder in {root}/train")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    splits = []
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        try:
+            samples = make_dataset(str(root / split), class_to_idx, IMG_EXTENSIONS, allow_empty=split == "test")
+        except FileNotFoundError as err:
+            raise RecipeError(f"key 'data.root': {expected}; {str(err).splitlines()[0]}") from None
+        if not samples:
+            raise RecipeError(f"key 'data.root': {expected}; no images found in {root / split}")
+        samples = [samples[i] for i in subset_indices(len(samples), limit, f"data.{split}_limit")]
+        splits.append(_load_folder_split(root.resolve(), split, samples, image_size, cache))
+    return splits[0], splits[1], classes
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+
+def base_transform(image_size: int, crop_padding: int, hflip: bool) -> A.Compose:
+    """Zero-padded random crop and horizontal flip (the standard CIFAR augmentation) as a Compose."""
+    transforms: list[Any] = []
+    if crop_padding > 0:
+        side = image_size + 2 * crop_padding
+        transforms += [
+            A.PadIfNeeded(side, side, border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.RandomCrop(image_size, image_size),
+        ]
+    if hflip:
+        transforms.append(A.HorizontalFlip(p=0.5))
+    return A.Compose(transforms)
+
+
+def sample_seeds(seed: int, epoch: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Independent 64-bit seeds for the augmentation of ``indices`` in ``epoch`` (splitmix64 of a run key)."""
+    base = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)
+    z = base + (np.asarray(indices, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class _LazyGenerator:
+    """A ``np.random.Generator`` built on first use.
+
+    Building one costs more than the whole crop + flip of a 32x32 image, and the built-in
+    transforms draw only from Python's ``random``; transforms a user adds may still use it.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._seed, self._gen = seed, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._gen is None:
+            self._gen = np.random.default_rng(self._seed)
+        return getattr(self._gen, name)
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: ``randperm`` from a CPU generator seeded by (seed, epoch)."""
+    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(mixed))
+
+
+class AugmentedArrayDataset(Dataset):
+    """Training samples with albumentations base transforms, seeded per (seed, epoch, index).
+
+    Keys are ``(index, epoch)`` pairs; ``__getitems__`` returns a whole collated batch
+    ``(uint8 NCHW tensor, int64 tensor)``, so use it with :func:`collate_batch`.
+
+    Args:
+        split: the training arrays.
+        transform: albumentations pipeline applied to each HWC uint8 image.
+        seed: run seed mixed into every sample's augmentation seed.
+    """
+
+    def __init__(self, split: ArraySplit, transform: A.Compose, seed: int) -> None:
+        self.split, self.transform, self.seed = split, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _augment(self, index: int, key: int) -> np.ndarray:
+        # Reseeding the Compose per sample is what makes batches independent of worker count and
+        # scheduling (albumentations otherwise repeats per-worker random streams across workers/epochs).
+        self.transform.set_random_state(_LazyGenerator(key), random.Random(key))  # type: ignore[arg-type]
+        return self.transform(image=self.split.images[index])["image"]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
+        index, epoch = key
+        return self._augment(index, int(sample_seeds(self.seed, epoch, [index])[0])), int(self.split.labels[index])
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> Batch:
+        indices = [index for index, _ in keys]
+        epochs = {epoch for _, epoch in keys}
+        if len(epochs) != 1:
+            raise ValueError(f"keys: expected one epoch per batch, got {sorted(epochs)}")
+        seeds = sample_seeds(self.seed, epochs.pop(), indices).tolist()
+        images = np.stack([self._augment(i, s) for i, s in zip(indices, seeds, strict=True)])
+        # numpy's uint8 transpose-copy is >10x faster than torch's permute().contiguous()
+        nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        return torch.from_numpy(nchw), torch.from_numpy(self.split.labels[indices])
+
+
+def collate_batch(batch: Batch) -> Batch:
+    """Identity collate: :meth:`AugmentedArrayDataset.__getitems__` already returns a batch."""
+    return batch
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Give each DataLoader worker its own random streams and a single-threaded OpenCV.
+
+    Per-sample seeding already makes the base transforms independent of workers; this also covers
+    any transform a user adds that draws from the Compose's own or the global generators.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(1)
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, AugmentedArrayDataset):
+        info.dataset.transform.set_random_seed(seed)
+
+
+# -------------------------------------------------------------------------------------------- loaders
+
+
+class TrainLoader:
+    """Resumable, deterministic training batches (drop_last) with augmentation in DataLoader workers.
+
+    Args:
+        dataset: the augmented training set.
+        batch_size: images per batch.
+        seed: seeds the per-epoch order (and, via the dataset, the augmentation).
+        num_workers: DataLoader worker processes (0: in the main process); results do not depend on it.
+        pin_memory: pin batches for asynchronous host-to-GPU copies.
+    """
+
+    def __init__(
+        self, dataset: AugmentedArrayDataset, batch_size: int, *, seed: int, num_workers: int = 0, pin_memory: bool = False
+    ) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def batch_indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
+        """Sample indices of batches ``start_batch..len-1`` of ``epoch``, shape (batches, batch_size)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
+        perm = epoch_permutation(len(self.dataset), self.seed, epoch)
+        return perm[start_batch * self.batch_size : len(self) * self.batch_size].view(-1, self.batch_size)
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Yield batches ``start_batch..`` of ``epoch``; skipped batches are never decoded or augmented."""
+        batches = [[(i, epoch) for i in row] for row in self.batch_indices(epoch, start_batch).tolist()]
+        if not batches:
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=collate_batch,
+            pin_memory=self.pin_memory,
+            worker_init_fn=worker_init_fn,
+        )
+        yield from loader
+
+
+class DeviceTrainLoader(TrainLoader):
+    """Training batches from a uint8 dataset held on the device, with crop/flip as batched torch ops.
+
+    Same epoch order as :class:`TrainLoader` (same seed), but the augmentation is drawn per batch from
+    a generator seeded by (seed, epoch, batch index), so crops and flips differ from the CPU path.
+
+    Args:
+        split: training arrays (copied to ``device`` once).
+        batch_size: images per batch.
+        seed: seeds order and augmentation.
+        device: where the dataset lives and batches are produced.
+        crop_padding: zero padding of the random crop (0 disables).
+        hflip: random horizontal flip with probability 0.5.
+    """
+
+    def __init__(
+        self, split: ArraySplit, batch_size: int, *, seed: int, device: torch.device, crop_padding: int, hflip: bool
+    ) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2))).to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.device, self.crop_padding, self.hflip = device, crop_padding, hflip
+        self.batch_size, self.seed, self.num_workers, self.pin_memory = batch_size, seed, 0, False
+        self.dataset = split  # only its length is used by the shared ordering code
+
+    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random zero-padded crop and horizontal flip of a uint8 NCHW batch, per image."""
+        n, c, h, w = images.shape
+        p = self.crop_padding
+        if p > 0:
+            padded = F.pad(images, (p, p, p, p))
+            oy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
+            ox = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
+            rows = (oy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+            cols = (ox[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+            batch = torch.arange(n, device=images.device)[:, None, None, None]
+            channel = torch.arange(c, device=images.device)[None, :, None, None]
+            images = padded[batch, channel, rows, cols]
+        if self.hflip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)[:, None, None, None]
+            images = torch.where(flip, images.flip(-1), images)
+        return images
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Yield batches ``start_batch..`` of ``epoch`` as device tensors."""
+        rows = self.batch_indices(epoch, start_batch)
+        for b, idx in enumerate(rows, start=start_batch):
+            mixed = int(np.random.SeedSequence([self.seed, epoch, b]).generate_state(1, np.uint64)[0])
+            idx = idx.to(self.device)
+            yield self.augment(self.images[idx], torch.Generator().manual_seed(mixed)), self.labels[idx]
+
+
+class EvalLoader:
+    """Fixed-order, unaugmented batches over arrays (already decoded, so no workers are needed).
+
+    Args:
+        split: the arrays.
+        batch_size: images per batch (the last batch may be smaller).
+        device: when given, the whole split is held there and batches are device tensors.
+        pin_memory: pin CPU batches for asynchronous host-to-GPU copies.
+    """
+
+    def __init__(
+        self, split: ArraySplit, batch_size: int, device: torch.device | None = None, pin_memory: bool = False
+    ) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)))
+        self.labels = torch.from_numpy(split.labels)
+        if device is not None:
+            self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.batch_size, self.pin_memory = batch_size, pin_memory and device is None
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for lo in range(0, len(self.labels), self.batch_size):
+            batch = self.images[lo : lo + self.batch_size], self.labels[lo : lo + self.batch_size]
+            yield (batch[0].pin_memory(), batch[1].pin_memory()) if self.pin_memory else batch
+
+
+def to_device(batch: Batch, device: torch.device | str, channels_last: bool = False) -> Batch:
+    """Move a ``(uint8 images, labels)`` batch to ``device`` and convert images to float in [0, 1] there.
+
+    The uint8 copy is 4x smaller than float, so the conversion happens after the transfer.
+    """
+    images, labels = batch
+    images = images.to(device, non_blocking=True).float().div_(255.0)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer and evaluators need from the data section.
+
+    Attributes:
+        train: resumable training loader (``len``, ``epoch_batches(epoch, start_batch)``).
+        test: fixed-order test batches (iterable, ``len``).
+        num_classes: number of classes.
+        mean: per-channel mean in [0, 1] units for the model's input normalisation.
+        std: per-channel standard deviation in [0, 1] units.
+        class_names: names in label order.
+        image_size: side length of the images.
+    """
+
+    train: TrainLoader
+    test: EvalLoader
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    image_size: int
+    train_split: ArraySplit = field(repr=False)
+    test_split: ArraySplit = field(repr=False)
+
+    def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Test images as uint8 (N, H, W, 3) and labels as int64 (N,), in the test loader's order."""
+        return self.test_split.images, self.test_split.labels
+
+    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unaugmented training images (N, H, W, 3) uint8 and labels (N,) int64."""
+        return self.train_split.images, self.train_split.labels
+
+
+def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, list[str], tuple[float, ...], tuple[float, ...]]:
+    """Load the dataset named by ``cfg.name`` with limits applied: train, test, classes, mean, std."""
+    if cfg.name in ("cifar10", "cifar100"):
+        train, test, classes = _load_cifar(cfg)
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    elif cfg.name == "imagefolder":
+        train, test, classes = load_image_folder(cfg.root, cfg.image_size, cfg.train_limit, cfg.test_limit)
+        mean, std = channel_stats(train.images)
+    elif cfg.name == "synthetic":
+        for key in ("synthetic_train_size", "synthetic_test_size"):
+            if getattr(cfg, key) < 1:
+                raise RecipeError(f"key 'data.{key}': expected a positive integer, got {getattr(cfg, key)}")
+        if cfg.image_size < 8:
+            raise RecipeError(f"key 'data.image_size': synthetic images need at least 8 pixels, got {cfg.image_size}")
+        # Fixed data seeds: every run sees the same synthetic train and test sets.
+        train = ArraySplit(*generate_synthetic(cfg.synthetic_train_size, cfg.image_size, seed=0))
+        test = ArraySplit(*generate_synthetic(cfg.synthetic_test_size, cfg.image_size, seed=1))
+        classes = list(SYNTHETIC_CLASSES)
+        mean, std = channel_stats(train.images)
+    else:
+        raise RecipeError(f"key 'data.name': expected cifar10, cifar100, imagefolder or synthetic, got {cfg.name!r}")
+    if cfg.name != "imagefolder":  # the folder loader applies limits before decoding
+        train_idx = subset_indices(len(train), cfg.train_limit, "data.train_limit")
+        test_idx = subset_indices(len(test), cfg.test_limit, "data.test_limit")
+        train = ArraySplit(train.images[train_idx], train.labels[train_idx])
+        test = ArraySplit(test.images[test_idx], test.labels[test_idx])
+    return train, test, classes, mean, std
+
+
+def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle:
+    """Build loaders and metadata from the ``data`` section of a recipe.
+
+    Args:
+        cfg: a :class:`mbn.config.DataCfg` or the matching omegaconf node.
+        seed: run seed for the training order and augmentation.
+        device: training device; with ``cfg.on_device`` the datasets are held there (crop/flip then run
+            as batched torch ops with a different RNG stream than the CPU/albumentations path).
+
+    Raises:
+        RecipeError: missing or malformed dataset, bad limits, or a batch larger than the training set.
+    """
+    device = torch.device(device)
+    train, test, classes, mean, std = load_arrays(cfg)
+    if len(train) < cfg.batch_size:
+        raise RecipeError(
+            f"key 'data.batch_size': {cfg.batch_size} exceeds the {len(train)} training images (batches drop the last)"
+        )
+    if cfg.on_device:
+        train_loader: TrainLoader = DeviceTrainLoader(
+            train, cfg.batch_size, seed=seed, device=device, crop_padding=cfg.crop_padding, hflip=cfg.hflip
+        )
+        test_loader = EvalLoader(test, cfg.eval_batch_size, device=device)
+    else:
+        pin = device.type == "cuda"
+        dataset = AugmentedArrayDataset(train, base_transform(train.images.shape[1], cfg.crop_padding, cfg.hflip), seed)
+        train_loader = TrainLoader(dataset, cfg.batch_size, seed=seed, num_workers=cfg.num_workers, pin_memory=pin)
+        test_loader = EvalLoader(test, cfg.eval_batch_size, pin_memory=pin)
+    return DataBundle(
+        train=train_loader,
+        test=test_loader,
+        num_classes=len(classes),
+        mean=tuple(mean),
+        std=tuple(std),
+        class_names=classes,
+        image_size=int(train.images.shape[1]),
+        train_split=train,
+        test_split=test,
+    )

@@ -1,0 +1,380 @@
+"""The training engine: every step runs the domains, routes each batch through its BN, and
+minimises the weighted sum of per-domain losses (AdvProp, Xie et al. 2020, Algorithm 1).
+
+``Trainer.train_one_epoch`` reads top to bottom: clean batch -> domains (dependency order) ->
+one split-batch forward (or one forward per BN) -> weighted loss -> optimiser step -> bookkeeping.
+Every step re-seeds the RNGs from ``(trainer.seed, step)``, and the data order and augmentation
+depend only on ``(trainer.seed, epoch, index)``, so a resumed run is bit-identical on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from mbn.builders import build_domains, build_model, resolve_device
+from mbn.checkpoint import load_checkpoint, load_model_state, save_atomic
+from mbn.config import DomainSpec, bn_sources, dependency_order, domain_specs, save_recipe
+from mbn.data import build_data, to_device
+from mbn.domain import DomainContext
+from mbn.evaluate import accuracy
+from mbn.optim import build_optimizer, build_scheduler
+from mbn.progress import Progress
+from mbn.routing import split_sources, use_source
+from mbn.tblog import TensorBoardLogger
+
+Batch = tuple[Tensor, Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """A domain's loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: a checkpoint was saved and the run can be resumed."""
+
+
+@dataclass
+class TrainState:
+    """Position in training; saved in every checkpoint."""
+
+    step: int = 0  # optimisation steps done
+    epoch: int = 0  # current epoch
+    batch: int = 0  # next batch index inside ``epoch``
+    best_acc: float = -1.0
+    test_acc: dict[str, float] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of optimisation ``step`` (domains, dropout, kornia draws)."""
+    return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+class Trainer:
+    """Builds everything a recipe describes and trains it.
+
+    Args:
+        cfg: a recipe loaded with :func:`mbn.config.load_recipe`.
+        run_dir: output directory (``config.yaml``, ``tb/``, ``checkpoints/``, ``metrics.json``).
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = resolve_device(cfg.trainer.device)
+        torch.manual_seed(cfg.trainer.seed)  # model initialisation
+        specs = domain_specs(cfg)
+        self.specs: list[DomainSpec] = dependency_order(specs)
+        self.sources = bn_sources(specs)
+        self.data = build_data(cfg.data, seed=cfg.trainer.seed, device=self.device)
+        self.model = build_model(cfg, self.data.num_classes, self.data.mean, self.data.std, self.sources)
+        self.model.to(self.device)
+        if cfg.trainer.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward_model = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self.domains = build_domains(self.specs)
+        self.steps_per_epoch = len(self.data.train)
+        self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, self.steps_per_epoch)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.amp == "fp16")
+        self.state = TrainState()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if resume:
+            self._restore(self.ckpt_dir / "last.pt")
+        self.tb = TensorBoardLogger(self.run_dir / "tb", cfg.logging.tensorboard, cfg.logging.perturbation_gain)
+        self.progress = Progress(cfg.trainer.progress, total=self._planned_steps())
+        self._stop_requested = False
+        self._window: dict[str, list[float]] = {}
+        self._images_seen = 0
+        self._train_time = 0.0
+
+    # ----------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        """Train until ``trainer.epochs`` or ``trainer.max_steps``; returns the final metrics."""
+        save_recipe(self.cfg, self.run_dir / "config.yaml")
+        wall = time.perf_counter()
+        with self._sigint_saves_checkpoint():
+            while self.state.epoch < self.cfg.trainer.epochs and not self._done() and not self._stop_requested:
+                self.train_one_epoch(self.state.epoch)
+                if self.state.batch >= self.steps_per_epoch:  # the epoch completed
+                    self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+                    if self._eval_due():
+                        self.evaluate()
+                    self.save_checkpoint()
+        if not self.state.test_acc or self.state.batch:  # stopped by max_steps mid-epoch
+            self.evaluate()
+            self.save_checkpoint()
+        metrics = self._final_metrics(time.perf_counter() - wall)
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        self.progress.close()
+        self.tb.close()
+        return metrics
+
+    def train_one_epoch(self, epoch: int) -> None:
+        """Train on ``epoch``'s batches from ``state.batch`` on; returns early at max_steps or Ctrl-C."""
+        self.model.train()
+        for batch in self.data.train.epoch_batches(epoch, self.state.batch):
+            tic = time.perf_counter()
+            self._seed_step()
+            images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
+            outputs = self.generate(images, labels)  # domain -> (x, y)
+            losses, accs = self.forward_losses(outputs)  # domain -> scalar
+            self.optimize(losses)
+            self.state.step += 1
+            self.state.batch += 1
+            self._train_time += time.perf_counter() - tic
+            self._images_seen += images.shape[0]
+            self._after_step(losses, accs, outputs, images)
+            if self._done() or self._stop_requested:
+                return
+
+    # ----------------------------------------------------------------------------------------- step
+    def generate(self, images: Tensor, labels: Tensor) -> dict[str, Batch]:
+        """Run every domain needed this step, each on its ``input`` domain's output or the clean batch."""
+        needed = self._needed_domains()
+        outputs: dict[str, Batch] = {}
+        generator = torch.Generator(self.device).manual_seed(step_seed(self.cfg.trainer.seed, self.state.step))
+        for spec in self.specs:
+            if spec.name not in needed:
+                continue
+            src_x, src_y = outputs[spec.input] if spec.input else (images, labels)
+            ctx = DomainContext(
+                model=self.model,
+                bn=spec.bn,
+                step=self.state.step,
+                epoch=self.state.epoch,
+                generator=generator,
+                num_classes=self.data.num_classes,
+            )
+            with self._autocast(attack=True):
+                outputs[spec.name] = self.domains[spec.name].generate(src_x, src_y, ctx)
+        return outputs
+
+    def forward_losses(self, outputs: dict[str, Batch]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Forward each active domain's batch through its BN; per-domain (weighted later) losses."""
+        active = [s for s in self.specs if self._active(s)]
+        groups: dict[str, list[DomainSpec]] = {}
+        for spec in active:  # domains sharing a BN are normalised together (adversarial training)
+            groups.setdefault(spec.bn, []).append(spec)
+        logits = self._forward_groups(groups, outputs)
+        losses, accs = {}, {}
+        for spec in active:
+            x, y = outputs[spec.name]
+            out = logits[spec.name].float()
+            losses[spec.name] = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
+            accs[spec.name] = (out.argmax(1) == y).float().mean()
+        self._check_finite(losses, outputs)
+        return losses, {k: float(v) for k, v in accs.items()}
+
+    def _forward_groups(self, groups: dict[str, list[DomainSpec]], outputs: dict[str, Batch]) -> dict[str, Tensor]:
+        chunks = {bn: torch.cat([outputs[s.name][0] for s in specs]) for bn, specs in groups.items()}
+        if self.cfg.trainer.split_batch and len(chunks) > 1:
+            sizes = {bn: x.shape[0] for bn, x in chunks.items()}
+            with split_sources(self.model, sizes), self._autocast():
+                joined = self.forward_model(torch.cat(list(chunks.values())))  # (sum of sizes, classes)
+            per_bn = dict(zip(sizes, joined.split(list(sizes.values()))))
+        else:
+            per_bn = {}
+            for bn, x in chunks.items():
+                with use_source(self.model, bn), self._autocast():
+                    per_bn[bn] = self.forward_model(x)
+        logits = {}
+        for bn, specs in groups.items():
+            parts = per_bn[bn].split([outputs[s.name][0].shape[0] for s in specs])
+            logits.update({s.name: part for s, part in zip(specs, parts)})
+        return logits
+
+    def optimize(self, losses: dict[str, Tensor]) -> None:
+        """One optimiser step on ``sum(weight * loss)``, with grad scaling and clipping."""
+        weights = {s.name: s.weight for s in self.specs}
+        total = sum(weights[name] * loss for name, loss in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Test accuracy through the main BN (and every BN with ``trainer.eval_all_bns``)."""
+        sources = self.sources if self.cfg.trainer.eval_all_bns else self.sources[:1]
+        move = lambda b: to_device(b, self.device, self.cfg.trainer.channels_last)  # noqa: E731
+        acc = {bn: accuracy(self.model, self.data.test, bn, move, self._autocast) for bn in sources}
+        self.state.test_acc = acc
+        self.state.best_acc = max(self.state.best_acc, acc[self.sources[0]])
+        self.tb.scalars({f"test_acc/{bn}": a for bn, a in acc.items()}, self.state.step)
+        self.progress.log(f"epoch {self.state.epoch} step {self.state.step}: " + _fmt(acc, "test_acc"))
+        return acc
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Write ``last.pt`` atomically (and ``best.pt`` when the main-BN test accuracy improved)."""
+        ckpt = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "sources": list(self.sources),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "train_time": self._train_time,
+            "images_seen": self._images_seen,
+        }
+        save_atomic(ckpt, self.ckpt_dir / "last.pt")
+        main = self.state.test_acc.get(self.sources[0])
+        if main is not None and main >= self.state.best_acc:
+            save_atomic(ckpt, self.ckpt_dir / "best.pt")
+
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        load_model_state(self.model, ckpt["model"], path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["state"])
+        self._train_time = float(ckpt.get("train_time", 0.0))
+        self._images_seen = int(ckpt.get("images_seen", 0))
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _seed_step(self) -> None:
+        torch.manual_seed(step_seed(self.cfg.trainer.seed, self.state.step))
+
+    def _autocast(self, attack: bool = False) -> contextlib.AbstractContextManager[Any]:
+        # fp16 attack gradients underflow without a scaler; attacks run in fp32 unless bf16.
+        if self.amp_dtype is None or (attack and self.amp_dtype is torch.float16):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _fraction(self) -> float:
+        return self.state.step / max(1, self.total_steps)
+
+    def _active(self, spec: DomainSpec) -> bool:
+        return spec.start <= self._fraction() < spec.end
+
+    def _needed_domains(self) -> set[str]:
+        by_name = {s.name: s for s in self.specs}
+        needed: set[str] = set()
+        for spec in self.specs:
+            cur: DomainSpec | None = spec if self._active(spec) else None
+            while cur is not None and cur.name not in needed:
+                needed.add(cur.name)
+                cur = by_name[cur.input] if cur.input else None
+        return needed
+
+    def _check_finite(self, losses: dict[str, Tensor], outputs: dict[str, Batch]) -> None:
+        bad = [name for name, loss in losses.items() if not math.isfinite(float(loss.detach()))]
+        if not bad:
+            return
+        # Domains sharing a BN spread NaN to each other through its batch statistics: blame the source.
+        culprits = [n for n, (x, _) in outputs.items() if not torch.isfinite(x).all()] or bad
+        last = self.ckpt_dir / "last.pt"
+        kept = f"last good checkpoint kept at {last}" if last.exists() else "no checkpoint written yet"
+        what = "images" if culprits != bad else "loss"
+        names = ", ".join(f"'{n}'" for n in culprits)
+        raise TrainingDiverged(f"non-finite {what} in domain {names} at step {self.state.step}; {kept}")
+
+    def _planned_steps(self) -> int:
+        return min(self.total_steps, self.cfg.trainer.max_steps or self.total_steps)
+
+    def _done(self) -> bool:
+        return self.state.step >= self._planned_steps()
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.trainer.eval_every
+        return self.state.epoch >= self.cfg.trainer.epochs or (every > 0 and self.state.epoch % every == 0)
+
+    def _after_step(self, losses: dict[str, Tensor], accs: dict[str, float], outputs: dict[str, Batch], images: Tensor) -> None:
+        for name, loss in losses.items():
+            self._window.setdefault(f"loss/{name}", []).append(float(loss.detach()))
+            self._window.setdefault(f"acc/{name}", []).append(accs[name])
+        self.progress.update({n: float(v.detach()) for n, v in losses.items()})
+        step, log = self.state.step, self.cfg.logging
+        if step % self.cfg.trainer.log_every == 0 or self._done():
+            means = {k: sum(v) / len(v) for k, v in self._window.items()}
+            weights = {s.name: s.weight for s in self.specs}
+            means["loss/total"] = sum(weights[n] * means[f"loss/{n}"] for n in losses)
+            means["lr"] = self.optimizer.param_groups[0]["lr"]
+            means["throughput/images_per_s"] = self._images_seen / max(self._train_time, 1e-9)
+            self.tb.scalars(means, step)
+            self.progress.log(f"epoch {self.state.epoch} step {step}: " + _fmt(means))
+            self.last_window, self._window = means, {}
+        if log.image_every and (step % log.image_every == 0 or step == 1):
+            by_name = {s.name: s for s in self.specs}
+            for name, (x, _) in outputs.items():
+                src = by_name[name].input
+                self.tb.images(name, x, outputs[src][0] if src else images, step)
+        if log.divergence_every and step % log.divergence_every == 0 and len(self.sources) > 1:
+            self.tb.divergence(self.model, step)
+        every = self.cfg.trainer.checkpoint_every_steps
+        if every and step % every == 0 and self.state.batch < self.steps_per_epoch:
+            self.save_checkpoint()
+
+    def _final_metrics(self, wall: float) -> dict[str, Any]:
+        window = getattr(self, "last_window", {})
+        return {
+            "steps": self.state.step,
+            "epochs_completed": self.state.epoch,
+            "train": {
+                s.name: {"loss": window.get(f"loss/{s.name}"), "acc": window.get(f"acc/{s.name}")} for s in self.specs
+            },
+            "test_acc": self.state.test_acc,
+            "test_acc_main": self.state.test_acc.get(self.sources[0]),
+            "sources": list(self.sources),
+            "images_per_s": self._images_seen / max(self._train_time, 1e-9),
+            "train_time_s": self._train_time,
+            "wall_time_s": wall,
+            "device": str(self.device),
+        }
+
+    @contextlib.contextmanager
+    def _sigint_saves_checkpoint(self) -> Iterator[None]:
+        """First Ctrl-C finishes the current step, saves a checkpoint and stops; a second one aborts."""
+        if sys.platform == "win32" or not _in_main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: object) -> None:
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self._stop_requested:
+            self.save_checkpoint()
+            self.progress.close()
+            self.tb.close()
+            raise TrainingInterrupted(
+                f"interrupted at step {self.state.step}; checkpoint saved, resume with: mbn-train --resume {self.run_dir}"
+            )
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _fmt(values: dict[str, float], prefix: str = "") -> str:
+    items = (f"{prefix + '/' if prefix else ''}{k}={v:.4g}" for k, v in values.items())
+    return " ".join(items)

@@ -1,0 +1,239 @@
+"""Model zoo: CIFAR ResNets, torchvision and timm networks, wrapped with in-model input normalisation.
+
+CIFAR ResNets use a 3x3 stem without max-pool. ``cifar_resnet18``/``cifar_resnet34`` are the standard
+CIFAR variants of He et al. (CVPR 2016) ResNet-18/34 (BasicBlock stages [2,2,2,2]/[3,4,6,3], widths
+w, 2w, 4w, 8w), as used by the AdvProp/adversarial-training literature on CIFAR; ``cifar_resnet{6n+2}``
+(8, 14, 20, 32, 44, 56, 110) are the 3-stage CIFAR ResNets of He et al. §4.2 (widths w, 2w, 4w) with
+1x1-conv projection shortcuts (option B) instead of the paper's zero-padding shortcuts. Every norm layer
+is a plain ``BatchNorm2d``; :func:`mbn.convert_model` turns them into multi-source BNs later.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from mbn.config import ModelCfg
+
+
+class ImageClassifier(nn.Module):
+    """A network taking float images in [0, 1] that normalises them internally.
+
+    Keeping ``(x - mean) / std`` inside the model lets attacks and augmentations work in pixel
+    space. ``mean``/``std`` are non-persistent buffers, so state-dict keys are the wrapped network's
+    under ``net.``.
+
+    Args:
+        net: the network; it receives normalised NCHW images.
+        mean: per-channel mean in [0, 1] units.
+        std: per-channel standard deviation in [0, 1] units (all > 0).
+
+    Raises:
+        ValueError: if ``mean`` and ``std`` differ in length or a std is not positive.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or not mean:
+            raise ValueError(f"mean/std: expected equal non-empty lengths, got {len(mean)} and {len(std)}")
+        if min(std) <= 0:
+            raise ValueError(f"std: expected positive values, got {list(std)}")
+        self.net = net
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` in ``x``'s dtype."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for float images in [0, 1] of shape (N, C, H, W)."""
+        return self.net(self.normalize(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet with a 3x3 stride-1 stem and no max-pool, built from torchvision's ``BasicBlock``.
+
+    Args:
+        layers: number of blocks per stage; stage ``i`` has ``width * 2**i`` channels and stride 2
+            from the second stage on.
+        num_classes: output logits.
+        width: channels of the stem and the first stage.
+    """
+
+    def __init__(self, layers: Sequence[int], num_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        if width < 1 or num_classes < 1:
+            raise ValueError(f"width/num_classes: expected positive values, got {width} and {num_classes}")
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages, channels = [], width
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2**i, 1 if i == 0 else 2
+            stages.append(self._stage(channels, planes, blocks, stride))
+            channels = planes
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        first = BasicBlock(inplanes, planes, stride, downsample)
+        return nn.Sequential(first, *(BasicBlock(planes, planes) for _ in range(blocks - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for normalised NCHW images."""
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def cifar_resnet18(num_classes: int = 10, width: int = 64) -> CifarResNet:
+    """CIFAR ResNet-18 (BasicBlock [2, 2, 2, 2], widths w..8w; 11.2M parameters at w=64)."""
+    return CifarResNet([2, 2, 2, 2], num_classes, width)
+
+
+def cifar_resnet34(num_classes: int = 10, width: int = 64) -> CifarResNet:
+    """CIFAR ResNet-34 (BasicBlock [3, 4, 6, 3], widths w..8w)."""
+    return CifarResNet([3, 4, 6, 3], num_classes, width)
+
+
+def cifar_resnet(depth: int, num_classes: int = 10, width: int = 16) -> CifarResNet:
+    """He et al.'s 3-stage CIFAR ResNet of depth ``6n + 2`` (widths w, 2w, 4w).
+
+    Raises:
+        ValueError: if ``depth`` is not of the form ``6n + 2`` with n >= 1.
+    """
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth: expected 6n+2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+    n = (depth - 2) // 6
+    return CifarResNet([n, n, n], num_classes, width)
+
+
+def cifar_resnet20(num_classes: int = 10, width: int = 16) -> CifarResNet:
+    """CIFAR ResNet-20 (3 stages of 3 blocks; 0.27M parameters at w=16)."""
+    return cifar_resnet(20, num_classes, width)
+
+
+def cifar_resnet8(num_classes: int = 10, width: int = 16) -> CifarResNet:
+    """CIFAR ResNet-8 (3 stages of 1 block; 78k parameters at w=16), for fast CPU runs."""
+    return cifar_resnet(8, num_classes, width)
+
+
+_ACCEPTED = "cifar_resnet18, cifar_resnet34, cifar_resnet<6n+2> (8, 20, 56, ...), torchvision.<name>, timm.<name>"
+
+
+def _replace_head(net: nn.Module, num_classes: int) -> None:
+    """Swap the last ``nn.Linear`` of a pretrained torchvision net for a fresh one with ``num_classes`` outputs."""
+    name, head = next(((n, m) for n, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), ("", None))
+    if head is None:
+        raise ValueError(f"model: cannot find a Linear classifier head to resize to {num_classes} classes")
+    parent_name, _, attr = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, attr, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+
+
+def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"model.name: unknown torchvision model {name!r} (see torchvision.models.list_models())")
+    if not pretrained:
+        return torchvision.models.get_model(name, num_classes=num_classes)
+    try:
+        net = torchvision.models.get_model(name, weights="DEFAULT")
+    except Exception as err:  # urllib / hash errors; keep the first line
+        raise RuntimeError(
+            f"model.pretrained: could not load torchvision weights for {name!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "offline? put the weights under $TORCH_HOME/hub/checkpoints or set model.pretrained=false"
+        ) from None
+    if num_classes != 1000:
+        _replace_head(net, num_classes)
+    return net
+
+
+def _timm_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not timm.list_models(name):
+        raise ValueError(f"model.name: unknown timm model {name!r} (see timm.list_models())")
+    try:
+        return timm.create_model(name, num_classes=num_classes, pretrained=pretrained)
+    except Exception as err:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"model.pretrained: could not load timm weights for {name!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "offline? pre-populate the Hugging Face cache or set model.pretrained=false"
+        ) from None
+
+
+def build_network(cfg: ModelCfg, num_classes: int) -> nn.Module:
+    """The bare network named by ``cfg.name`` (no normalisation wrapper).
+
+    ``cfg.width`` is the base width of every CIFAR ResNet (recipes for the small nets set 16);
+    it is ignored for torchvision and timm models.
+
+    Raises:
+        ValueError: unknown name, bad depth, or ``pretrained`` for a CIFAR ResNet.
+        RuntimeError: pretrained weights could not be downloaded.
+    """
+    name = cfg.name
+    if name.startswith("torchvision."):
+        return _torchvision_net(name.removeprefix("torchvision."), num_classes, cfg.pretrained)
+    if name.startswith("timm."):
+        return _timm_net(name.removeprefix("timm."), num_classes, cfg.pretrained)
+    match = re.fullmatch(r"cifar_resnet(\d+)", name)
+    if match is None:
+        raise ValueError(f"model.name: unknown model {name!r}; accepted: {_ACCEPTED}")
+    if cfg.pretrained:
+        raise ValueError(f"model.pretrained: no pretrained weights for {name!r}; set model.pretrained=false")
+    depth = int(match.group(1))
+    if depth == 18:
+        return cifar_resnet18(num_classes, cfg.width)
+    if depth == 34:
+        return cifar_resnet34(num_classes, cfg.width)
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"model.name: unknown model {name!r}; accepted: {_ACCEPTED}")
+    return cifar_resnet(depth, num_classes, cfg.width)
+
+
+def create_model(cfg: ModelCfg, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> ImageClassifier:
+    """Build ``cfg.name`` with ``num_classes`` outputs, wrapped in an :class:`ImageClassifier`.
+
+    Names: ``cifar_resnet18``, ``cifar_resnet34``, ``cifar_resnet<6n+2>`` (e.g. 8, 20, 56),
+    ``torchvision.<name>`` (``torchvision.models.get_model``) and ``timm.<name>``
+    (``timm.create_model``). The model keeps plain BatchNorm layers; the trainer converts them.
+
+    Args:
+        cfg: model section of the recipe.
+        num_classes: number of output logits.
+        mean: per-channel input mean in [0, 1] units (the dataset's; ImageNet's for pretrained nets).
+        std: per-channel input standard deviation in [0, 1] units.
+
+    Raises:
+        ValueError: unknown name or bad arguments.
+        RuntimeError: pretrained weights could not be downloaded.
+
+    Examples:
+        >>> from mbn.config import ModelCfg
+        >>> model = create_model(ModelCfg(name="cifar_resnet8", width=16), 10, [0.5] * 3, [0.25] * 3)
+        >>> model(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive integer, got {num_classes}")
+    return ImageClassifier(build_network(cfg, num_classes), mean, std)

@@ -1,0 +1,1 @@
+"""Example third-party mbn plugin (see docs/plugins.md)."""

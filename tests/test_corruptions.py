@@ -1,0 +1,328 @@
+"""Tests for mbn.eval.corruptions: CIFAR-10-C constants, shapes, determinism and the on-disk cache."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+from skimage.color import hsv2rgb, rgb2hsv
+
+from mbn.eval import corruptions as C
+from mbn.eval.corruptions import (
+    ALL_CORRUPTIONS,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    SEVERITIES,
+    CacheMismatchError,
+    corrupt,
+    corruption_params,
+    generate_corrupted,
+    load_or_generate,
+)
+
+
+def _smooth_images(n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> np.ndarray:
+    """Natural-ish images: random 6x6 colour fields upsampled, plus mild texture."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        coarse = rng.uniform(30, 225, size=(6, 6, 3)).astype(np.float32)
+        img = cv2.resize(coarse, size[::-1], interpolation=cv2.INTER_CUBIC)
+        img += rng.normal(0, 8, size=img.shape)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return _smooth_images(4)
+
+
+def _ic():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # imagecorruptions imports the deprecated pkg_resources
+        import imagecorruptions
+        import imagecorruptions.corruptions as ic
+    return imagecorruptions, ic
+
+
+# --------------------------------------------------------------------------------------------- smoke / cardinality
+
+
+def test_names():
+    package, _ = _ic()
+    assert list(CORRUPTIONS) == package.get_corruption_names("common")
+    assert list(EXTRA_CORRUPTIONS) == package.get_corruption_names("validation")
+
+
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_smoke_batch(images, name):
+    out = generate_corrupted(images, name, 3, seed=0)
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    assert np.abs(out.astype(int) - images).mean() > 0.5
+
+
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_single_image_other_size(name):
+    # non-square, larger than CIFAR: exercises the size scaling of every corruption
+    image = _smooth_images(1, size=(64, 48))[0]
+    out = corrupt(image, name, 5, np.random.default_rng(0))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert not np.array_equal(out, image)
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR constants
+
+
+def test_gaussian_noise_uses_cifar_sigma():
+    gray = np.full((4, 32, 32, 3), 128, dtype=np.uint8)
+    noise = generate_corrupted(gray, "gaussian_noise", 1, seed=0).astype(float) - 128
+    # CIFAR-10-C: sigma 0.04 -> 10.2 grey levels (ImageNet-C would be 0.08 -> 20.4)
+    assert noise.std() == pytest.approx(0.04 * 255, rel=0.05)
+    noise5 = generate_corrupted(gray, "gaussian_noise", 5, seed=0).astype(float) - 128
+    assert noise5.std() == pytest.approx(0.10 * 255, rel=0.05)
+
+
+def test_jpeg_is_pil_at_cifar_quality(images):
+    assert [corruption_params("jpeg_compression", s)["quality"] for s in SEVERITIES] == [80, 65, 58, 50, 40]
+    buffer = io.BytesIO()
+    Image.fromarray(images[0]).save(buffer, "JPEG", quality=80)
+    expected = np.asarray(Image.open(buffer))
+    np.testing.assert_array_equal(corrupt(images[0], "jpeg_compression", 1, np.random.default_rng(0)), expected)
+
+
+def test_contrast_formula(images):
+    # deterministic corruption: exact check of the reference formula, incl. np.uint8 truncation
+    x = images / 255.0
+    means = x.mean(axis=(1, 2), keepdims=True)
+    expected = (np.clip((x - means) * 0.75 + means, 0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(generate_corrupted(images, "contrast", 1), expected)
+
+
+def test_params_table_and_scaling():
+    assert corruption_params("shot_noise", 5) == {"photons": 50}
+    assert corruption_params("motion_blur", 4) == {"radius": 8, "sigma": 2}
+    assert corruption_params("glass_blur", 5) == {"sigma": 0.4, "max_delta": 1, "iterations": 2}
+    assert corruption_params("fog", 2) == {"strength": 0.5, "decay": 3, "mapsize": 32}
+    # 64x64 doubles every pixel-measured constant and nothing else
+    assert corruption_params("motion_blur", 4, 64, 64) == {"radius": 16.0, "sigma": 4.0}
+    assert corruption_params("glass_blur", 5, 64, 64) == {"sigma": 0.8, "max_delta": 2, "iterations": 2}
+    assert corruption_params("gaussian_noise", 3, 64, 64) == {"sigma": 0.08}
+    assert corruption_params("fog", 2, 64, 40) == {"strength": 0.5, "decay": 3, "mapsize": 64}
+    assert corruption_params("spatter", 2, 64, 64)["level"] == 0.5  # water intensity
+    assert corruption_params("spatter", 4, 64, 64)["level"] == pytest.approx(1.2)  # mud blur sigma
+    elastic = corruption_params("elastic_transform", 2, 96, 128)  # scale = min side / 32 = 3
+    assert elastic == pytest.approx({"alpha": 96 * 0.05, "sigma": 96 * 0.2, "affine": 96 * 0.07})
+
+
+@pytest.mark.parametrize(
+    "name", ["gaussian_noise", "shot_noise", "impulse_noise", "contrast", "pixelate", "defocus_blur", "zoom_blur"]
+)
+def test_severity_monotone(name):
+    clean = _smooth_images(8, seed=1)
+    diffs = [np.abs(generate_corrupted(clean, name, s).astype(float) - clean).mean() for s in SEVERITIES]
+    assert all(a < b for a, b in itertools.pairwise(diffs)), diffs
+
+
+# ------------------------------------------------------------------------------------ equivalence with references
+
+
+@pytest.mark.parametrize(("radius", "sigma"), [(6, 1), (6, 2), (9, 2.5), (8, 3), (14, 12)])
+def test_motion_kernel_matches_imagecorruptions(radius, sigma):
+    # imagecorruptions' numpy port of ImageMagick's MotionBlurImage, as a loop of edge-replicating shifts
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, size=(32, 32, 3)).astype(np.float32)
+    for angle in (-135.0, -60.5, -45.0, 0.0, 17.3, 45.0):
+        expected = _ic()[1]._motion_blur(image, radius=radius, sigma=sigma, angle=angle)
+        got = C._motion_blur_image(image, radius, sigma, angle)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize(("radius", "alias"), [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1), (10, 0.5)])
+def test_disk_matches_reference(radius, alias):
+    np.testing.assert_allclose(C.disk_kernel(radius, alias), _ic()[1].disk(radius, alias), rtol=0, atol=1e-7)
+
+
+def test_glass_shuffle_matches_reference_loop():
+    """The batched loop equals make_cifar_c.py's per-pixel loop (whose tuple "swap" on views is a copy)."""
+    base = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    ref = base.copy()
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+        for h in range(32 - 1, 1, -1):
+            for w in range(32 - 1, 1, -1):
+                dx, dy = rng.integers(-1, 1, size=(2,))
+                h_prime, w_prime = h + dy, w + dx
+                ref[h, w], ref[h_prime, w_prime] = ref[h_prime, w_prime], ref[h, w]
+    ours = base[None].copy()
+    C._glass_shuffle(ours, max_delta=1, iterations=2, rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(ours[0], ref)
+
+
+def _scipy_clipped_zoom(img: np.ndarray, zoom: float) -> np.ndarray:
+    """make_cifar_c.py's clipped_zoom (one HWC image, generalised to non-square), with scipy.ndimage.zoom."""
+    h, w = img.shape[:2]
+    ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    img = ndimage.zoom(img[top : top + ch, left : left + cw], (zoom, zoom, 1), order=1)
+    trim_top, trim_left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[trim_top : trim_top + h, trim_left : trim_left + w]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 40)])
+def test_clipped_zoom_matches_scipy(size):
+    x = np.random.default_rng(0).uniform(size=(2, *size, 3))
+    for zoom in [*np.arange(1, 1.26, 0.01), 1.75, 2.25]:
+        expected = np.stack([_scipy_clipped_zoom(image, float(zoom)) for image in x])
+        np.testing.assert_allclose(C._clipped_zoom(x, float(zoom)), expected, rtol=0, atol=1e-12)
+
+
+def test_zoom_blur_factors_follow_reference_arange():
+    # np.arange(1, 1.06, 0.01) has 7 entries in float64, so the reference blends 8 images at severity 1
+    counts = [len(np.arange(1, corruption_params("zoom_blur", s)["zoom_stop"], 0.01)) for s in SEVERITIES]
+    assert counts == [7, 12, 16, 21, 26]
+    images = _smooth_images(2)
+    x = images.astype(np.float32) / 255
+    zooms = np.arange(1, 1.06, 0.01)
+    expected = (x + sum(np.stack([_scipy_clipped_zoom(i, float(z)) for i in x]) for z in zooms)) / 8 * 255
+    got = C._zoom_blur(images, corruption_params("zoom_blur", 1), np.random.default_rng(0))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+
+
+def test_brightness_equals_hsv_round_trip():
+    x = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    x[0, :4] = 0  # black pixels take the S = 0 branch
+    x[1, :4] = 255
+    for severity in SEVERITIES:
+        delta = corruption_params("brightness", severity)["delta"]
+        hsv = rgb2hsv(x / 255.0)
+        hsv[..., 2] = np.clip(hsv[..., 2] + delta, 0, 1)
+        expected = np.clip(hsv2rgb(hsv), 0, 1) * 255
+        got = C._brightness(x, {"delta": delta}, np.random.default_rng(0))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------- determinism
+
+
+def test_deterministic_and_seeded(images):
+    for name in ALL_CORRUPTIONS:
+        np.random.seed(1)
+        a = generate_corrupted(images, name, 2, seed=5)
+        np.random.seed(2)  # a global RNG in the path would show up here
+        b = generate_corrupted(images, name, 2, seed=5)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert not np.array_equal(
+        generate_corrupted(images, "gaussian_noise", 2, seed=5), generate_corrupted(images, "gaussian_noise", 2, seed=6)
+    )
+
+
+def test_chunks_get_distinct_streams(monkeypatch):
+    monkeypatch.setattr(C, "CHUNK_SIZE", 2)
+    gray = np.full((4, 32, 32, 3), 128, dtype=np.uint8)
+    out = generate_corrupted(gray, "gaussian_noise", 3, seed=0)
+    assert not np.array_equal(out[:2], out[2:])
+
+
+# ---------------------------------------------------------------------------------------------------- exceptions
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "blur"}, "name must be one of"),
+        ({"severity": 0}, "severity must be"),
+        ({"severity": 2.0}, "severity must be"),
+        ({"images": np.zeros((2, 32, 32, 3), np.float32)}, "uint8"),
+        ({"images": np.zeros((32, 32, 3), np.uint8)}, r"\(N, H, W, 3\)"),
+        ({"images": np.zeros((2, 3, 32, 32), np.uint8)}, r"\(N, H, W, 3\)"),
+        ({"images": np.zeros((2, 8, 8, 3), np.uint8)}, "at least 16x16"),
+        ({"seed": -1}, "seed must be"),
+    ],
+)
+def test_exception(kwargs, match):
+    args = {"images": np.zeros((2, 32, 32, 3), np.uint8), "name": "contrast", "severity": 1, "seed": 0} | kwargs
+    with pytest.raises(ValueError, match=match):
+        generate_corrupted(**args)
+
+
+def test_corrupt_needs_generator(images):
+    with pytest.raises(ValueError, match="rng must be"):
+        corrupt(images[0], "contrast", 1, 0)
+
+
+# --------------------------------------------------------------------------------------------------------- cache
+
+
+def _load(images, labels, root, **kwargs):
+    kwargs = {"corruptions": ("gaussian_noise", "contrast"), "severities": (1, 2), "progress": False} | kwargs
+    return load_or_generate(images, labels, root, "toy", **kwargs)
+
+
+def test_cache_generates_then_loads(images, tmp_path, monkeypatch):
+    labels = np.arange(len(images))
+    first = _load(images, labels, tmp_path, seed=3)
+    assert set(first) == {("gaussian_noise", 1), ("gaussian_noise", 2), ("contrast", 1), ("contrast", 2)}
+    np.testing.assert_array_equal(first[("gaussian_noise", 2)], generate_corrupted(images, "gaussian_noise", 2, 3))
+
+    root = tmp_path / "toy"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["images_sha256"] == C.images_fingerprint(images)
+    assert manifest["num_images"] == 4 and manifest["image_shape"] == [32, 32, 3]
+    assert manifest["seed"] == 3 and manifest["chunk_size"] == C.CHUNK_SIZE
+    assert manifest["packages"]["numpy"] == np.__version__
+    entry = manifest["entries"]["gaussian_noise/1"]
+    assert entry["params"] == {"sigma": 0.04} and entry["file"] == "gaussian_noise-1.npy"
+    assert entry["sha256"] == C.images_fingerprint(np.asarray(first[("gaussian_noise", 1)]))
+    np.testing.assert_array_equal(np.load(root / "labels.npy"), labels)
+    assert not list(root.glob(".*tmp"))  # atomic writes leave no temporaries
+
+    def boom(*args, **kwargs):
+        raise AssertionError("regenerated a cached entry")
+
+    monkeypatch.setattr(C, "generate_corrupted", boom)
+    second = _load(images, labels, tmp_path, seed=3)
+    for key, value in first.items():
+        np.testing.assert_array_equal(second[key], value)
+
+    # a new pair is generated, the cached ones are not
+    calls = []
+    monkeypatch.setattr(C, "generate_corrupted", lambda *a: calls.append(a[1:3]) or generate_corrupted(*a))
+    _load(images, labels, tmp_path, seed=3, severities=(1, 2, 3))
+    assert calls == [("gaussian_noise", 3), ("contrast", 3)]
+
+
+def test_cache_mismatch_raises_or_regenerates(images, tmp_path):
+    labels = np.zeros(len(images), dtype=np.int64)
+    _load(images, labels, tmp_path)
+    other = images[::-1].copy()
+    with pytest.raises(CacheMismatchError, match="images_sha256"):
+        _load(other, labels, tmp_path)
+    with pytest.raises(CacheMismatchError, match="seed"):
+        _load(images, labels, tmp_path, seed=1)
+    with pytest.raises(CacheMismatchError, match="labels_sha256"):
+        _load(images, labels + 1, tmp_path)
+
+    rebuilt = _load(other, labels, tmp_path, on_mismatch="regenerate", corruptions=("contrast",), severities=(1,))
+    np.testing.assert_array_equal(rebuilt[("contrast", 1)], generate_corrupted(other, "contrast", 1))
+    manifest = json.loads((tmp_path / "toy" / "manifest.json").read_text())
+    assert manifest["images_sha256"] == C.images_fingerprint(other)
+    assert list(manifest["entries"]) == ["contrast/1"]
+    assert not (tmp_path / "toy" / "gaussian_noise-1.npy").exists()
+
+
+def test_cache_bad_arguments(images, tmp_path):
+    with pytest.raises(ValueError, match="labels must have shape"):
+        _load(images, np.zeros(3), tmp_path)
+    with pytest.raises(ValueError, match="dataset_id"):
+        load_or_generate(images, np.zeros(4), tmp_path, "a/b", progress=False)
+    with pytest.raises(ValueError, match="on_mismatch"):
+        _load(images, np.zeros(4), tmp_path, on_mismatch="ignore")

@@ -1,0 +1,227 @@
+"""Training engine and ``mbn-train``: recipes, TensorBoard, resume, bad input, NaN and Ctrl-C handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mbn
+from mbn import registry
+from mbn.checkpoint import load_checkpoint
+from mbn.cli.train import main as train_main
+from mbn.config import load_recipe
+from tests.plugin_env import install_plugin
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "base.yaml")
+
+# Tiny and fast: 64 synthetic images, batches of 16 -> 4 steps per epoch.
+TINY = [
+    "data.name=synthetic",
+    "data.synthetic_train_size=64",
+    "data.synthetic_test_size=32",
+    "data.batch_size=16",
+    "data.eval_batch_size=32",
+    "data.num_workers=0",
+    "model.name=cifar_resnet8",
+    "model.width=8",
+    "trainer.progress=none",
+    "trainer.log_every=1",
+    "logging.image_every=2",
+    "logging.divergence_every=2",
+]
+
+
+def train(recipe: Path | str, out: Path, *extra: str) -> int:
+    return train_main([str(recipe), *TINY, f"trainer.out_dir={out}", *extra])
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_smoke_every_recipe_trains_on_synthetic(recipe, tmp_path):
+    assert train(recipe, tmp_path / "run", "trainer.max_steps=2") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert set(metrics["test_acc"]) == {metrics["sources"][0]}
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_feature_tensorboard_has_per_domain_curves(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert train(REPO / "recipes" / "advprop_autoaug.yaml", run, "trainer.max_steps=4") == 0
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    for domain in ("clean", "autoaug", "adv"):
+        assert {f"loss/{domain}", f"acc/{domain}"} <= scalars
+        assert f"images/{domain}" in images
+    assert {"loss/total", "lr", "throughput/images_per_s", "test_acc/clean"} <= scalars
+    assert "perturbation/adv" in images
+    assert "bn_divergence/adv/mean" in scalars
+    assert len(acc.Scalars("loss/adv")) == 4
+
+
+def test_feature_resume_equals_uninterrupted(tmp_path):
+    recipe = REPO / "recipes" / "advprop_autoaug.yaml"
+    assert train(recipe, tmp_path / "full", "trainer.max_steps=7") == 0
+    assert train(recipe, tmp_path / "part", "trainer.max_steps=3") == 0
+    assert train_main(["--resume", str(tmp_path / "part"), "trainer.max_steps=7"]) == 0
+    full, resumed = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    assert resumed["state"]["step"] == 7 and resumed["state"]["epoch"] == 1
+    torch.testing.assert_close(resumed["model"], full["model"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed["optimizer"]["state"], full["optimizer"]["state"], rtol=0, atol=0)
+
+
+def test_feature_same_seed_same_weights(tmp_path):
+    recipe = REPO / "recipes" / "advprop.yaml"
+    for name in ("a", "b"):
+        assert train(recipe, tmp_path / name, "trainer.max_steps=3") == 0
+    torch.testing.assert_close(weights(tmp_path / "a"), weights(tmp_path / "b"), rtol=0, atol=0)
+    assert train(recipe, tmp_path / "c", "trainer.max_steps=3", "trainer.seed=1") == 0
+    assert not torch.equal(weights(tmp_path / "a")["net.fc.weight"], weights(tmp_path / "c")["net.fc.weight"])
+
+
+def test_feature_split_batch_equals_separate_forwards(tmp_path):
+    recipe = REPO / "recipes" / "advprop.yaml"
+    assert train(recipe, tmp_path / "split", "trainer.max_steps=2", "trainer.split_batch=true") == 0
+    assert train(recipe, tmp_path / "sep", "trainer.max_steps=2", "trainer.split_batch=false") == 0
+    torch.testing.assert_close(weights(tmp_path / "split"), weights(tmp_path / "sep"), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_shared_bn_mixes_domains(tmp_path):
+    cfg = load_recipe(REPO / "recipes" / "advtrain.yaml", TINY)
+    assert [s.bn for s in mbn.config.domain_specs(cfg)] == ["clean", "clean"]
+    assert train(REPO / "recipes" / "advtrain.yaml", tmp_path / "r", "trainer.max_steps=1") == 0
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["sources"] == ["clean"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["missing.yaml"], "missing.yaml: recipe file not found"),
+        (["RECIPE", "trainer.epoch=3"], "key 'trainer.epoch': Key 'epoch' not in 'TrainerCfg'"),
+        (["RECIPE", "trainer.epochs=many"], "key 'trainer.epochs': Value 'many'"),
+        (["RECIPE", "data.name=mnist"], "key 'data.name': expected one of"),
+        (["RECIPE", "optim.lr=-1"], "key 'optim.lr': expected a positive value"),
+        (["RECIPE", "domains.adv.epz=4"], "key 'domains.adv': domain 'pgd': unknown parameter 'epz'"),
+        (["RECIPE", "domains.adv.type=pgdd"], "key 'domains.adv.type': unknown domain type 'pgdd'"),
+        (["RECIPE", "domains.adv.input=nope"], "key 'domains.adv.input': unknown domain 'nope'"),
+        (["RECIPE", "domains.adv.input=adv"], "input cycle adv -> adv"),
+        (["RECIPE", "domains.adv.eps=-1"], "key 'domains.adv'"),
+        (["RECIPE", "model.name=resnet1000"], "key 'model.name'"),
+        (["RECIPE", "trainer.device=cuda:7"], "key 'trainer.device'"),
+        (["RECIPE", "data.name=imagefolder", "data.root=/nonexistent"], "key 'data.root'"),
+        (["RECIPE", "trainer.max_steps=0"], "key 'trainer.max_steps'"),
+        (["RECIPE", "oops"], "override 'oops': expected dotted.key=value"),
+    ],
+)
+def test_exception_bad_input_one_line_exit_2(args, expected, tmp_path, capsys):
+    args = [str(REPO / "recipes" / "advprop.yaml") if a == "RECIPE" else a for a in args]
+    code = train_main([args[0], *TINY, f"trainer.out_dir={tmp_path / 'run'}", *args[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+    assert "Traceback" not in err
+
+
+def test_exception_bad_input_no_traceback_in_subprocess(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mbn.cli.train", str(REPO / "recipes" / "vanilla.yaml"), "trainer.epoch=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mbn-train: error: key 'trainer.epoch': Key 'epoch' not in 'TrainerCfg'. Did you mean: 'epochs'?"
+    ]
+
+
+def test_exception_existing_run_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(REPO / "recipes" / "vanilla.yaml", run, "trainer.max_steps=1") == 0
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    assert train(REPO / "recipes" / "vanilla.yaml", run, "trainer.max_steps=2") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_exception_resume_missing_run(tmp_path, capsys):
+    assert train_main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.fixture
+def test_domains(monkeypatch):
+    """Register fault-injecting domains for one test."""
+    monkeypatch.setattr(registry, "_DOMAINS", dict(registry._DOMAINS))
+    monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))
+
+    @mbn.register_domain("nan_after_test")
+    class NanAfter(mbn.Domain):
+        def __init__(self, after: int = 3) -> None:
+            self.after = after
+
+        def generate(self, images, labels, ctx):
+            return (images * float("nan") if ctx.step >= self.after else images), labels
+
+    @mbn.register_domain("sigint_at_test")
+    class SigintAt(mbn.Domain):
+        def __init__(self, at: int = 2) -> None:
+            self.at = at
+
+        def generate(self, images, labels, ctx):
+            if ctx.step == self.at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return images, labels
+
+
+def test_exception_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, test_domains):
+    run = tmp_path / "run"
+    code = train(
+        REPO / "recipes" / "vanilla.yaml", run, "domains.bad.type=nan_after_test", "domains.bad.after=3",
+        "domains.bad.bn=clean", "trainer.checkpoint_every_steps=1", "trainer.max_steps=8",
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert "non-finite images in domain 'bad' at step 3" in err
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["state"]["step"] == 3
+    assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+
+
+def test_feature_ctrl_c_saves_checkpoint_and_resumes(tmp_path, capsys, test_domains):
+    run = tmp_path / "run"
+    stop = ["domains.stop.type=sigint_at_test", "domains.stop.at=2", "domains.stop.bn=clean"]
+    assert train(REPO / "recipes" / "vanilla.yaml", run, *stop, "trainer.max_steps=6") == 130
+    assert "resume with: mbn-train --resume" in capsys.readouterr().err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 3
+    assert train_main(["--resume", str(run), "domains.stop.at=-1"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 6
+
+
+def test_feature_entry_point_domain_trains_from_recipe(tmp_path):
+    site = install_plugin(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "mbn.cli.train", str(REPO / "recipes" / "vanilla.yaml"), *TINY,
+           "domains.inv.type=invert", "domains.inv.strength=0.5", f"trainer.out_dir={tmp_path / 'run'}",
+           "trainer.max_steps=2"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["sources"] == ["clean", "inv"]
+    assert metrics["train"]["inv"]["loss"] is not None
