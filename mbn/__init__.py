@@ -10,10 +10,10 @@ from mbn.routing import eval_mode, frozen_stats, model_sources, multi_source_nor
 __version__ = "0.1.0"
 
 __all__ = [
-    "attacks",
     "Domain",
     "DomainContext",
     "MultiSourceBatchNorm",
+    "attacks",
     "available_domains",
     "convert_model",
     "convert_sync_batchnorm",

@@ -64,4 +64,3 @@ class TensorBoardLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-

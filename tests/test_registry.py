@@ -61,7 +61,7 @@ class TestRegistry:
             mbn.create_domain("pgdd")
 
     def test_exception_not_a_domain(self, clean_registry):
-        with pytest.raises(TypeError, match="subclass of mbn.Domain"):
+        with pytest.raises(TypeError, match=r"subclass of mbn\.Domain"):
             mbn.register_domain("nope")(int)
 
 

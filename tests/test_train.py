@@ -193,8 +193,13 @@ def test_domains(monkeypatch):
 def test_exception_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, test_domains):
     run = tmp_path / "run"
     code = train(
-        REPO / "recipes" / "vanilla.yaml", run, "domains.bad.type=nan_after_test", "domains.bad.after=3",
-        "domains.bad.bn=clean", "trainer.checkpoint_every_steps=1", "trainer.max_steps=8",
+        REPO / "recipes" / "vanilla.yaml",
+        run,
+        "domains.bad.type=nan_after_test",
+        "domains.bad.after=3",
+        "domains.bad.bn=clean",
+        "trainer.checkpoint_every_steps=1",
+        "trainer.max_steps=8",
     )
     err = capsys.readouterr().err.strip()
     assert code == 1

@@ -67,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, run_dir, resume = prepare_run(args)
-        from mbn.engine import Trainer, TrainingDiverged, TrainingInterrupted  # heavy imports after validation
+        from mbn.engine import (
+            Trainer,
+            TrainingDivergedError,
+            TrainingInterruptedError,
+        )  # heavy imports after validation
 
         trainer = Trainer(cfg, run_dir, resume=resume)  # type: ignore[arg-type]
         print(f"mbn-train: run directory {run_dir} (BN sources: {', '.join(trainer.sources)})", flush=True)
@@ -75,14 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, CheckpointError) as err:
         print(f"mbn-train: error: {err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as err:
+    except TrainingInterruptedError as err:
         print(f"mbn-train: {err}", file=sys.stderr)
         return 130
-    except TrainingDiverged as err:
+    except TrainingDivergedError as err:
         print(f"mbn-train: error: {err}", file=sys.stderr)
         return 1
     acc = metrics["test_acc_main"]
-    print(f"mbn-train: done, {metrics['steps']} steps, test accuracy (main BN) {acc:.4f}; metrics in {run_dir}/metrics.json")
+    print(
+        f"mbn-train: done, {metrics['steps']} steps, test accuracy (main BN) {acc:.4f}; "
+        f"metrics in {run_dir}/metrics.json"
+    )
     return 0
 
 
