@@ -23,15 +23,15 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI for updates on import
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, get_worker_info  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from mbn.config import RecipeError  # noqa: E402
-from mbn.synthetic import SYNTHETIC_CLASSES, generate_synthetic  # noqa: E402
+from mbn.config import RecipeError
+from mbn.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -358,19 +358,26 @@ class TrainLoader:
     """
 
     def __init__(
-        self, dataset: AugmentedArrayDataset, batch_size: int, *, seed: int, num_workers: int = 0, pin_memory: bool = False
+        self,
+        dataset: AugmentedArrayDataset,
+        batch_size: int,
+        *,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_samples = len(dataset)
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size
+        return self.num_samples // self.batch_size
 
     def batch_indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
         """Sample indices of batches ``start_batch..len-1`` of ``epoch``, shape (batches, batch_size)."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
-        perm = epoch_permutation(len(self.dataset), self.seed, epoch)
+        perm = epoch_permutation(self.num_samples, self.seed, epoch)
         return perm[start_batch * self.batch_size : len(self) * self.batch_size].view(-1, self.batch_size)
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
@@ -410,8 +417,7 @@ class DeviceTrainLoader(TrainLoader):
         self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.device, self.crop_padding, self.hflip = device, crop_padding, hflip
-        self.batch_size, self.seed, self.num_workers, self.pin_memory = batch_size, seed, 0, False
-        self.dataset = split  # only its length is used by the shared ordering code
+        self.batch_size, self.seed, self.num_samples = batch_size, seed, len(split)
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random zero-padded crop and horizontal flip of a uint8 NCHW batch, per image."""

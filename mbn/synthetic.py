@@ -71,32 +71,34 @@ def generate_synthetic(
         raise ValueError(f"num_images: expected a value >= 0, got {num_images}")
     if image_size < 8:
         raise ValueError(f"image_size: expected at least 8 pixels, got {image_size}")
-    rng = np.random.default_rng(seed)
+    param_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     num_classes = len(SYNTHETIC_CLASSES)
-    labels = rng.permutation(np.arange(num_images) % num_classes).astype(np.int64)
-    images = np.empty((num_images, image_size, image_size, 3), dtype=np.uint8)
-    # Pixel centres in [-1, 1].
-    grid = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size * 2 - 1
-    for lo in range(0, num_images, chunk):
-        lab = labels[lo : lo + chunk]
-        n = len(lab)
-        scale = rng.uniform(0.35, 0.7, n).astype(np.float32)
-        cx = rng.uniform(-1, 1, n).astype(np.float32) * (1 - scale)
-        cy = rng.uniform(-1, 1, n).astype(np.float32) * (1 - scale)
-        angle = rng.uniform(-0.26, 0.26, n).astype(np.float32)  # +-15 degrees keeps up/down and +/x apart
-        cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-        x = (grid[None, None, :] - cx[:, None, None]) / scale[:, None, None]
-        y = (grid[None, :, None] - cy[:, None, None]) / scale[:, None, None]
+    n = num_images
+    labels = param_rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    # Per-image parameters are drawn up front so that ``chunk`` does not change the result.
+    scale = param_rng.uniform(0.35, 0.7, n).astype(np.float32)
+    cx = param_rng.uniform(-1, 1, n).astype(np.float32) * (1 - scale)
+    cy = param_rng.uniform(-1, 1, n).astype(np.float32) * (1 - scale)
+    angle = param_rng.uniform(-0.26, 0.26, n).astype(np.float32)  # +-15 degrees keeps up/down and +/x apart
+    # One colour from a dark range, one from a bright range, randomly assigned: colour is a nuisance.
+    dark = param_rng.uniform(0.0, 0.45, (n, 1, 1, 3)).astype(np.float32)
+    bright = param_rng.uniform(0.55, 1.0, (n, 1, 1, 3)).astype(np.float32)
+    swap = param_rng.random((n, 1, 1, 1)) < 0.5
+    fg, bg = np.where(swap, dark, bright), np.where(swap, bright, dark)
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    grid = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size * 2 - 1  # pixel centres in [-1, 1]
+    for lo in range(0, n, chunk):
+        sl = slice(lo, min(lo + chunk, n))
+        lab, m = labels[sl], len(labels[sl])
+        cos, sin = np.cos(angle[sl])[:, None, None], np.sin(angle[sl])[:, None, None]
+        x = (grid[None, None, :] - cx[sl, None, None]) / scale[sl, None, None]
+        y = (grid[None, :, None] - cy[sl, None, None]) / scale[sl, None, None]
         u, v = cos * x + sin * y, -sin * x + cos * y
-        mask = np.zeros((n, image_size, image_size, 1), dtype=bool)
+        mask = np.zeros((m, image_size, image_size, 1), dtype=bool)
         for cls in range(num_classes):
             sel = lab == cls
             mask[sel, ..., 0] = _shape_mask(cls, u[sel], v[sel])
-        # One colour from a dark range, one from a bright range, randomly assigned: colour is a nuisance.
-        dark = rng.uniform(0.0, 0.45, (n, 1, 1, 3)).astype(np.float32)
-        bright = rng.uniform(0.55, 1.0, (n, 1, 1, 3)).astype(np.float32)
-        swap = rng.random((n, 1, 1, 1)) < 0.5
-        fg, bg = np.where(swap, dark, bright), np.where(swap, bright, dark)
-        img = np.where(mask, fg, bg) + 0.06 * rng.standard_normal((n, image_size, image_size, 3), dtype=np.float32)
-        images[lo : lo + n] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+        noise = noise_rng.standard_normal((m, image_size, image_size, 3), dtype=np.float32)
+        img = np.where(mask, fg[sl], bg[sl]) + 0.06 * noise
+        images[sl] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return images, labels
