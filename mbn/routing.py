@@ -30,7 +30,10 @@ def model_sources(model: nn.Module) -> tuple[str, ...]:
     Raises:
         ValueError: if the model has no MultiSourceBatchNorm or its layers disagree on the sources.
     """
-    norms = multi_source_norms(model)
+    return _sources_of(multi_source_norms(model))
+
+
+def _sources_of(norms: list[MultiSourceBatchNorm]) -> tuple[str, ...]:
     if not norms:
         raise ValueError("model has no MultiSourceBatchNorm layers; convert it with mbn.convert_model first")
     sources = norms[0].sources
@@ -40,9 +43,24 @@ def model_sources(model: nn.Module) -> tuple[str, ...]:
     return sources
 
 
+@contextmanager
+def _set_on(norms: list[MultiSourceBatchNorm], **values: object) -> Iterator[None]:
+    """Set routing attributes on every layer for the block, then restore each layer's previous values."""
+    saved = [{key: getattr(n, key) for key in values} for n in norms]
+    for n in norms:
+        for key, value in values.items():
+            setattr(n, key, value)
+    try:
+        yield
+    finally:
+        for n, previous in zip(norms, saved, strict=True):
+            for key, value in previous.items():
+                setattr(n, key, value)
+
+
 def _check_known(model: nn.Module, names: list[str]) -> list[MultiSourceBatchNorm]:
     norms = multi_source_norms(model)
-    sources = model_sources(model)
+    sources = _sources_of(norms)
     for name in names:
         if name not in sources:
             raise ValueError(f"unknown source {name!r}; registered sources: {list(sources)}")
@@ -59,15 +77,8 @@ def use_source(model: nn.Module, name: str) -> Iterator[nn.Module]:
         >>> with mbn.use_source(net, "adv"):
         ...     out = net(torch.randn(4, 3))
     """
-    norms = _check_known(model, [name])
-    saved = [(n.active, n.split) for n in norms]
-    for n in norms:
-        n.active, n.split = name, None
-    try:
+    with _set_on(_check_known(model, [name]), active=name, split=None):
         yield model
-    finally:
-        for n, (active, split) in zip(norms, saved, strict=False):
-            n.active, n.split = active, split
 
 
 @contextmanager
@@ -90,14 +101,8 @@ def split_sources(model: nn.Module, sizes: Mapping[str, int]) -> Iterator[nn.Mod
     for name, size in layout:
         if size < 0:
             raise ValueError(f"split size for source {name!r} must be >= 0, got {size}")
-    saved = [n.split for n in norms]
-    for n in norms:
-        n.split = layout
-    try:
+    with _set_on(norms, split=layout):
         yield model
-    finally:
-        for n, split in zip(norms, saved, strict=False):
-            n.split = split
 
 
 @contextmanager
@@ -106,15 +111,8 @@ def frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
 
     This is the ``attack_bn: train`` mode of the attack domains (as in the Fast AdvProp code).
     """
-    norms = multi_source_norms(model)
-    saved = [n.update_stats for n in norms]
-    for n in norms:
-        n.update_stats = False
-    try:
+    with _set_on(multi_source_norms(model), update_stats=False):
         yield model
-    finally:
-        for n, flag in zip(norms, saved, strict=False):
-            n.update_stats = flag
 
 
 @contextmanager
