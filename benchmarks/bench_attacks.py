@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -24,26 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from common import machine_info, sync
 
 import mbn
 from mbn.domain import DomainContext
 
 STEPS = (1, 3, 5, 10)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -92,16 +77,10 @@ def main() -> None:
             "ratio_to_forward_backward": float(median) / base,
             "samples_s": [float(s) for s in samples],
         }
-    machine = {
-        "cpu": cpu_model(),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
+    machine = machine_info(device) | {
         "torchvision": torchvision.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
         # The machine is shared: a load above the core count means the timings are contended.
         "loadavg_1m_at_end": os.getloadavg()[0],
-        "cores": os.cpu_count(),
     }
     setup = {
         "model": "torchvision resnet18, num_classes=10, converted to (clean, adv)",

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine_info, sync
 from kornia.augmentation.auto import AutoAugment as KorniaAutoAugment
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -32,16 +31,6 @@ import mbn
 from mbn.domain import DomainContext
 
 RESULTS = Path(__file__).resolve().parent / "results" / "autoaug.json"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def summarize(times: list[float], images: int) -> dict[str, float]:
@@ -55,11 +44,6 @@ def summarize(times: list[float], images: int) -> dict[str, float]:
         "images_per_s": images / median,
         "runs": len(times),
     }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_on_device(fn, images: torch.Tensor, total: int, repeats: int, device: torch.device) -> dict[str, float]:
@@ -133,14 +117,7 @@ def main() -> None:
     )
     kornia_aa = KorniaAutoAugment(policy="cifar10").to(device)
 
-    machine = {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "python": platform.python_version(),
-    }
+    machine = machine_info(device)
     print(json.dumps(machine))
     results: dict[str, dict[str, float]] = {}
     with torch.no_grad():
