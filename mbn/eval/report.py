@@ -1,0 +1,247 @@
+"""Human-readable output of an ``eval.json`` result: a markdown report and three matplotlib plots.
+
+Plots use the Agg backend (no display needed) and are written atomically. Each is drawn only when its section
+holds results: ``robust_acc_vs_eps.png`` (PGD accuracy against L-inf and L2 radius, clean accuracy at eps 0),
+``corruption_acc.png`` (accuracy per corruption, one bar per severity) and ``bn_divergence.png`` (per-layer
+symmetric KL between each auxiliary BN's statistics and the main BN's, see :mod:`mbn.divergence`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PLOT_FILES",
+    "atomic_write",
+    "plot_bn_divergence",
+    "plot_corruptions",
+    "plot_robustness",
+    "render_markdown",
+    "write_report",
+]
+
+PLOT_FILES = {
+    "adversarial": "robust_acc_vs_eps.png",
+    "corruptions": "corruption_acc.png",
+    "divergence": "bn_divergence.png",
+}
+"""Plot file name of each ``eval.json`` section."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``.
+
+    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on one filesystem).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    """A markdown report of every section present in an ``eval.json`` result (accuracies in %).
+
+    Args:
+        result: The ``eval.json`` content.
+
+    Returns:
+        The markdown text.
+    """
+    sources = list(result.get("sources") or [])
+    main = sources[0] if sources else "main"
+    limit = result.get("limit")
+    lines = [
+        "# Evaluation",
+        "",
+        f"- checkpoint: `{result.get('checkpoint')}`",
+        f"- test images: {result.get('num_images')}" + ("" if limit is None else f" (first {limit})"),
+        f"- BN sources: {', '.join(sources)} (main: {main}); accuracies in %, eval mode",
+        "",
+    ]
+    per_bn = result.get("per_bn_acc") or {}
+    if result.get("clean_acc") is not None or per_bn:
+        lines += ["## Clean accuracy", ""]
+        accs = dict(per_bn) or {main: result.get("clean_acc")}
+        rows = [[f"{bn} (main)" if bn == main else bn, _pct(acc)] for bn, acc in accs.items()]
+        lines += [*_table(["BN", "accuracy"], rows), ""]
+
+    adv = result.get("adversarial")
+    if adv:
+        lines += [f"## Adversarial (PGD-{adv['steps']}, through the {adv['bn']} BN)", ""]
+        rows = [["clean", "0", _pct(result.get("clean_acc"))]] if result.get("clean_acc") is not None else []
+        rows += [["L-inf", f"{eps}/255", _pct(acc)] for eps, acc in adv.get("linf", {}).items()]
+        rows += [["L2", eps, _pct(acc)] for eps, acc in adv.get("l2", {}).items()]
+        rows += [["AutoAttack L-inf", f"{eps}/255", _pct(acc)] for eps, acc in (adv.get("autoattack") or {}).items()]
+        lines += [*_table(["attack", "eps", "accuracy"], rows), ""]
+
+    corr = result.get("corruptions")
+    if corr:
+        severities = list(next(iter(corr["accuracy"].values())).keys()) if corr["accuracy"] else []
+        ce = corr.get("ce") or {}
+        lines += ["## Common corruptions", ""]
+        lines.append(f"Mean accuracy over {len(corr['accuracy'])} corruptions x {len(severities)} severities: "
+                     f"**{_pct(corr['mean_acc'])}**.")  # fmt: skip
+        if corr.get("mce") is not None:
+            lines.append(f"mCE relative to `{corr['reference']}`: **{_pct(corr['mce'])}** (100 = as the reference).")
+        lines.append("")
+        header = ["corruption", *[f"s{s}" for s in severities], "mean", *(["CE"] if ce else [])]
+        rows = [
+            [name, *[_pct(row[s]) for s in severities], _pct(corr["per_corruption_mean"][name])]
+            + ([_pct(ce[name])] if ce else [])
+            for name, row in corr["accuracy"].items()
+        ]
+        lines += [*_table(header, rows), ""]
+
+    div = result.get("divergence")
+    if div:
+        aux = list(div)
+        layers = list(dict.fromkeys(layer for per_layer in div.values() for layer in per_layer))
+        lines += [f"## BN statistics divergence from the {main} BN (symmetric KL, mean over channels)", ""]
+        rows = [[f"`{layer}`", *[f"{div[s].get(layer, float('nan')):.4g}" for s in aux]] for layer in layers]
+        lines += [*_table(["layer", *aux], rows), ""]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- plots
+
+
+def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_robustness(adversarial: Mapping[str, Any], clean_acc: float | None, path: Path) -> None:
+    """Robust accuracy against eps, one panel for L-inf (0-255 units) and one for L2; clean accuracy at eps 0.
+
+    Args:
+        adversarial: The ``adversarial`` section of ``eval.json``.
+        clean_acc: Clean accuracy drawn at eps 0 (skipped when None).
+        path: Output PNG.
+    """
+    fig, axes = _figure(2)
+    for ax, norm, unit in ((axes[0], "linf", "L-inf eps (x/255)"), (axes[1], "l2", "L2 eps ([0,1] pixels)")):
+        points = sorted((float(e), a) for e, a in adversarial.get(norm, {}).items())
+        if clean_acc is not None:
+            points = [(0.0, clean_acc), *[p for p in points if p[0] != 0.0]]
+        if points:
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=f"PGD-{adversarial['steps']}")
+        if norm == "linf" and adversarial.get("autoattack"):
+            aa = sorted((float(e), a) for e, a in adversarial["autoattack"].items())
+            ax.plot([p[0] for p in aa], [100 * p[1] for p in aa], "s", color="C3", label="AutoAttack")
+        ax.set(xlabel=unit, ylabel="accuracy (%)", ylim=(0, 100), title=f"{norm} robustness ({adversarial['bn']} BN)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_corruptions(corruptions: Mapping[str, Any], path: Path) -> None:
+    """Accuracy per corruption, one bar per severity, with the per-corruption mean as a marker.
+
+    Args:
+        corruptions: The ``corruptions`` section of ``eval.json``.
+        path: Output PNG.
+    """
+    table = corruptions["accuracy"]
+    names = list(table)
+    severities = list(next(iter(table.values())).keys()) if names else []
+    fig, axes = _figure(1, width=max(6.0, 0.7 * len(names) + 2), height=4.5)
+    ax = axes[0]
+    width = 0.8 / max(len(severities), 1)
+    for j, sev in enumerate(severities):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(names))]
+        ax.bar(xs, [100 * table[n][sev] for n in names], width, label=f"severity {sev}", color=f"C{j}")
+    means = corruptions["per_corruption_mean"]
+    ax.plot(range(len(names)), [100 * means[n] for n in names], "k_", markersize=14, label="mean")
+    ax.axhline(100 * corruptions["mean_acc"], color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+    ax.set(
+        ylabel="accuracy (%)", ylim=(0, 100), title=f"Corruption accuracy (mean {100 * corruptions['mean_acc']:.1f}%)"
+    )
+    ax.legend(fontsize=7, ncol=3)
+    _save(fig, path)
+
+
+def plot_bn_divergence(divergence: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    """Per-layer divergence of every auxiliary BN from the main BN, layers in model order (log scale).
+
+    Args:
+        divergence: The ``divergence`` section of ``eval.json`` (``{source: {layer: value}}``).
+        path: Output PNG.
+    """
+    layers = list(dict.fromkeys(layer for per_layer in divergence.values() for layer in per_layer))
+    fig, axes = _figure(1, width=max(6.0, 0.25 * len(layers) + 2), height=4.5)
+    ax = axes[0]
+    for source, per_layer in divergence.items():
+        ax.plot([layers.index(k) for k in per_layer], list(per_layer.values()), "o-", label=source, markersize=3)
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
+    if all(v > 0 for per_layer in divergence.values() for v in per_layer.values()):
+        ax.set_yscale("log")
+    ax.set(ylabel="symmetric KL to main BN", title="BN statistics divergence per layer")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def write_report(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``eval.json``, ``eval.md`` and the plots of the sections that hold results into ``out_dir``.
+
+    Args:
+        result: The full ``eval.json`` content.
+        out_dir: Destination directory (created if needed).
+
+    Returns:
+        The paths written.
+    """
+    out_dir = Path(out_dir)
+    written = [out_dir / "eval.json", out_dir / "eval.md"]
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(written[0], lambda tmp: tmp.write_text(text))
+    markdown = render_markdown(result)
+    atomic_write(written[1], lambda tmp: tmp.write_text(markdown))
+    if result.get("adversarial"):
+        plot_robustness(result["adversarial"], result.get("clean_acc"), out_dir / PLOT_FILES["adversarial"])
+        written.append(out_dir / PLOT_FILES["adversarial"])
+    if result.get("corruptions"):
+        plot_corruptions(result["corruptions"], out_dir / PLOT_FILES["corruptions"])
+        written.append(out_dir / PLOT_FILES["corruptions"])
+    if result.get("divergence"):
+        plot_bn_divergence(result["divergence"], out_dir / PLOT_FILES["divergence"])
+        written.append(out_dir / PLOT_FILES["divergence"])
+    return written
