@@ -329,7 +329,7 @@ def collate_batch(batch: Batch) -> Batch:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Give each DataLoader worker its own random streams and a single-threaded OpenCV.
+    """Give each DataLoader worker its own random streams.
 
     Per-sample seeding already makes the base transforms independent of workers; this also covers
     any transform a user adds that draws from the Compose's own or the global generators.
@@ -337,7 +337,7 @@ def worker_init_fn(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    cv2.setNumThreads(1)
+    # no cv2.setNumThreads here: reconfiguring a thread pool inherited through fork can deadlock
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, AugmentedArrayDataset):
         info.dataset.transform.set_random_seed(seed)

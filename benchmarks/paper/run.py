@@ -561,16 +561,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--scale", required=True, choices=sorted(SCALES), help="smoke (tests) | cpu (reduced) | gpu (full)")
     p.add_argument("--seeds", type=int, nargs="+", help="trainer.seed values (default: the scale's)")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
-                   help=f"configs to run (default: all): {', '.join(CONFIGS)}")  # fmt: skip
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=list(CONFIGS),
+        metavar="NAME",
+        help=f"configs to run (default: all): {', '.join(CONFIGS)}",
+    )
     p.add_argument("--out", type=Path, help="where results.json/.md go (default: benchmarks/paper/results/<scale>)")
     p.add_argument("--runs-dir", type=Path, help="run directories and logs (default: runs/paper/<scale>)")
-    p.add_argument("--data-root", default="../shared/datasets/cifar10",
-                   help="CIFAR-10 ImageFolder tree (train/, test/); relative to the repository root")  # fmt: skip
+    p.add_argument(
+        "--data-root",
+        default="../shared/datasets/cifar10",
+        help="CIFAR-10 ImageFolder tree (train/, test/); relative to the repository root",
+    )
     p.add_argument("--eval-limit", type=int, metavar="N", help="test images for every evaluation (default: scale's)")
     p.add_argument("--cache-dir", type=Path, help="corruption cache for mbn-eval (default: mbn-eval's)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra mbn-train override for every run, e.g. trainer.max_steps=20 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra mbn-train override for every run, e.g. trainer.max_steps=20 (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     if args.eval_limit is not None and args.eval_limit < 1:
@@ -595,7 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_root = Path(args.data_root)
     data_root = data_root if data_root.is_absolute() else (REPO / data_root).resolve()
     if scale.imagefolder and not args.dry_run and not (data_root / "train").is_dir():
-        print(f"run.py: error: --data-root: {data_root}/train not found (expected a CIFAR-10 ImageFolder tree)")
+        print(
+            f"run.py: error: --data-root: {data_root}/train not found (expected a CIFAR-10 ImageFolder tree)",
+            file=sys.stderr,
+        )
         return 2
     common = train_overrides(scale, data_root, eval_limit, args.override)
     jobs = [make_job(c, s, scale, runs_dir, common, eval_limit, args.cache_dir) for s in seeds for c in configs]
