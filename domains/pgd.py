@@ -101,8 +101,11 @@ class PGDDomain(_AttackDomain):
         self.steps = steps
         self.step_size = _check_number("step_size", step_size)
 
+    #: The attack function; ``gd`` swaps it for the unsigned-gradient variant.
+    attack = staticmethod(attacks.pgd)
+
     def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> Tensor:
-        return attacks.pgd(
+        return self.attack(
             ctx.forward,
             images,
             labels,
@@ -124,20 +127,7 @@ class GDDomain(PGDDomain):
     Parameters and defaults are those of ``pgd``; see :func:`mbn.attacks.gd` for the step length.
     """
 
-    def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> Tensor:
-        return attacks.gd(
-            ctx.forward,
-            images,
-            labels,
-            eps=self.eps / PIXEL_SCALE,
-            steps=self.steps,
-            step_size=self.step_size / PIXEL_SCALE,
-            norm=self.norm,
-            random_start=self.random_start,
-            loss_fn=ctx.loss,
-            targeted=self.targeted,
-            generator=ctx.generator,
-        )
+    attack = staticmethod(attacks.gd)
 
 
 @register_domain("fgsm")
