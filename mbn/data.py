@@ -90,23 +90,23 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 # -------------------------------------------------------------------------------------------- sources
 
 
-def _load_cifar(cfg: Any) -> tuple[ArraySplit, ArraySplit, list[str]]:
+def _load_cifar(cfg: Any, splits: Sequence[str] = ("train", "test")) -> tuple[dict[str, ArraySplit], list[str]]:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
     if cfg.image_size != 32:
         raise RecipeError(f"key 'data.image_size': {cfg.name} images are 32x32, got {cfg.image_size}")
-    splits = []
-    for train in (True, False):
+    loaded = {}
+    for split in splits:
         try:
-            ds = cls(str(cfg.root), train=train, download=bool(cfg.download))
+            ds = cls(str(cfg.root), train=split == "train", download=bool(cfg.download))
         except RuntimeError as err:
             raise RecipeError(
                 f"key 'data.root': {cfg.name} not found under {cfg.root!r} (expected {cls.base_folder}/ there; "
                 f"set data.download=true to fetch it): {str(err).splitlines()[0]}"
             ) from None
-        splits.append(ArraySplit(np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64)))
-    return splits[0], splits[1], list(ds.classes)
+        loaded[split] = ArraySplit(np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64))
+    return loaded, list(ds.classes)
 
 
 def default_cache_dir() -> Path:
@@ -206,33 +206,72 @@ def load_image_folder(
     Raises:
         RecipeError: missing folders, no images, or test classes absent from train.
     """
+    from torchvision.datasets.folder import find_classes
+
+    root = Path(root)
+    for split in ("train", "test"):
+        _require_folder(root, split)
+    try:
+        classes, _ = find_classes(str(root / "train"))
+        test_classes, _ = find_classes(str(root / "test"))
+    except FileNotFoundError as err:
+        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {err}") from None
+    _check_classes(root, "test", test_classes, classes)  # before decoding anything
+    train = load_image_folder_split(root, "train", classes, image_size, train_limit, cache_dir)
+    test = load_image_folder_split(root, "test", classes, image_size, test_limit, cache_dir)
+    return train, test, classes
+
+
+def _folder_layout(root: Path) -> str:
+    return f"imagefolder expects {root}/train/<class>/<image> and {root}/test/<class>/<image>"
+
+
+def _require_folder(root: Path, split: str) -> None:
+    if not (root / split).is_dir():
+        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {root / split} is not a directory")
+
+
+def _check_classes(root: Path, split: str, found: Sequence[str], classes: Sequence[str]) -> None:
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise RecipeError(f"key 'data.root': {split} classes {unknown} in {root} are not among the training classes")
+
+
+def load_image_folder_split(
+    root: str | Path,
+    split: str,
+    classes: Sequence[str],
+    image_size: int = 32,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> ArraySplit:
+    """Load one split, ``<root>/<split>/<class>/*``, labelling folders by their index in ``classes``.
+
+    The test split of a trained model is loaded this way with the class names stored in its checkpoint,
+    so evaluation never decodes the training images.
+
+    Raises:
+        RecipeError: a missing folder, no images, or a class folder not in ``classes``.
+    """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     root = Path(root)
-    expected = f"imagefolder expects {root}/train/<class>/<image> and {root}/test/<class>/<image>"
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise RecipeError(f"key 'data.root': {expected}; {root / split} is not a directory")
+    _require_folder(root, split)
     try:
-        classes, class_to_idx = find_classes(str(root / "train"))
-        test_classes, _ = find_classes(str(root / "test"))
+        found, _ = find_classes(str(root / split))
     except FileNotFoundError as err:
-        raise RecipeError(f"key 'data.root': {expected}; {err}") from None
-    unknown = sorted(set(test_classes) - set(classes))
-    if unknown:
-        raise RecipeError(f"key 'data.root': test classes {unknown} have no folder in {root}/train")
+        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {err}") from None
+    _check_classes(root, split, found, classes)
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    try:
+        samples = make_dataset(str(root / split), class_to_idx, IMG_EXTENSIONS, allow_empty=split != "train")
+    except FileNotFoundError as err:
+        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {str(err).splitlines()[0]}") from None
+    if not samples:
+        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; no images found in {root / split}")
+    samples = [samples[i] for i in subset_indices(len(samples), limit, f"data.{split}_limit")]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    splits = []
-    for split, limit in (("train", train_limit), ("test", test_limit)):
-        try:
-            samples = make_dataset(str(root / split), class_to_idx, IMG_EXTENSIONS, allow_empty=split == "test")
-        except FileNotFoundError as err:
-            raise RecipeError(f"key 'data.root': {expected}; {str(err).splitlines()[0]}") from None
-        if not samples:
-            raise RecipeError(f"key 'data.root': {expected}; no images found in {root / split}")
-        samples = [samples[i] for i in subset_indices(len(samples), limit, f"data.{split}_limit")]
-        splits.append(_load_folder_split(root.resolve(), split, samples, image_size, cache))
-    return splits[0], splits[1], classes
+    return _load_folder_split(root.resolve(), split, samples, image_size, cache)
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -346,7 +385,36 @@ def worker_init_fn(worker_id: int) -> None:
 # -------------------------------------------------------------------------------------------- loaders
 
 
-class TrainLoader:
+class ResumableBatches:
+    """The epoch order every training loader shares: drop-last batches of a permutation seeded by (seed, epoch).
+
+    Subclasses produce the batches (:meth:`epoch_batches`); a resumed run asks for ``start_batch > 0``.
+
+    Args:
+        num_samples: training set size.
+        batch_size: images per batch.
+        seed: seeds the per-epoch order.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def batch_indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
+        """Sample indices of batches ``start_batch..len-1`` of ``epoch``, shape (batches, batch_size)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
+        perm = epoch_permutation(self.num_samples, self.seed, epoch)
+        return perm[start_batch * self.batch_size : len(self) * self.batch_size].view(-1, self.batch_size)
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Yield batches ``start_batch..`` of ``epoch`` as (images, labels)."""
+        raise NotImplementedError
+
+
+class TrainLoader(ResumableBatches):
     """Resumable, deterministic training batches (drop_last) with augmentation in DataLoader workers.
 
     Args:
@@ -366,19 +434,8 @@ class TrainLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.num_samples = len(dataset)
-
-    def __len__(self) -> int:
-        return self.num_samples // self.batch_size
-
-    def batch_indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
-        """Sample indices of batches ``start_batch..len-1`` of ``epoch``, shape (batches, batch_size)."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
-        perm = epoch_permutation(self.num_samples, self.seed, epoch)
-        return perm[start_batch * self.batch_size : len(self) * self.batch_size].view(-1, self.batch_size)
+        super().__init__(len(dataset), batch_size, seed)
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield batches ``start_batch..`` of ``epoch``; skipped batches are never decoded or augmented."""
@@ -396,7 +453,7 @@ class TrainLoader:
         yield from loader
 
 
-class DeviceTrainLoader(TrainLoader):
+class DeviceTrainLoader(ResumableBatches):
     """Training batches from a uint8 dataset held on the device, with crop/flip as batched torch ops.
 
     Same epoch order as :class:`TrainLoader` (same seed), but the augmentation is drawn per batch from
@@ -414,10 +471,10 @@ class DeviceTrainLoader(TrainLoader):
     def __init__(
         self, split: ArraySplit, batch_size: int, *, seed: int, device: torch.device, crop_padding: int, hflip: bool
     ) -> None:
+        super().__init__(len(split), batch_size, seed)
         self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.device, self.crop_padding, self.hflip = device, crop_padding, hflip
-        self.batch_size, self.seed, self.num_samples = batch_size, seed, len(split)
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random zero-padded crop and horizontal flip of a uint8 NCHW batch, per image."""
@@ -503,7 +560,7 @@ class DataBundle:
         image_size: side length of the images.
     """
 
-    train: TrainLoader
+    train: ResumableBatches
     test: EvalLoader
     num_classes: int
     mean: tuple[float, ...]
@@ -512,6 +569,11 @@ class DataBundle:
     image_size: int
     train_split: ArraySplit = field(repr=False)
     test_split: ArraySplit = field(repr=False)
+
+    @property
+    def stats(self) -> DataStats:
+        """Class names, normalisation and image size, as checkpoints store them."""
+        return DataStats(tuple(self.class_names), tuple(self.mean), tuple(self.std), self.image_size)
 
     def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Test images as uint8 (N, H, W, 3) and labels as int64 (N,), in the test loader's order."""
@@ -522,33 +584,100 @@ class DataBundle:
         return self.train_split.images, self.train_split.labels
 
 
+@dataclass(frozen=True)
+class DataStats:
+    """What a trained model needs from its training data: class names and input normalisation.
+
+    Checkpoints store it (``to_dict``), so evaluation loads only the test split.
+    """
+
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so ``torch.load(weights_only=True)`` reads it back."""
+        return {
+            "class_names": list(self.class_names),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "image_size": self.image_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataStats:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            tuple(str(c) for c in d["class_names"]),
+            tuple(float(m) for m in d["mean"]),
+            tuple(float(v) for v in d["std"]),
+            int(d["image_size"]),
+        )
+
+
+def _check_synthetic(cfg: Any) -> None:
+    for key in ("synthetic_train_size", "synthetic_test_size"):
+        if getattr(cfg, key) < 1:
+            raise RecipeError(f"key 'data.{key}': expected a positive integer, got {getattr(cfg, key)}")
+    if cfg.image_size < 8:
+        raise RecipeError(f"key 'data.image_size': synthetic images need at least 8 pixels, got {cfg.image_size}")
+
+
+def _unknown_dataset(cfg: Any) -> RecipeError:
+    return RecipeError(f"key 'data.name': expected cifar10, cifar100, imagefolder or synthetic, got {cfg.name!r}")
+
+
+def _limit(split: ArraySplit, limit: int | None, key: str) -> ArraySplit:
+    idx = subset_indices(len(split), limit, key)
+    return ArraySplit(split.images[idx], split.labels[idx])
+
+
 def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, list[str], tuple[float, ...], tuple[float, ...]]:
     """Load the dataset named by ``cfg.name`` with limits applied: train, test, classes, mean, std."""
     if cfg.name in ("cifar10", "cifar100"):
-        train, test, classes = _load_cifar(cfg)
+        loaded, classes = _load_cifar(cfg)
+        train, test = loaded["train"], loaded["test"]
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     elif cfg.name == "imagefolder":
         train, test, classes = load_image_folder(cfg.root, cfg.image_size, cfg.train_limit, cfg.test_limit)
         mean, std = channel_stats(train.images)
     elif cfg.name == "synthetic":
-        for key in ("synthetic_train_size", "synthetic_test_size"):
-            if getattr(cfg, key) < 1:
-                raise RecipeError(f"key 'data.{key}': expected a positive integer, got {getattr(cfg, key)}")
-        if cfg.image_size < 8:
-            raise RecipeError(f"key 'data.image_size': synthetic images need at least 8 pixels, got {cfg.image_size}")
+        _check_synthetic(cfg)
         # Fixed data seeds: every run sees the same synthetic train and test sets.
         train = ArraySplit(*generate_synthetic(cfg.synthetic_train_size, cfg.image_size, seed=0))
         test = ArraySplit(*generate_synthetic(cfg.synthetic_test_size, cfg.image_size, seed=1))
         classes = list(SYNTHETIC_CLASSES)
         mean, std = channel_stats(train.images)
     else:
-        raise RecipeError(f"key 'data.name': expected cifar10, cifar100, imagefolder or synthetic, got {cfg.name!r}")
+        raise _unknown_dataset(cfg)
     if cfg.name != "imagefolder":  # the folder loader applies limits before decoding
-        train_idx = subset_indices(len(train), cfg.train_limit, "data.train_limit")
-        test_idx = subset_indices(len(test), cfg.test_limit, "data.test_limit")
-        train = ArraySplit(train.images[train_idx], train.labels[train_idx])
-        test = ArraySplit(test.images[test_idx], test.labels[test_idx])
+        train = _limit(train, cfg.train_limit, "data.train_limit")
+        test = _limit(test, cfg.test_limit, "data.test_limit")
     return train, test, classes, mean, std
+
+
+def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
+    """The test split named by ``cfg`` (limit applied), labelled by ``stats.class_names``; no training data read.
+
+    Raises:
+        RecipeError: missing or malformed dataset, or test classes the model was not trained on.
+    """
+    if cfg.name in ("cifar10", "cifar100"):
+        loaded, _ = _load_cifar(cfg, splits=("test",))
+        return _limit(loaded["test"], cfg.test_limit, "data.test_limit")
+    if cfg.name == "imagefolder":
+        return load_image_folder_split(cfg.root, "test", stats.class_names, stats.image_size, cfg.test_limit)
+    if cfg.name == "synthetic":
+        _check_synthetic(cfg)
+        test = ArraySplit(*generate_synthetic(cfg.synthetic_test_size, cfg.image_size, seed=1))
+        return _limit(test, cfg.test_limit, "data.test_limit")
+    raise _unknown_dataset(cfg)
 
 
 def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle:
@@ -570,7 +699,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle
             f"key 'data.batch_size': {cfg.batch_size} exceeds the {len(train)} training images (batches drop the last)"
         )
     if cfg.on_device:
-        train_loader: TrainLoader = DeviceTrainLoader(
+        train_loader: ResumableBatches = DeviceTrainLoader(
             train, cfg.batch_size, seed=seed, device=device, crop_padding=cfg.crop_padding, hflip=cfg.hflip
         )
         test_loader = EvalLoader(test, cfg.eval_batch_size, device=device)

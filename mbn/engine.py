@@ -241,6 +241,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
             "sources": list(self.sources),
+            "data": self.data.stats.to_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "train_time": self._train_time,
             "images_seen": self._images_seen,

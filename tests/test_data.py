@@ -15,12 +15,15 @@ from mbn.config import DataCfg, RecipeError
 from mbn.data import (
     ArraySplit,
     AugmentedArrayDataset,
+    DataStats,
     DeviceTrainLoader,
     EvalLoader,
     TrainLoader,
     base_transform,
     build_data,
     channel_stats,
+    load_arrays,
+    load_test_split,
     subset_indices,
     to_device,
 )
@@ -360,6 +363,23 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "test" / "zebra").mkdir()
     with pytest.raises(RecipeError, match="zebra"):
         build_data(cfg, seed=0, device="cpu")
+
+
+def test_test_split_alone_uses_the_given_classes(tmp_path: Path) -> None:
+    _make_tree(tmp_path / "tree")
+    cfg = DataCfg(name="imagefolder", root=str(tmp_path / "tree"), test_limit=3)
+    stats = DataStats(("ant", "bee", "cat"), (0.5,) * 3, (0.2,) * 3, 32)
+    _, full_test, _, _, _ = load_arrays(cfg)
+    test = load_test_split(cfg, stats)
+    np.testing.assert_array_equal(test.images, full_test.images)
+    np.testing.assert_array_equal(test.labels, full_test.labels)
+    assert DataStats.from_dict(stats.to_dict()) == stats and stats.num_classes == 3
+    with pytest.raises(RecipeError, match=r"data\.root.*\['bee'\]"):
+        load_test_split(cfg, DataStats(("ant",), (0.5,) * 3, (0.2,) * 3, 32))
+    synthetic = DataCfg(name="synthetic", synthetic_test_size=20, test_limit=5)
+    _, synthetic_test, classes, mean, std = load_arrays(synthetic)
+    got = load_test_split(synthetic, DataStats(tuple(classes), mean, std, 32))
+    np.testing.assert_array_equal(got.images, synthetic_test.images)
 
 
 def test_cifar_missing_names_root(tmp_path: Path) -> None:

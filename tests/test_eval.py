@@ -220,6 +220,52 @@ def test_incompatible_checkpoint_exits_2_with_one_line(run_dir, tmp_path, capsys
     assert not (tmp_path / "eval.json").exists()
 
 
+def _image_tree(root: Path, per_class: dict[str, int]) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for cls in ("ant", "bee"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+
+
+def test_evaluation_reads_only_the_test_split(tmp_path, monkeypatch, capsys):
+    """Checkpoints carry classes and normalisation: mbn-eval runs on a moved test-only tree via --data-root."""
+    monkeypatch.setenv("MBN_CACHE_DIR", str(tmp_path / "decoded"))
+    tree, run = tmp_path / "tree", tmp_path / "run"
+    _image_tree(tree, {"train": 8, "test": 4})
+    argv = [str(REPO / "recipes" / "vanilla.yaml"), "data.name=imagefolder", f"data.root={tree}", "data.image_size=16"]
+    argv += ["data.batch_size=8", "data.num_workers=0", "model.name=cifar_resnet8", "model.width=8"]
+    argv += ["trainer.max_steps=2", "trainer.progress=none", "logging.tensorboard=false", f"trainer.out_dir={run}"]
+    assert train_main(argv) == 0
+    stored = load_checkpoint(run / "checkpoints" / "last.pt")["data"]
+    assert stored["class_names"] == ["ant", "bee"] and stored["image_size"] == 16
+    assert eval_main([str(run), "--out", str(tmp_path / "a")]) == 0
+    expected = read(tmp_path / "a")["clean_acc"]
+
+    # A checkpoint from before mbn stored the statistics loads the training data for them: same numbers.
+    legacy = load_checkpoint(run / "checkpoints" / "last.pt")
+    del legacy["data"]
+    save_atomic(legacy, tmp_path / "legacy" / "checkpoints" / "last.pt")
+    model, old_model = _loaded_model(run), _loaded_model(tmp_path / "legacy")
+    torch.testing.assert_close(model.mean, old_model.mean, rtol=0, atol=0)
+    torch.testing.assert_close(model.std, old_model.std, rtol=0, atol=0)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tree / "test", moved / "test")
+    shutil.rmtree(tree)
+    shutil.rmtree(tmp_path / "decoded")  # no cached arrays either: the test images are decoded from `moved`
+    capsys.readouterr()
+    assert eval_main([str(run), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.root" in err and str(tree) in err, err
+    assert eval_main([str(run), "--out", str(tmp_path / "b"), "--data-root", str(moved)]) == 0
+    assert read(tmp_path / "b")["clean_acc"] == expected
+    assert not (moved / "train").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "what"),
     [(("--limit", "0"), "--limit"), (("--linf-eps", "-1"), "--linf-eps"), (("--severities", "6"), "--severities")],

@@ -95,8 +95,15 @@ def test_summary_cells_and_verdicts_on_hand_made_runs(tmp_path):
 
     # difference of means +4.00 points; noise = the larger seed std (2.83 of advprop vs 1.41 of vanilla)
     lines = report["verdicts"]
-    assert "advprop_pgd1 vs vanilla clean acc: +4.00 (seed std 2.83; better, beyond seed noise)" in lines
-    assert "advprop_pgd1 vs vanilla mCE: -25.00 (seed std 35.36; better, within seed noise) [lower is better]" in lines
+    # then the same-seed differences: clean +3, +5; mCE 50 - 100 = -50 and 100 - 100 = 0 (not a win)
+    assert (
+        "advprop_pgd1 vs vanilla clean acc: +4.00 (seed std 2.83; better, beyond seed noise); "
+        "same seed: +3.00, +5.00, better in 2/2" in lines
+    )
+    assert (
+        "advprop_pgd1 vs vanilla mCE: -25.00 (seed std 35.36; better, within seed noise); "
+        "same seed: -50.00, +0.00, better in 1/2 [lower is better]" in lines
+    )
     assert "advprop_pgd1 vs advtrain clean acc: +10.00 (seed std n/a with 1 seed; better)" in lines
     assert not any("pgd5" in line for line in lines)  # configs not run get no verdict
 

@@ -361,10 +361,29 @@ def format_cell(stat: Mapping[str, Any], metric: str, n_seeds: int) -> str:
     return text
 
 
-def verdict(summary: Mapping[str, Mapping[str, Any]], method: str, baseline: str, metric: str) -> str | None:
-    """``"<method> vs <baseline> <metric>: +x.xx (seed std y.yy)"``: difference of means against seed noise.
+def paired_differences(
+    per_run: Mapping[str, Mapping[int, Mapping[str, float | None]]], method: str, baseline: str, metric: str
+) -> list[float]:
+    """``method - baseline`` in points for every seed both ran (same seed: same init, data order, subset)."""
+    a, b = per_run.get(method, {}), per_run.get(baseline, {})
+    return [
+        (a[seed][metric] - b[seed][metric]) * 100  # type: ignore[operator]
+        for seed in sorted(set(a) & set(b))
+        if a[seed].get(metric) is not None and b[seed].get(metric) is not None
+    ]
+
+
+def verdict(
+    summary: Mapping[str, Mapping[str, Any]],
+    method: str,
+    baseline: str,
+    metric: str,
+    per_run: Mapping[str, Mapping[int, Mapping[str, float | None]]] | None = None,
+) -> str | None:
+    """``"<method> vs <baseline> <metric>: +x.xx (seed std y.yy; ...)"``: difference of means against seed noise.
 
     The noise is the larger of the two configs' seed standard deviations; None when either config is missing.
+    With ``per_run``, the same-seed differences follow, and in how many seeds the method was better.
     """
     if method not in summary or baseline not in summary:
         return None
@@ -372,9 +391,10 @@ def verdict(summary: Mapping[str, Mapping[str, Any]], method: str, baseline: str
     if a["mean"] is None or b["mean"] is None:
         return None
     label = {"clean_acc": "clean acc", "corruption_acc": "CIFAR-10-C acc", "mce": "mCE"}[metric]
+    lower_better = metric == "mce"
     diff = (a["mean"] - b["mean"]) * 100
     stds = [s["std"] for s in (a, b) if s["std"] is not None]
-    better = "same" if diff == 0 else ("better" if (diff < 0) == (metric == "mce") else "worse")
+    better = "same" if diff == 0 else ("better" if (diff < 0) == lower_better else "worse")
     line = f"{method} vs {baseline} {label}: {diff:+.2f}"
     if len(stds) == 2:
         noise = max(stds) * 100
@@ -382,12 +402,19 @@ def verdict(summary: Mapping[str, Mapping[str, Any]], method: str, baseline: str
         line += f" (seed std {noise:.2f}; {better}, {judged} seed noise)"
     else:
         line += f" (seed std n/a with {min(a['n'], b['n'])} seed; {better})"
-    return line + (" [lower is better]" if metric == "mce" else "")
+    paired = paired_differences(per_run, method, baseline, metric) if per_run is not None else []
+    if len(paired) > 1:
+        wins = sum((d < 0) == lower_better and d != 0 for d in paired)
+        line += f"; same seed: {', '.join(f'{d:+.2f}' for d in paired)}, better in {wins}/{len(paired)}"
+    return line + (" [lower is better]" if lower_better else "")
 
 
-def verdicts(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def verdicts(
+    summary: Mapping[str, Mapping[str, Any]],
+    per_run: Mapping[str, Mapping[int, Mapping[str, float | None]]] | None = None,
+) -> list[str]:
     """One line per (claim, metric) whose configs were run: clean accuracy and mCE."""
-    lines = [verdict(summary, m, b, metric) for m, b in CLAIMS for metric in ("clean_acc", "mce")]
+    lines = [verdict(summary, m, b, metric, per_run) for m, b in CLAIMS for metric in ("clean_acc", "mce")]
     return [line for line in lines if line is not None]
 
 
@@ -545,7 +572,7 @@ def build_report(
         "configs": {name: _config_record(name) for name in dict.fromkeys(j.config for j in jobs)},
         "metrics": {k: HEADERS[k] for k in METRICS},
         "summary": summary,
-        "verdicts": verdicts(summary),
+        "verdicts": verdicts(summary, per_run),
         "runs": runs,
     }
 

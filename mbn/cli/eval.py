@@ -73,6 +73,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     opt.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: the run directory)")
     opt.add_argument("--reference", metavar="EVAL", help="eval.json or run directory for corruption CE / mCE")
+    opt.add_argument(
+        "--data-root", type=Path, metavar="DIR", help="dataset root to evaluate on (default: the recipe's data.root)"
+    )
     opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     opt.add_argument(
         "--batch-size", type=int, metavar="B", help="evaluation batch size (default: data.eval_batch_size)"
@@ -208,15 +211,15 @@ def evaluate(args: argparse.Namespace, sections: set[str]) -> tuple[dict[str, An
     )
     from mbn.evaluate import accuracy
 
-    run = load_run(Path(args.path), args.device)
+    run = load_run(Path(args.path), args.device, data_root=args.data_root)
     ecfg = run.cfg.eval
     main = run.sources[0]
     autoattack = "adversarial" in sections and (args.autoattack or bool(ecfg.autoattack))
-    if autoattack and run.data.num_classes < 4:
-        raise EvalInputError(f"--autoattack: needs at least 4 classes (DLR loss), the run has {run.data.num_classes}")
+    if autoattack and run.stats.num_classes < 4:
+        raise EvalInputError(f"--autoattack: needs at least 4 classes (DLR loss), the run has {run.stats.num_classes}")
     limit = args.limit if args.limit is not None else ecfg.limit
     _positive("eval.limit", limit)
-    images, labels = run.data.test_arrays()
+    images, labels = run.test.images, run.test.labels
     if limit is not None:  # a seeded subset, as data.test_limit: the first N of a class-sorted folder are one class
         keep = subset_indices(len(labels), limit, "--limit")
         images, labels = images[keep], labels[keep]
@@ -298,7 +301,7 @@ def evaluate(args: argparse.Namespace, sections: set[str]) -> tuple[dict[str, An
                     main,
                     move,
                     eps=e / 255,
-                    num_classes=run.data.num_classes,
+                    num_classes=run.stats.num_classes,
                     seed=args.seed,
                     progress=True,
                 )

@@ -12,16 +12,17 @@ from torch import nn
 from mbn.builders import build_model, resolve_device
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from mbn.config import RecipeCfg, RecipeError
-from mbn.data import DataBundle, build_data
+from mbn.data import ArraySplit, DataStats, load_arrays, load_test_split
 
 
 @dataclass
 class LoadedRun:
-    """A trained model in eval mode with its recipe, data and location."""
+    """A trained model in eval mode with its recipe, data statistics, test split and location."""
 
     model: nn.Module
     cfg: DictConfig
-    data: DataBundle
+    stats: DataStats
+    test: ArraySplit
     sources: tuple[str, ...]
     checkpoint: Path
     run_dir: Path
@@ -42,11 +43,24 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     return path, run_dir
 
 
-def load_run(path: Path, device: str = "auto", overrides: list[str] | None = None) -> LoadedRun:
+def load_run(
+    path: Path, device: str = "auto", overrides: list[str] | None = None, data_root: str | Path | None = None
+) -> LoadedRun:
     """Load the model of a run (its ``last.pt``) or of a checkpoint file, with the recipe stored inside.
+
+    Only the test split is read: class names and normalisation come from the checkpoint (checkpoints
+    written before mbn stored them fall back to loading the training data for its statistics).
+
+    Args:
+        path: run directory or checkpoint file.
+        device: ``auto``, ``cpu`` or a CUDA device.
+        overrides: dotlist overrides of the stored recipe, e.g. ``["data.test_limit=500"]``.
+        data_root: evaluate on the dataset here instead of the recipe's ``data.root`` (a moved copy,
+            or a relative root resolved from another working directory).
 
     Raises:
         CheckpointError: bad path, unreadable file, or a checkpoint from an incompatible model.
+        RecipeError: the run's test data cannot be loaded.
     """
     ckpt_path, run_dir = resolve_checkpoint(path)
     ckpt = load_checkpoint(ckpt_path)
@@ -54,16 +68,23 @@ def load_run(path: Path, device: str = "auto", overrides: list[str] | None = Non
         raise CheckpointError(f"{ckpt_path}: checkpoint has no recipe; was it written by mbn-train?")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"], OmegaConf.from_dotlist(overrides or []))
+        if data_root is not None:
+            cfg.data.root = str(data_root)
+        stats = DataStats.from_dict(ckpt["data"]) if "data" in ckpt else None
     except Exception as err:
         raise CheckpointError(f"{ckpt_path}: stored recipe does not fit this mbn version ({err})") from None
     assert isinstance(cfg, DictConfig)
     dev = resolve_device(device)
     try:
-        data = build_data(cfg.data, seed=cfg.trainer.seed, device=dev)
+        if stats is not None:
+            test = load_test_split(cfg.data, stats)
+        else:
+            _, test, classes, mean, std = load_arrays(cfg.data)
+            stats = DataStats(tuple(classes), tuple(mean), tuple(std), int(test.images.shape[1]))
     except (RecipeError, ValueError, FileNotFoundError) as err:
         raise RecipeError(f"{ckpt_path}: cannot load the run's test data: {err}") from None
     sources = tuple(ckpt["sources"])
-    model = build_model(cfg, data.num_classes, data.mean, data.std, sources)
+    model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources)
     try:
         load_model_state(model, ckpt["model"], ckpt_path)
     except RuntimeError as err:  # shape mismatches
@@ -71,4 +92,4 @@ def load_run(path: Path, device: str = "auto", overrides: list[str] | None = Non
             f"{ckpt_path}: checkpoint does not match the model ({str(err).splitlines()[-1].strip()})"
         ) from None
     model.to(dev).eval()
-    return LoadedRun(model, cfg, data, sources, ckpt_path, run_dir, dev)
+    return LoadedRun(model, cfg, stats, test, sources, ckpt_path, run_dir, dev)
