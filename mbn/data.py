@@ -546,44 +546,6 @@ def to_device(batch: Batch, device: torch.device | str, channels_last: bool = Fa
 # ---------------------------------------------------------------------------------------------- entry
 
 
-@dataclass
-class DataBundle:
-    """Everything the trainer and evaluators need from the data section.
-
-    Attributes:
-        train: resumable training loader (``len``, ``epoch_batches(epoch, start_batch)``).
-        test: fixed-order test batches (iterable, ``len``).
-        num_classes: number of classes.
-        mean: per-channel mean in [0, 1] units for the model's input normalisation.
-        std: per-channel standard deviation in [0, 1] units.
-        class_names: names in label order.
-        image_size: side length of the images.
-    """
-
-    train: ResumableBatches
-    test: EvalLoader
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    class_names: list[str]
-    image_size: int
-    train_split: ArraySplit = field(repr=False)
-    test_split: ArraySplit = field(repr=False)
-
-    @property
-    def stats(self) -> DataStats:
-        """Class names, normalisation and image size, as checkpoints store them."""
-        return DataStats(tuple(self.class_names), tuple(self.mean), tuple(self.std), self.image_size)
-
-    def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Test images as uint8 (N, H, W, 3) and labels as int64 (N,), in the test loader's order."""
-        return self.test_split.images, self.test_split.labels
-
-    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Unaugmented training images (N, H, W, 3) uint8 and labels (N,) int64."""
-        return self.train_split.images, self.train_split.labels
-
-
 @dataclass(frozen=True)
 class DataStats:
     """What a trained model needs from its training data: class names and input normalisation.
@@ -619,6 +581,56 @@ class DataStats:
             tuple(float(v) for v in d["std"]),
             int(d["image_size"]),
         )
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer and evaluators need from the data section.
+
+    Attributes:
+        train: resumable training loader (``len``, ``epoch_batches(epoch, start_batch)``).
+        test: fixed-order test batches (iterable, ``len``).
+        stats: class names, input normalisation (mean/std in [0, 1] units) and image size.
+    """
+
+    train: ResumableBatches
+    test: EvalLoader
+    stats: DataStats
+    train_split: ArraySplit = field(repr=False)
+    test_split: ArraySplit = field(repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return self.stats.num_classes
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean in [0, 1] units for the model's input normalisation."""
+        return self.stats.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation in [0, 1] units."""
+        return self.stats.std
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names in label order."""
+        return list(self.stats.class_names)
+
+    @property
+    def image_size(self) -> int:
+        """Side length of the images."""
+        return self.stats.image_size
+
+    def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Test images as uint8 (N, H, W, 3) and labels as int64 (N,), in the test loader's order."""
+        return self.test_split.images, self.test_split.labels
+
+    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unaugmented training images (N, H, W, 3) uint8 and labels (N,) int64."""
+        return self.train_split.images, self.train_split.labels
 
 
 def _check_synthetic(cfg: Any) -> None:
@@ -711,11 +723,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle
     return DataBundle(
         train=train_loader,
         test=test_loader,
-        num_classes=len(classes),
-        mean=tuple(mean),
-        std=tuple(std),
-        class_names=classes,
-        image_size=int(train.images.shape[1]),
+        stats=DataStats(tuple(classes), tuple(mean), tuple(std), int(train.images.shape[1])),
         train_split=train,
         test_split=test,
     )
