@@ -650,8 +650,8 @@ def _limit(split: ArraySplit, limit: int | None, key: str) -> ArraySplit:
     return ArraySplit(split.images[idx], split.labels[idx])
 
 
-def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, list[str], tuple[float, ...], tuple[float, ...]]:
-    """Load the dataset named by ``cfg.name`` with limits applied: train, test, classes, mean, std."""
+def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, DataStats]:
+    """Load the dataset named by ``cfg.name`` with limits applied: train, test and the training statistics."""
     if cfg.name in ("cifar10", "cifar100"):
         loaded, classes = _load_cifar(cfg)
         train, test = loaded["train"], loaded["test"]
@@ -671,7 +671,7 @@ def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, list[str], tuple[floa
     if cfg.name != "imagefolder":  # the folder loader applies limits before decoding
         train = _limit(train, cfg.train_limit, "data.train_limit")
         test = _limit(test, cfg.test_limit, "data.test_limit")
-    return train, test, classes, mean, std
+    return train, test, DataStats(tuple(classes), tuple(mean), tuple(std), int(train.images.shape[1]))
 
 
 def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
@@ -705,7 +705,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle
         RecipeError: missing or malformed dataset, bad limits, or a batch larger than the training set.
     """
     device = torch.device(device)
-    train, test, classes, mean, std = load_arrays(cfg)
+    train, test, stats = load_arrays(cfg)
     if len(train) < cfg.batch_size:
         raise RecipeError(
             f"key 'data.batch_size': {cfg.batch_size} exceeds the {len(train)} training images (batches drop the last)"
@@ -723,7 +723,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle
     return DataBundle(
         train=train_loader,
         test=test_loader,
-        stats=DataStats(tuple(classes), tuple(mean), tuple(std), int(train.images.shape[1])),
+        stats=stats,
         train_split=train,
         test_split=test,
     )

@@ -369,7 +369,7 @@ def test_test_split_alone_uses_the_given_classes(tmp_path: Path) -> None:
     _make_tree(tmp_path / "tree")
     cfg = DataCfg(name="imagefolder", root=str(tmp_path / "tree"), test_limit=3)
     stats = DataStats(("ant", "bee", "cat"), (0.5,) * 3, (0.2,) * 3, 32)
-    _, full_test, _, _, _ = load_arrays(cfg)
+    _, full_test, _ = load_arrays(cfg)
     test = load_test_split(cfg, stats)
     np.testing.assert_array_equal(test.images, full_test.images)
     np.testing.assert_array_equal(test.labels, full_test.labels)
@@ -377,8 +377,8 @@ def test_test_split_alone_uses_the_given_classes(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"data\.root.*\['bee'\]"):
         load_test_split(cfg, DataStats(("ant",), (0.5,) * 3, (0.2,) * 3, 32))
     synthetic = DataCfg(name="synthetic", synthetic_test_size=20, test_limit=5)
-    _, synthetic_test, classes, mean, std = load_arrays(synthetic)
-    got = load_test_split(synthetic, DataStats(tuple(classes), mean, std, 32))
+    _, synthetic_test, synthetic_stats = load_arrays(synthetic)
+    got = load_test_split(synthetic, synthetic_stats)
     np.testing.assert_array_equal(got.images, synthetic_test.images)
 
 

@@ -79,8 +79,7 @@ def load_run(
         if stats is not None:
             test = load_test_split(cfg.data, stats)
         else:
-            _, test, classes, mean, std = load_arrays(cfg.data)
-            stats = DataStats(tuple(classes), tuple(mean), tuple(std), int(test.images.shape[1]))
+            _, test, stats = load_arrays(cfg.data)
     except (RecipeError, ValueError, FileNotFoundError) as err:
         raise RecipeError(f"{ckpt_path}: cannot load the run's test data: {err}") from None
     sources = tuple(ckpt["sources"])
