@@ -14,56 +14,66 @@ for targeted attacks (the classifier is trained on the true class).
 from __future__ import annotations
 
 import abc
-import math
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
+from domains.rotation import NUM_ROTATIONS, ROTATION_HEAD, draw_rotations, rotate_quarters
 from mbn import attacks
 from mbn.domain import ATTACK_BN_MODES, Domain, DomainContext
+from mbn.objective import Objective
 from mbn.registry import register_domain
+from mbn.validators import check_bool, check_choice, check_int, check_number, check_probability
 
 PIXEL_SCALE = 255.0
-
-
-def _check_number(name: str, value: object, *, allow_zero: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (not allow_zero and value == 0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a number {bound} in 0-255 pixel units, got {value!r}")
-    return float(value)
+_PIXELS = "in 0-255 pixel units"
 
 
 class _AttackDomain(Domain):
     """Shared validation and the attack call; subclasses pick the attack and its defaults."""
 
-    uses_model = True
+    def _set_common(
+        self,
+        eps: float,
+        norm: str,
+        attack_bn: str,
+        targeted: bool,
+        random_start: bool | float,
+        rotation_weight: float,
+    ) -> None:
+        self.eps = check_number("eps", eps, low=0, unit=_PIXELS)
+        self.norm = check_choice("norm", norm, attacks.NORMS)
+        self.attack_bn = check_choice("attack_bn", attack_bn, ATTACK_BN_MODES)
+        self.targeted = check_bool("targeted", targeted)
+        self.random_start = check_probability("random_start", random_start)
+        self.rotation_weight = check_number("rotation_weight", rotation_weight, low=0)
 
-    def _set_common(self, eps: float, norm: str, attack_bn: str, targeted: bool, random_start: bool | float) -> None:
-        self.eps = _check_number("eps", eps)
-        if norm not in attacks.NORMS:
-            raise ValueError(f"norm must be one of {list(attacks.NORMS)}, got {norm!r}")
-        if attack_bn not in ATTACK_BN_MODES:
-            raise ValueError(f"attack_bn must be one of {list(ATTACK_BN_MODES)}, got {attack_bn!r}")
-        if not isinstance(targeted, bool):
-            raise ValueError(f"targeted must be true or false, got {targeted!r}")
-        if not (
-            isinstance(random_start, bool) or (isinstance(random_start, (int, float)) and 0.0 <= random_start <= 1.0)
-        ):
-            raise ValueError(f"random_start must be a bool or a probability in [0, 1], got {random_start!r}")
-        self.norm = norm
-        self.attack_bn = attack_bn
-        self.targeted = targeted
-        self.random_start = float(random_start)
+    def heads(self) -> dict[str, int]:
+        """The ``rotation`` head when the attack also ascends the rotation loss."""
+        return {ROTATION_HEAD: NUM_ROTATIONS} if self.rotation_weight > 0 else {}
 
     @abc.abstractmethod
-    def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> Tensor:
+    def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext, **extra: Any) -> Tensor:
         """Run the attack on ``labels`` (true or target) through ``ctx.forward``."""
+
+    def _rotation_objective(self, images: Tensor, ctx: DomainContext) -> Callable[[Tensor], Tensor]:
+        """``adv -> rotation_weight * CE(rotation head(rotate(adv, k)), k)``, ``k`` drawn once per attack."""
+        k = draw_rotations(images.shape[0], ctx.generator, images.device)
+        rotation = Objective(head=ROTATION_HEAD)
+
+        def objective(adv: Tensor) -> Tensor:
+            logits = ctx.forward_heads(rotate_quarters(adv, k), (ROTATION_HEAD,))[ROTATION_HEAD]
+            return self.rotation_weight * rotation.loss(logits, k)
+
+        return objective
 
     def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
         """Attack ``images`` through ``ctx``'s BN in the ``attack_bn`` mode; return ``(adv, true labels)``."""
         goal = attacks.random_wrong_labels(labels, ctx.num_classes, ctx.generator) if self.targeted else labels
+        extra = self._rotation_objective(images, ctx) if self.rotation_weight > 0 else None
         with ctx.attack_mode(self.attack_bn):
-            adv = self._attack(images, goal, ctx)
+            adv = self._attack(images, goal, ctx, extra_objective=extra)
         return adv.detach(), labels
 
 
@@ -83,6 +93,9 @@ class PGDDomain(_AttackDomain):
             away from the true class.
         random_start: per-sample probability of starting from a random point of the ball rather than
             the clean image (0.8 in Xie et al.'s training attacker).
+        rotation_weight: also ascend this weight times the rotation-prediction loss of the perturbed
+            images, each rotated by a random multiple of 90 degrees (Hendrycks et al. 2019; the
+            strongest variant of Kucer et al. 2021). 0 (default) is the plain attack, bit for bit.
     """
 
     def __init__(
@@ -94,17 +107,16 @@ class PGDDomain(_AttackDomain):
         attack_bn: str = "eval",
         targeted: bool = True,
         random_start: bool | float = 0.8,
+        rotation_weight: float = 0.0,
     ) -> None:
-        self._set_common(eps, norm, attack_bn, targeted, random_start)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        self.steps = steps
-        self.step_size = _check_number("step_size", step_size)
+        self._set_common(eps, norm, attack_bn, targeted, random_start, rotation_weight)
+        self.steps = check_int("steps", steps, low=1)
+        self.step_size = check_number("step_size", step_size, low=0, unit=_PIXELS)
 
     #: The attack function; ``gd`` swaps it for the unsigned-gradient variant.
     attack = staticmethod(attacks.pgd)
 
-    def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> Tensor:
+    def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext, **extra: Any) -> Tensor:
         return self.attack(
             ctx.forward,
             images,
@@ -117,6 +129,7 @@ class PGDDomain(_AttackDomain):
             loss_fn=ctx.loss,
             targeted=self.targeted,
             generator=ctx.generator,
+            **extra,
         )
 
 
@@ -142,6 +155,7 @@ class FGSMDomain(_AttackDomain):
         attack_bn: as for ``pgd``.
         targeted: as for ``pgd``; off by default (plain FGSM).
         random_start: as for ``pgd``; 0 by default (plain FGSM), 1 for RS-FGSM.
+        rotation_weight: as for ``pgd``.
     """
 
     def __init__(
@@ -152,11 +166,12 @@ class FGSMDomain(_AttackDomain):
         attack_bn: str = "eval",
         targeted: bool = False,
         random_start: bool | float = 0.0,
+        rotation_weight: float = 0.0,
     ) -> None:
-        self._set_common(eps, norm, attack_bn, targeted, random_start)
-        self.step_size = None if step_size is None else _check_number("step_size", step_size)
+        self._set_common(eps, norm, attack_bn, targeted, random_start, rotation_weight)
+        self.step_size = None if step_size is None else check_number("step_size", step_size, low=0, unit=_PIXELS)
 
-    def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> Tensor:
+    def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext, **extra: Any) -> Tensor:
         return attacks.fgsm(
             ctx.forward,
             images,
@@ -168,4 +183,5 @@ class FGSMDomain(_AttackDomain):
             loss_fn=ctx.loss,
             targeted=self.targeted,
             generator=ctx.generator,
+            **extra,
         )

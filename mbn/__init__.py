@@ -3,7 +3,9 @@
 from mbn import attacks
 from mbn.convert import convert_model, convert_sync_batchnorm, export_model
 from mbn.domain import Domain, DomainContext
+from mbn.heads import attach_heads, forward_heads
 from mbn.norm import MultiSourceBatchNorm
+from mbn.objective import Objective
 from mbn.registry import available_domains, create_domain, get_domain_class, register_domain
 from mbn.routing import eval_mode, frozen_stats, model_sources, multi_source_norms, split_sources, use_source
 
@@ -13,6 +15,8 @@ __all__ = [
     "Domain",
     "DomainContext",
     "MultiSourceBatchNorm",
+    "Objective",
+    "attach_heads",
     "attacks",
     "available_domains",
     "convert_model",
@@ -20,6 +24,7 @@ __all__ = [
     "create_domain",
     "eval_mode",
     "export_model",
+    "forward_heads",
     "frozen_stats",
     "get_domain_class",
     "model_sources",

@@ -28,6 +28,9 @@ from torch.nn.functional import cross_entropy
 
 Model = Callable[[Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: A further term the attack ascends, computed from the current adversarial images (e.g. a weighted
+#: rotation-prediction loss of the rotated images, Hendrycks et al. 2019).
+ExtraObjective = Callable[[Tensor], Tensor]
 NORMS: tuple[str, ...] = ("linf", "l2")
 
 # Guards the per-sample divisions by gradient / perturbation norms (torchattacks uses the same value).
@@ -47,6 +50,7 @@ def pgd(
     loss_fn: LossFn | None = None,
     targeted: bool = False,
     generator: torch.Generator | None = None,
+    extra_objective: ExtraObjective | None = None,
 ) -> Tensor:
     """Projected gradient ascent on the loss (Madry et al. 2018).
 
@@ -67,6 +71,7 @@ def pgd(
         loss_fn: ``(logits, labels) -> scalar``; cross-entropy by default.
         targeted: ``labels`` are targets and the loss is minimised instead of maximised.
         generator: RNG for the random start.
+        extra_objective: ``adv -> scalar`` added to the ascended objective (not negated when targeted).
 
     Returns:
         Detached adversarial images, same shape, dtype and device as ``images``.
@@ -87,6 +92,7 @@ def pgd(
         loss_fn=loss_fn,
         targeted=targeted,
         generator=generator,
+        extra_objective=extra_objective,
         signed=True,
     )
 
@@ -103,6 +109,7 @@ def fgsm(
     loss_fn: LossFn | None = None,
     targeted: bool = False,
     generator: torch.Generator | None = None,
+    extra_objective: ExtraObjective | None = None,
 ) -> Tensor:
     """One projected gradient step: FGSM, or RS-FGSM ("Fast is better than free") with ``random_start``.
 
@@ -117,6 +124,7 @@ def fgsm(
         loss_fn: ``(logits, labels) -> scalar``; cross-entropy by default.
         targeted: ``labels`` are targets and the loss is minimised.
         generator: RNG for the random start.
+        extra_objective: as in :func:`pgd`.
 
     Returns:
         Detached adversarial images inside the ``eps`` ball and the [0, 1] box.
@@ -137,6 +145,7 @@ def fgsm(
         loss_fn=loss_fn,
         targeted=targeted,
         generator=generator,
+        extra_objective=extra_objective,
         signed=True,
     )
 
@@ -154,6 +163,7 @@ def gd(
     loss_fn: LossFn | None = None,
     targeted: bool = False,
     generator: torch.Generator | None = None,
+    extra_objective: ExtraObjective | None = None,
 ) -> Tensor:
     """Projected gradient ascent along the raw gradient direction, without the sign.
 
@@ -178,6 +188,7 @@ def gd(
         loss_fn=loss_fn,
         targeted=targeted,
         generator=generator,
+        extra_objective=extra_objective,
         signed=False,
     )
 
@@ -303,6 +314,7 @@ def _iterate(
     targeted: bool,
     generator: torch.Generator | None,
     signed: bool,
+    extra_objective: ExtraObjective | None = None,
 ) -> Tensor:
     """The projected-gradient loop shared by :func:`pgd`, :func:`fgsm` and :func:`gd`."""
     probability = _validate(eps, steps, step_size, norm, random_start)
@@ -321,6 +333,8 @@ def _iterate(
         adv.requires_grad_(True)
         with torch.enable_grad():
             loss = sign * loss_fn(model(adv), labels)
+            if extra_objective is not None:  # always ascended, targeted or not
+                loss = loss + extra_objective(adv)
             (grad,) = torch.autograd.grad(loss, adv)
         adv = adv.detach()
         if signed and norm == "linf":

@@ -1,8 +1,8 @@
-"""Build a recipe's pieces: the device, the multi-source model, the domain plugins."""
+"""Build a recipe's pieces: the device, the multi-source model with its heads, the domain plugins."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -11,7 +11,8 @@ from torch import nn
 from mbn.config import DomainSpec, RecipeError
 from mbn.convert import convert_model
 from mbn.domain import Domain
-from mbn.models import create_model
+from mbn.heads import attach_heads
+from mbn.models import ModelConfigError, check_model_config, create_model
 from mbn.registry import create_domain
 
 
@@ -28,14 +29,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_model(cfg: DictConfig) -> None:
+    """The ``model`` section names a network mbn can build (nothing is built or downloaded)."""
+    try:
+        check_model_config(cfg.model)
+    except ModelConfigError as err:
+        raise RecipeError(f"key 'model.{err.field}': {err}") from None
+
+
 def build_model(
-    cfg: DictConfig, num_classes: int, mean: Sequence[float], std: Sequence[float], sources: Sequence[str]
+    cfg: DictConfig,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    sources: Sequence[str],
+    heads: Mapping[str, int] | None = None,
 ) -> nn.Module:
-    """The recipe's network with one BN per source (sources from the domains' ``bn`` values)."""
+    """The recipe's network with its auxiliary ``heads`` and one BN per source (the domains' ``bn`` values)."""
     try:
         model = create_model(cfg.model, num_classes, mean, std)
-    except ValueError as err:
-        raise RecipeError(f"key 'model.name': {err}") from None
+    except ModelConfigError as err:
+        raise RecipeError(f"key 'model.{err.field}': {err}") from None
+    attach_heads(model, dict(heads or {}))
     return convert_model(model, sources, share_affine=cfg.model.share_affine, share_stats=cfg.model.share_stats)
 
 

@@ -60,3 +60,17 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) 
         kind = "missing" if result.missing_keys else "unexpected"
         raise CheckpointError(f"{path}: checkpoint does not match the model ({kind} keys, e.g. {detail})")
     # load_state_dict checks shapes itself and raises RuntimeError; strict=False already did both checks.
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """``(checkpoint file, run directory)`` for a run directory or a checkpoint path."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise CheckpointError(f"{path}: not a run directory (expected {ckpt})")
+        return ckpt, path
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint file")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return path, run_dir

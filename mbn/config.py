@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mbn.validators import ValueCheckError, check_choice, check_number
+
 #: Keys of a domain entry that the trainer consumes; all other keys are the domain type's parameters.
 DOMAIN_RESERVED_KEYS = ("type", "bn", "weight", "input", "start", "end")
 
@@ -32,6 +34,7 @@ class ModelCfg:
     pretrained: bool = False
     share_affine: bool = False  # one affine pair for every source (separate statistics only)
     share_stats: bool = False  # one set of running statistics (separate affine only)
+    init_from: str | None = None  # run directory or checkpoint: load its backbone (and heads that fit) first
 
 
 @dataclass
@@ -214,28 +217,52 @@ _CHOICES = {
     "trainer.amp": ("none", "bf16", "fp16"),
     "trainer.progress": ("auto", "bar", "plain", "none"),
 }
-_POSITIVE = ("data.batch_size", "data.eval_batch_size", "data.image_size", "trainer.epochs", "optim.lr")
-_NON_NEGATIVE = ("data.num_workers", "data.crop_padding", "optim.weight_decay", "schedule.warmup_epochs")
+_POSITIVE = {"low": 0, "low_open": True}
+_NON_NEGATIVE = {"low": 0}
+#: Numeric keys and their bounds (``None`` values are allowed where the schema allows them).
+_NUMBERS: dict[str, dict[str, Any]] = {
+    "data.batch_size": _POSITIVE,
+    "data.eval_batch_size": _POSITIVE,
+    "data.image_size": _POSITIVE,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.crop_padding": _NON_NEGATIVE,
+    "trainer.epochs": _POSITIVE,
+    "trainer.max_steps": _POSITIVE,
+    "trainer.log_every": _POSITIVE,
+    "trainer.eval_every": _NON_NEGATIVE,
+    "trainer.checkpoint_every_steps": _NON_NEGATIVE,
+    "optim.lr": _POSITIVE,
+    "optim.momentum": {"low": 0, "high": 1, "high_open": True},
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.label_smoothing": {"low": 0, "high": 1, "high_open": True},
+    "optim.grad_clip": _POSITIVE,
+    "schedule.warmup_epochs": _NON_NEGATIVE,
+    "schedule.gamma": _POSITIVE,
+    "schedule.min_lr": _NON_NEGATIVE,
+}
+
+
+def _check_key(key: str, check: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a :mod:`mbn.validators` check on a recipe value; a failure names the key."""
+    try:
+        return check(key, *args, **kwargs)
+    except ValueCheckError as err:
+        raise RecipeError(f"key '{key}': expected {err.what}, got {err.value!r}") from None
 
 
 def validate_recipe(cfg: DictConfig) -> None:
     """Check values the type system cannot (choices, ranges, domain entries)."""
     for key, choices in _CHOICES.items():
+        _check_key(key, check_choice, OmegaConf.select(cfg, key), choices)
+    for key, bounds in _NUMBERS.items():
         value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise RecipeError(f"key '{key}': expected one of {list(choices)}, got {value!r}")
-    for key in _POSITIVE:
-        if not OmegaConf.select(cfg, key) > 0:
-            raise RecipeError(f"key '{key}': expected a positive value, got {OmegaConf.select(cfg, key)!r}")
-    for key in _NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            raise RecipeError(f"key '{key}': expected a value >= 0, got {OmegaConf.select(cfg, key)!r}")
-    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
-        raise RecipeError(f"key 'trainer.max_steps': expected a positive integer, got {cfg.trainer.max_steps}")
-    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
-        raise RecipeError(f"key 'optim.label_smoothing': expected a value in [0, 1), got {cfg.optim.label_smoothing}")
-    if cfg.data.name == "imagefolder" and not Path(cfg.data.root, "train").is_dir():
-        raise RecipeError(f"key 'data.root': imagefolder expects {cfg.data.root}/train/<class>/*; directory not found")
+        if value is not None:
+            _check_key(key, check_number, value, **bounds)
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2:
+        raise RecipeError(f"key 'optim.betas': expected two numbers in [0, 1), got {betas}")
+    for i, beta in enumerate(betas):
+        _check_key(f"optim.betas.{i}", check_number, beta, low=0, high=1, high_open=True)
     domain_specs(cfg)
 
 
@@ -257,17 +284,16 @@ def domain_specs(cfg: DictConfig) -> list[DomainSpec]:
         assert isinstance(entry, dict)
         if not isinstance(entry.get("type"), str):
             raise RecipeError(f"key '{key}.type': expected a registered domain type name")
-        weight, start, end = entry.get("weight", 1.0), entry.get("start", 0.0), entry.get("end", 1.0)
-        for sub, value in (("weight", weight), ("start", start), ("end", end)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise RecipeError(f"key '{key}.{sub}': expected a number, got {value!r}")
-        if not 0.0 <= start < end <= 1.0:
+        weight = _check_key(f"{key}.weight", check_number, entry.get("weight", 1.0), low=0)
+        start = _check_key(f"{key}.start", check_number, entry.get("start", 0.0), low=0, high=1)
+        end = _check_key(f"{key}.end", check_number, entry.get("end", 1.0), low=0, high=1)
+        if not start < end:
             raise RecipeError(f"key '{key}.start/end': expected 0 <= start < end <= 1, got {start}, {end}")
         bn = entry.get("bn") or name
         if not isinstance(bn, str) or not bn.isidentifier():
             raise RecipeError(f"key '{key}.bn': expected an identifier naming a BN source, got {bn!r}")
         params = {k: v for k, v in entry.items() if k not in DOMAIN_RESERVED_KEYS}
-        specs.append(DomainSpec(str(name), entry["type"], bn, float(weight), entry.get("input"), start, end, params))
+        specs.append(DomainSpec(str(name), entry["type"], bn, weight, entry.get("input"), start, end, params))
     names = {s.name for s in specs}
     for spec in specs:
         if spec.input is not None and spec.input not in names:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mbn.heads import drop_heads
 from mbn.norm import MultiSourceBatchNorm, validate_source_names
 from mbn.routing import model_sources, multi_source_norms
 
@@ -63,8 +64,9 @@ def convert_model(
 def export_model(model: nn.Module, source: str | None = None) -> nn.Module:
     """A deep copy of ``model`` with plain BN layers holding ``source``'s parameters and statistics.
 
-    The copy's state-dict keys equal the unconverted model's, so it loads into a fresh instance of the
-    original architecture with identical eval outputs. ``source`` defaults to the main source.
+    Auxiliary heads (:func:`mbn.attach_heads`) are dropped too. The copy's state-dict keys equal the
+    unconverted model's, so it loads into a fresh instance of the original architecture with identical
+    eval outputs. ``source`` defaults to the main source.
 
     Examples:
         >>> import mbn, torch, torchvision
@@ -77,7 +79,7 @@ def export_model(model: nn.Module, source: str | None = None) -> nn.Module:
     source = sources[0] if source is None else source
     if source not in sources:
         raise ValueError(f"unknown source {source!r}; registered sources: {list(sources)}")
-    exported = copy.deepcopy(model)
+    exported = drop_heads(copy.deepcopy(model))
     if isinstance(exported, MultiSourceBatchNorm):
         return _plain_bn(exported, source)
     for parent in list(exported.modules()):
@@ -89,6 +91,7 @@ def export_model(model: nn.Module, source: str | None = None) -> nn.Module:
 
 def _plain_bn(norm: MultiSourceBatchNorm, source: str) -> _BatchNorm:
     bn = norm.bns[source]
+    assert isinstance(bn, _BatchNorm)
     bn.train(norm.training)
     return bn
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mbn.heads import forward_heads
+from mbn.objective import CLASSES, Objective
 from mbn.routing import eval_mode, frozen_stats, use_source
 
 AttackBN = Literal["eval", "train", "train_update"]
@@ -35,7 +36,7 @@ class DomainContext:
         epoch: current epoch.
         generator: seeded RNG on the training device; draw all randomness from it.
         num_classes: number of classes of the task.
-        loss_fn: loss used by attacks, ``(logits, labels) -> scalar``; cross-entropy by default.
+        objective: how the trainer scores this domain's batch (head and loss); an attack maximises it.
     """
 
     model: nn.Module
@@ -44,7 +45,7 @@ class DomainContext:
     epoch: int = 0
     generator: torch.Generator | None = None
     num_classes: int = 10
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.cross_entropy)
+    objective: Objective = field(default_factory=Objective)
 
     @property
     def device(self) -> torch.device:
@@ -52,13 +53,20 @@ class DomainContext:
         return next(self.model.parameters()).device
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits of ``x`` with the model routed through this domain's BN (train or eval mode)."""
+        """Logits of the objective's head for ``x``, routed through this domain's BN (train or eval mode)."""
         with use_source(self.model, self.bn):
-            return self.model(x)
+            if self.objective.head == CLASSES:
+                return self.model(x)
+            return forward_heads(self.model, x, (self.objective.head,))[self.objective.head]
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The attack loss (cross-entropy unless the trainer sets another)."""
-        return self.loss_fn(logits, labels)
+    def forward_heads(self, x: Tensor, heads: Sequence[str]) -> dict[str, Tensor]:
+        """Logits of several heads from one forward of ``x`` through this domain's BN."""
+        with use_source(self.model, self.bn):
+            return forward_heads(self.model, x, heads)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The objective's loss: what the trainer minimises on this batch and an attack maximises."""
+        return self.objective.loss(logits, targets)
 
     @contextmanager
     def attack_mode(self, mode: str) -> Iterator[None]:
@@ -97,12 +105,22 @@ class Domain(abc.ABC):
     """
 
     name: ClassVar[str] = ""
-    #: True when ``generate`` runs the model (attacks); the trainer then passes a routed context.
-    uses_model: ClassVar[bool] = False
 
     @abc.abstractmethod
     def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
-        """Return this source's ``(images, labels)``; ``ctx.forward`` runs the model through its BN."""
+        """Return this source's ``(images, targets)``; ``ctx.forward`` runs the model through its BN.
+
+        Targets are what :meth:`objective` scores: class indices ``(N,)``, probabilities ``(N, K)``
+        (soft labels), or a self-supervised head's targets.
+        """
+
+    def objective(self, default: Objective) -> Objective:
+        """How the trainer scores this domain's batch; ``default``: the class head, the recipe's label smoothing."""
+        return default
+
+    def heads(self) -> dict[str, int]:
+        """Auxiliary heads this domain needs on the penultimate features, ``name -> outputs`` (none by default)."""
+        return {}
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

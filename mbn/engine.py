@@ -22,17 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from mbn.builders import build_domains, build_model, resolve_device
+from mbn.builders import build_model
 from mbn.checkpoint import load_checkpoint, load_model_state, save_atomic
-from mbn.config import DomainSpec, bn_sources, dependency_order, domain_specs, save_recipe
+from mbn.config import DomainSpec, save_recipe
 from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
-from mbn.evaluate import accuracy
+from mbn.eval.accuracy import accuracy
+from mbn.heads import forward_heads
+from mbn.init_from import init_from_state
+from mbn.objective import CLASSES
 from mbn.optim import build_optimizer, build_scheduler
+from mbn.plan import plan_run
 from mbn.progress import Progress
 from mbn.routing import split_sources, use_source
 from mbn.tblog import TensorBoardLogger
@@ -75,34 +78,44 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = resolve_device(cfg.trainer.device)
+        plan = plan_run(cfg)  # every recipe error surfaces here, before the data is read
+        self.device = plan.device
+        self.specs: list[DomainSpec] = plan.specs
+        self.sources = plan.sources
+        self.domains, self.objectives, self.heads = plan.domains, plan.objectives, plan.heads
         torch.manual_seed(cfg.trainer.seed)  # model initialisation
-        specs = domain_specs(cfg)
-        self.specs: list[DomainSpec] = dependency_order(specs)
-        self.sources = bn_sources(specs)
         self.data = build_data(cfg.data, seed=cfg.trainer.seed, device=self.device)
-        self.model = build_model(cfg, self.data.num_classes, self.data.mean, self.data.std, self.sources)
+        self.model = build_model(
+            cfg, self.data.num_classes, self.data.mean, self.data.std, self.sources, heads=self.heads
+        )
         self.model.to(self.device)
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.forward_model = torch.compile(self.model) if cfg.trainer.compile else self.model
-        self.domains = build_domains(self.specs)
+        self.contexts = {
+            s.name: DomainContext(
+                model=self.model, bn=s.bn, num_classes=self.data.num_classes, objective=self.objectives[s.name]
+            )
+            for s in self.specs
+        }
         self.steps_per_epoch = len(self.data.train)
         self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)  # backbone and every head
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.amp == "fp16")
         self.state = TrainState()
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if resume:
-            self._restore(self.ckpt_dir / "last.pt")
         self.tb = TensorBoardLogger(self.run_dir / "tb", cfg.logging.tensorboard, cfg.logging.perturbation_gain)
         self.progress = Progress(cfg.trainer.progress, total=self._planned_steps())
         self._stop_requested = False
         self._window: dict[str, list[float]] = {}
         self._images_seen = 0
         self._train_time = 0.0
+        if resume:
+            self._restore(self.ckpt_dir / "last.pt")
+        elif plan.init_checkpoint is not None:
+            self._init_from(plan.init_path, plan.init_checkpoint)
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -154,62 +167,66 @@ class Trainer:
             if spec.name not in needed:
                 continue
             src_x, src_y = outputs[spec.input] if spec.input else (images, labels)
-            ctx = DomainContext(
-                model=self.model,
-                bn=spec.bn,
-                step=self.state.step,
-                epoch=self.state.epoch,
-                generator=generator,
-                num_classes=self.data.num_classes,
-            )
+            ctx = self.contexts[spec.name]
+            ctx.step, ctx.epoch, ctx.generator = self.state.step, self.state.epoch, generator
             with self._autocast(attack=True):
                 outputs[spec.name] = self.domains[spec.name].generate(src_x, src_y, ctx)
         return outputs
 
     def forward_losses(self, outputs: dict[str, Batch]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """Forward each active domain's batch through its BN; per-domain (weighted later) losses."""
+        """Forward each active domain's batch through its BN; per-domain objectives (weighted later)."""
         active = [s for s in self.specs if self._active(s)]
         groups: dict[str, list[DomainSpec]] = {}
         for spec in active:  # domains sharing a BN are normalised together (adversarial training)
             groups.setdefault(spec.bn, []).append(spec)
-        logits = self._forward_groups(groups, outputs)
+        logits = self._forward_groups(groups, outputs)  # domain -> logits of the head scoring it
         losses, accs = {}, {}
         for spec in active:
-            y = outputs[spec.name][1]
-            out = logits[spec.name].float()
-            losses[spec.name] = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
-            accs[spec.name] = (out.argmax(1) == y).float().mean()
+            objective, targets = self.objectives[spec.name], outputs[spec.name][1]
+            losses[spec.name] = objective.loss(logits[spec.name], targets)
+            accs[spec.name] = objective.correct(logits[spec.name], targets).mean()
         self._check_finite(losses, outputs)
         return losses, {k: float(v) for k, v in accs.items()}
 
     def _forward_groups(self, groups: dict[str, list[DomainSpec]], outputs: dict[str, Batch]) -> dict[str, Tensor]:
+        heads = tuple(dict.fromkeys(self.objectives[s.name].head for specs in groups.values() for s in specs))
         chunks = {bn: _cat([outputs[s.name][0] for s in specs]) for bn, specs in groups.items()}
+        per_bn: dict[str, dict[str, Tensor]]
         if len(self.sources) == 1:  # nothing to route
-            per_bn = {bn: self._forward(x) for bn, x in chunks.items()}
+            per_bn = {bn: self._forward(x, heads) for bn, x in chunks.items()}
         elif self.cfg.trainer.split_batch and len(chunks) > 1:
             sizes = {bn: x.shape[0] for bn, x in chunks.items()}
             with split_sources(self.model, sizes):
-                joined = self._forward(torch.cat(list(chunks.values())))  # (sum of sizes, classes)
-            per_bn = dict(zip(sizes, joined.split(list(sizes.values())), strict=True))
+                joined = self._forward(torch.cat(list(chunks.values())), heads)  # head -> (sum of sizes, K)
+            per_bn = {bn: {} for bn in sizes}
+            for head, out in joined.items():
+                for bn, part in zip(sizes, out.split(list(sizes.values())), strict=True):
+                    per_bn[bn][head] = part
         else:
             per_bn = {}
             for bn, x in chunks.items():
                 with use_source(self.model, bn):
-                    per_bn[bn] = self._forward(x)
+                    per_bn[bn] = self._forward(x, heads)
         logits = {}
         for bn, specs in groups.items():
-            parts = per_bn[bn].split([outputs[s.name][0].shape[0] for s in specs])
-            logits.update({s.name: part for s, part in zip(specs, parts, strict=True)})
+            sizes_in_bn = [outputs[s.name][0].shape[0] for s in specs]
+            parts = {head: out.split(sizes_in_bn) for head, out in per_bn[bn].items()}
+            logits.update({s.name: parts[self.objectives[s.name].head][i] for i, s in enumerate(specs)})
         return logits
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
         with self._autocast():
-            return self.forward_model(x)
+            if heads == (CLASSES,):
+                return {CLASSES: self.forward_model(x)}
+            return forward_heads(self.forward_model, x, heads)
 
     def optimize(self, losses: dict[str, Tensor]) -> None:
         """One optimiser step on ``sum(weight * loss)``, with grad scaling and clipping."""
         weights = {s.name: s.weight for s in self.specs}
-        total = sum(weights[name] * loss for name, loss in losses.items())
+        terms = [weights[name] * loss for name, loss in losses.items()]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.cfg.optim.grad_clip:
@@ -241,6 +258,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "state": asdict(self.state),
             "sources": list(self.sources),
+            "heads": dict(self.heads),
             "data": self.data.stats.to_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "train_time": self._train_time,
@@ -250,6 +268,12 @@ class Trainer:
         main = self.state.test_acc.get(self.sources[0])
         if main is not None and main >= self.state.best_acc:
             save_atomic(ckpt, self.ckpt_dir / "best.pt")
+
+    def _init_from(self, path: Path | None, ckpt: dict[str, Any]) -> None:
+        """``model.init_from``: load every tensor of that checkpoint that fits; log what stayed fresh."""
+        report = init_from_state(self.model, ckpt["model"], ckpt.get("sources", ()))
+        self.progress.log(report.summary(path))
+        self.init_report = {"path": str(path), "loaded": len(report.loaded), "fresh": sorted(report.fresh)}
 
     def _restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -354,6 +378,8 @@ class Trainer:
             "test_acc": self.state.test_acc,
             "test_acc_main": self.state.test_acc.get(self.sources[0]),
             "sources": list(self.sources),
+            "heads": {CLASSES: self.data.num_classes, **self.heads},
+            "init_from": getattr(self, "init_report", None),
             "images_per_s": self._images_seen / max(self._train_time, 1e-9),
             "train_time_s": self._train_time,
             "wall_time_s": wall,

@@ -46,6 +46,8 @@ class ImageClassifier(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` in ``x``'s dtype."""
@@ -136,29 +138,71 @@ def cifar_resnet8(num_classes: int = 10, width: int = 16) -> CifarResNet:
 _ACCEPTED = "cifar_resnet18, cifar_resnet34, cifar_resnet<6n+2> (8, 20, 56, ...), torchvision.<name>, timm.<name>"
 
 
+class ModelConfigError(ValueError):
+    """A bad ``model`` setting; ``field`` names the setting (``name`` or ``pretrained``), the message does not."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _cifar_depth(name: str) -> int | None:
+    match = re.fullmatch(r"cifar_resnet(\d+)", name)
+    if match is None:
+        return None
+    depth = int(match.group(1))
+    return depth if depth in (18, 34) or (depth >= 8 and (depth - 2) % 6 == 0) else None
+
+
+def check_model_config(cfg: ModelCfg) -> None:
+    """Check ``cfg.name`` (and ``pretrained`` for it) without building anything or downloading weights.
+
+    Raises:
+        ModelConfigError: unknown name, bad depth, or ``pretrained`` for a CIFAR ResNet.
+    """
+    name = cfg.name
+    if name.startswith("torchvision."):
+        if name.removeprefix("torchvision.") not in torchvision.models.list_models():
+            raise ModelConfigError("name", f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
+        return
+    if name.startswith("timm."):
+        import timm  # imports slowly; only for timm names
+
+        if not timm.list_models(name.removeprefix("timm.")):
+            raise ModelConfigError("name", f"unknown timm model {name!r} (see timm.list_models())")
+        return
+    if _cifar_depth(name) is None:
+        hint = " (depth: expected 6n+2, e.g. 8, 20, 56, or 18/34)" if name.startswith("cifar_resnet") else ""
+        raise ModelConfigError("name", f"unknown model {name!r}{hint}; accepted: {_ACCEPTED}")
+    if cfg.pretrained:
+        raise ModelConfigError("pretrained", f"no pretrained weights for {name!r}; set model.pretrained=false")
+
+
 def _replace_head(net: nn.Module, num_classes: int) -> None:
     """Swap the last ``nn.Linear`` of a pretrained torchvision net for a fresh one with ``num_classes`` outputs."""
     name, head = next(((n, m) for n, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), ("", None))
     if head is None:
-        raise ValueError(f"model: cannot find a Linear classifier head to resize to {num_classes} classes")
+        raise ModelConfigError("name", f"cannot find a Linear classifier head to resize to {num_classes} classes")
     parent_name, _, attr = name.rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
     setattr(parent, attr, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
 
 
+def _download_error(source: str, name: str, err: Exception, hint: str) -> ModelConfigError:
+    detail = str(err).splitlines()[0] if str(err) else ""
+    return ModelConfigError(
+        "pretrained", f"could not load {source} weights for {name!r} ({type(err).__name__}: {detail}); {hint}"
+    )
+
+
 def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
-    if name not in torchvision.models.list_models():
-        raise ValueError(f"model.name: unknown torchvision model {name!r} (see torchvision.models.list_models())")
     if not pretrained:
         return torchvision.models.get_model(name, num_classes=num_classes)
     try:
         net = torchvision.models.get_model(name, weights="DEFAULT")
-    except Exception as err:  # urllib / hash errors; keep the first line
-        raise RuntimeError(
-            f"model.pretrained: could not load torchvision weights for {name!r} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "offline? put the weights under $TORCH_HOME/hub/checkpoints or set model.pretrained=false"
-        ) from None
+    except Exception as err:  # urllib / hash errors
+        hint = "offline? put the weights under $TORCH_HOME/hub/checkpoints or set model.pretrained=false"
+        raise _download_error("torchvision", name, err, hint) from None
     if num_classes != 1000:
         _replace_head(net, num_classes)
     return net
@@ -167,18 +211,13 @@ def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> nn.Module
 def _timm_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     import timm
 
-    if not timm.list_models(name):
-        raise ValueError(f"model.name: unknown timm model {name!r} (see timm.list_models())")
     try:
         return timm.create_model(name, num_classes=num_classes, pretrained=pretrained)
     except Exception as err:
         if not pretrained:
             raise
-        raise RuntimeError(
-            f"model.pretrained: could not load timm weights for {name!r} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "offline? pre-populate the Hugging Face cache or set model.pretrained=false"
-        ) from None
+        hint = "offline? pre-populate the Hugging Face cache or set model.pretrained=false"
+        raise _download_error("timm", name, err, hint) from None
 
 
 def build_network(cfg: ModelCfg, num_classes: int) -> nn.Module:
@@ -188,27 +227,21 @@ def build_network(cfg: ModelCfg, num_classes: int) -> nn.Module:
     it is ignored for torchvision and timm models.
 
     Raises:
-        ValueError: unknown name, bad depth, or ``pretrained`` for a CIFAR ResNet.
-        RuntimeError: pretrained weights could not be downloaded.
+        ModelConfigError: unknown name, bad depth, ``pretrained`` for a CIFAR ResNet, or pretrained
+            weights that could not be loaded.
     """
+    check_model_config(cfg)
     name = cfg.name
     if name.startswith("torchvision."):
         return _torchvision_net(name.removeprefix("torchvision."), num_classes, cfg.pretrained)
     if name.startswith("timm."):
         return _timm_net(name.removeprefix("timm."), num_classes, cfg.pretrained)
-    match = re.fullmatch(r"cifar_resnet(\d+)", name)
-    if match is None:
-        raise ValueError(f"model.name: unknown model {name!r}; accepted: {_ACCEPTED}")
-    if cfg.pretrained:
-        raise ValueError(f"model.pretrained: no pretrained weights for {name!r}; set model.pretrained=false")
-    depth = int(match.group(1))
+    depth = _cifar_depth(name)
     if depth == 18:
         return cifar_resnet18(num_classes, cfg.width)
     if depth == 34:
         return cifar_resnet34(num_classes, cfg.width)
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"model.name: unknown model {name!r}; accepted: {_ACCEPTED}")
-    return cifar_resnet(depth, num_classes, cfg.width)
+    return cifar_resnet(int(depth), num_classes, cfg.width)  # type: ignore[arg-type]
 
 
 def create_model(cfg: ModelCfg, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> ImageClassifier:
@@ -225,8 +258,8 @@ def create_model(cfg: ModelCfg, num_classes: int, mean: Sequence[float], std: Se
         std: per-channel input standard deviation in [0, 1] units.
 
     Raises:
-        ValueError: unknown name or bad arguments.
-        RuntimeError: pretrained weights could not be downloaded.
+        ModelConfigError: unknown name, or pretrained weights that could not be loaded.
+        ValueError: bad arguments.
 
     Examples:
         >>> from mbn.config import ModelCfg

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from mbn.divergence import bn_divergence
+from mbn.eval.divergence import bn_divergence
 
 
 class TensorBoardLogger:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mbn
+from mbn.objective import Objective
 from mbn import attacks
 from mbn.domain import DomainContext
 from tests.nets import TinyNet
@@ -52,13 +53,13 @@ def assert_stats_equal(before: dict[str, torch.Tensor], after: dict[str, torch.T
             assert torch.equal(value, after[key]), key
 
 
-def test_registered_with_uses_model():
+def test_registered():
     registered = mbn.available_domains()
     for name in ("pgd", "fgsm", "gd"):
         assert name in registered
         domain = mbn.create_domain(name)
-        assert domain.uses_model is True
         assert type(domain).name == name
+        assert domain.heads() == {}  # the plain attack needs no auxiliary head
 
 
 def test_pgd_defaults_are_advprop_pgd5():
@@ -153,11 +154,12 @@ def test_targeted_never_targets_true_class_and_returns_true_labels():
     images, labels = make_batch(n=64)
     seen: list[torch.Tensor] = []
 
-    def recording_loss(logits, target):
-        seen.append(target.clone())
-        return F.cross_entropy(logits, target)
+    class Recording(Objective):
+        def loss(self, logits, targets):
+            seen.append(targets.clone())
+            return super().loss(logits, targets)
 
-    ctx = context(model, loss_fn=recording_loss)
+    ctx = context(model, objective=Recording())
     _, out_labels = mbn.create_domain("pgd", targeted=True, steps=3).generate(images, labels, ctx)
     assert len(seen) == 3
     for target in seen:

@@ -13,7 +13,7 @@ from torch import nn
 
 import mbn
 from mbn.checkpoint import load_checkpoint, save_atomic
-from mbn.cli.eval import SCHEMA_KEYS
+from mbn.eval.evaluate import SCHEMA_KEYS
 from mbn.cli.eval import main as eval_main
 from mbn.cli.train import main as train_main
 from mbn.data import subset_indices
@@ -29,7 +29,7 @@ from mbn.eval.robustness import (
     robust_accuracy,
     robustness_sweep,
 )
-from mbn.evaluate import accuracy
+from mbn.eval.accuracy import accuracy
 from mbn.norm import MultiSourceBatchNorm
 from mbn.synthetic import generate_synthetic
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import mbn
 from mbn.config import ModelCfg
-from mbn.models import ImageClassifier, cifar_resnet, create_model
+from mbn.models import ImageClassifier, ModelConfigError, cifar_resnet, create_model
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -104,9 +104,10 @@ def test_pretrained_download_failure_is_one_line(monkeypatch: pytest.MonkeyPatch
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>\nsecond line")
 
     monkeypatch.setattr(torchvision.models, "get_model", offline)
-    with pytest.raises(RuntimeError, match=r"model\.pretrained: could not load torchvision weights") as info:
+    with pytest.raises(ModelConfigError, match=r"could not load torchvision weights") as info:
         create_model(ModelCfg(name="torchvision.resnet18", pretrained=True), 10, MEAN, STD)
     assert "\n" not in str(info.value)
+    assert info.value.field == "pretrained"
 
 
 def test_pretrained_torchvision_head_is_resized(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,7 +115,7 @@ def test_feature_shared_bn_mixes_domains(tmp_path):
         (["RECIPE", "trainer.epoch=3"], "key 'trainer.epoch': Key 'epoch' not in 'TrainerCfg'"),
         (["RECIPE", "trainer.epochs=many"], "key 'trainer.epochs': Value 'many'"),
         (["RECIPE", "data.name=mnist"], "key 'data.name': expected one of"),
-        (["RECIPE", "optim.lr=-1"], "key 'optim.lr': expected a positive value"),
+        (["RECIPE", "optim.lr=-1"], "key 'optim.lr': expected a number > 0, got -1"),
         (["RECIPE", "domains.adv.epz=4"], "key 'domains.adv': domain 'pgd': unknown parameter 'epz'"),
         (["RECIPE", "domains.adv.type=pgdd"], "key 'domains.adv.type': unknown domain type 'pgdd'"),
         (["RECIPE", "domains.adv.input=nope"], "key 'domains.adv.input': unknown domain 'nope'"),

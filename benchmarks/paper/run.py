@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
+# This checkout's mbn (as the mbn-train children use), the shared benchmark helpers and the studies.
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(Path(__file__).resolve().parent)]
 
+import ssl_study  # noqa: E402
 from common import cpu_model  # noqa: E402
 
 
@@ -44,6 +46,7 @@ class Config:
     recipe: str
     overrides: tuple[str, ...] = ()
     about: str = ""
+    init_from: str | None = None  # another config whose run of the same seed initialises this one
 
 
 CONFIGS: dict[str, Config] = {
@@ -169,7 +172,7 @@ class Job:
     run_dir: Path
     log: Path
     train_cmd: list[str]
-    eval_cmd: list[str]
+    eval_options: Any  # mbn.eval.evaluate.EvalOptions
     status: str = "pending"
     metrics: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
@@ -202,10 +205,16 @@ def make_job(
     common: Sequence[str],
     eval_limit: int | None,
     cache_dir: Path | None,
+    configs: Mapping[str, Config] | None = None,
+    linf_eps: Sequence[float] | None = None,
+    l2_eps: Sequence[float] | None = None,
 ) -> Job:
-    """Build the train and eval commands of one (config, seed)."""
-    cfg = CONFIGS[config]
+    """Build the train command and the evaluation options of one (config, seed)."""
+    from mbn.eval.evaluate import EvalOptions
+
+    cfg = (configs or CONFIGS)[config]
     run_dir = runs_dir / f"{config}-s{seed}"
+    init = [f"model.init_from={runs_dir / f'{cfg.init_from}-s{seed}'}"] if cfg.init_from else []
     train_cmd = [
         sys.executable,
         "-m",
@@ -213,17 +222,29 @@ def make_job(
         str(REPO / cfg.recipe),
         *cfg.overrides,
         *common,
+        *init,
         f"trainer.seed={seed}",
         f"trainer.out_dir={run_dir}",
     ]
-    eval_cmd = [sys.executable, "-m", "mbn.cli.eval", str(run_dir), "--clean", "--corruptions", "--adversarial"]
-    eval_cmd += ["--linf-eps", *(f"{e:g}" for e in scale.linf_eps), "--l2-eps", *(f"{e:g}" for e in scale.l2_eps)]
-    eval_cmd += ["--pgd-steps", str(scale.pgd_steps)]
-    if eval_limit is not None:
-        eval_cmd += ["--limit", str(eval_limit)]
-    if cache_dir is not None:
-        eval_cmd += ["--cache-dir", str(cache_dir)]
-    return Job(config, seed, run_dir, runs_dir / "logs" / f"{config}-s{seed}.log", train_cmd, eval_cmd)
+    options = EvalOptions(
+        sections={"clean", "corruptions", "adversarial"},
+        limit=eval_limit,
+        pgd_steps=scale.pgd_steps,
+        linf_eps=tuple(linf_eps if linf_eps is not None else scale.linf_eps),
+        l2_eps=tuple(l2_eps if l2_eps is not None else scale.l2_eps),
+        cache_dir=cache_dir,
+        progress=False,
+    )
+    return Job(config, seed, run_dir, runs_dir / "logs" / f"{config}-s{seed}.log", train_cmd, options)
+
+
+def describe_eval(options: Any) -> str:
+    """The evaluation of a job as one line (``mbn.eval.evaluate_run`` with these options, in-process)."""
+    radii = f"linf_eps={list(options.linf_eps)} l2_eps={list(options.l2_eps)}"
+    return (
+        f"evaluate_run(sections={sorted(options.sections)}, pgd_steps={options.pgd_steps}, {radii}, "
+        f"limit={options.limit})"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -234,14 +255,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def eval_complete(evaluation: Mapping[str, Any] | None, scale: Scale, eval_limit: int | None) -> bool:
+def eval_complete(
+    evaluation: Mapping[str, Any] | None, scale: Scale, eval_limit: int | None, linf_eps: Sequence[float] | None = None
+) -> bool:
     """Whether an ``eval.json`` holds every number the table needs, on the requested images."""
     if not evaluation or evaluation.get("limit") != eval_limit or evaluation.get("clean_acc") is None:
         return False
     corruptions, adversarial = evaluation.get("corruptions"), evaluation.get("adversarial")
     if not corruptions or not adversarial or adversarial.get("steps") != scale.pgd_steps:
         return False
-    return all(f"{e:g}" in adversarial.get("linf", {}) for e in scale.linf_eps)
+    return all(f"{e:g}" in adversarial.get("linf", {}) for e in (linf_eps or scale.linf_eps))
 
 
 def _run_logged(cmd: list[str], log: Path, what: str) -> tuple[int, float]:
@@ -261,11 +284,34 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
+def evaluate_logged(job: Job) -> tuple[int, float]:
+    """Evaluate ``job``'s run in-process (:func:`mbn.eval.evaluate.evaluate_run`), logging to its log file."""
+    from mbn.eval.evaluate import evaluate_run, summary_line
+    from mbn.eval.report import write_report
+
+    tic = time.perf_counter()
+    with job.log.open("a") as f:
+        f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} eval: {describe_eval(job.eval_options)}\n")
+        try:
+            result, out_dir = evaluate_run(job.run_dir, job.eval_options)
+            written = write_report(result, out_dir)
+        except Exception as err:  # reported as the run's status; the other runs go on
+            f.write(f"evaluate: error: {type(err).__name__}: {err}\n")
+            return 1, time.perf_counter() - tic
+        f.write(f"evaluate: {summary_line(result)}\n")
+        f.write(f"evaluate: wrote {', '.join(p.name for p in written)} to {out_dir}\n")
+    return 0, time.perf_counter() - tic
+
+
 def execute(job: Job, scale: Scale, eval_limit: int | None) -> None:
     """Train (or resume) and evaluate one run unless its results are already there; sets ``job.status``."""
+    linf = job.eval_options.linf_eps if job.eval_options is not None else None
     metrics = _read_json(job.run_dir / "metrics.json")
     evaluation = _read_json(job.run_dir / "eval.json")
-    if metrics is not None and eval_complete(evaluation, scale, eval_limit):
+    if metrics is not None and job.eval_options is None:  # trained only (e.g. a pre-training run)
+        job.metrics, job.status = metrics, "skipped (done)"
+        return
+    if metrics is not None and eval_complete(evaluation, scale, eval_limit, linf):
         job.metrics, job.evaluation, job.status = metrics, evaluation, "skipped (done)"
         return
     if metrics is None:
@@ -277,9 +323,12 @@ def execute(job: Job, scale: Scale, eval_limit: int | None) -> None:
         if code != 0 or metrics is None:
             job.status = f"FAILED training (exit {code}): {_last_line(job.log)}"
             return
-    code, job.seconds["eval"] = _run_logged(job.eval_cmd, job.log, "eval")
+    if job.eval_options is None:
+        job.metrics, job.status = metrics, "done (trained; not evaluated)"
+        return
+    code, job.seconds["eval"] = evaluate_logged(job)
     evaluation = _read_json(job.run_dir / "eval.json")
-    if code != 0 or not eval_complete(evaluation, scale, eval_limit):
+    if code != 0 or not eval_complete(evaluation, scale, eval_limit, linf):
         job.status = f"FAILED evaluation (exit {code}): {_last_line(job.log)}"
         return
     job.metrics, job.evaluation, job.status = metrics, evaluation, "done"
@@ -336,12 +385,14 @@ def run_values(
     return values
 
 
-def summarize(per_run: Mapping[str, Mapping[int, Mapping[str, float | None]]]) -> dict[str, dict[str, Any]]:
+def summarize(
+    per_run: Mapping[str, Mapping[int, Mapping[str, float | None]]], metrics: Sequence[str] = METRICS
+) -> dict[str, dict[str, Any]]:
     """``{config: {seed: values}}`` -> ``{config: {metric: {mean, std, n, values}}}`` over seeds (None skipped)."""
     out: dict[str, dict[str, Any]] = {}
     for config, seeds in per_run.items():
         out[config] = {}
-        for metric in METRICS:
+        for metric in metrics:
             values = [v[metric] for _, v in sorted(seeds.items()) if v.get(metric) is not None]
             mean, std = mean_std(values)  # type: ignore[arg-type]
             out[config][metric] = {"mean": mean, "std": std, "n": len(values), "values": values}
@@ -592,14 +643,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "write results.json and results.md.",
     )
     p.add_argument("--scale", required=True, choices=sorted(SCALES), help="smoke (tests) | cpu (reduced) | gpu (full)")
+    p.add_argument(
+        "--study",
+        choices=("advprop", "ssl"),
+        default="advprop",
+        help="advprop: Xie et al. 2020 (default); ssl: self-supervision and robustness (Kucer et al. 2021)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", help="trainer.seed values (default: the scale's)")
     p.add_argument(
         "--configs",
         nargs="+",
-        choices=list(CONFIGS),
-        default=list(CONFIGS),
+        choices=list(CONFIGS) + list(ssl_study.CONFIGS),
         metavar="NAME",
-        help=f"configs to run (default: all): {', '.join(CONFIGS)}",
+        help=f"configs to run (default: all of the study): {', '.join(CONFIGS)}; ssl: {', '.join(ssl_study.CONFIGS)}",
     )
     p.add_argument("--out", type=Path, help="where results.json/.md go (default: benchmarks/paper/results/<scale>)")
     p.add_argument("--runs-dir", type=Path, help="run directories and logs (default: runs/paper/<scale>)")
@@ -632,9 +688,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the experiment; returns 0 when every run finished, 1 otherwise (2 for bad input)."""
     args = parse_args(argv)
+    if args.study == "ssl":
+        return main_ssl(args, argv)
     scale = SCALES[args.scale]
     seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else scale.seeds))
-    configs = list(dict.fromkeys(args.configs))
+    configs = list(dict.fromkeys(args.configs or CONFIGS))
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        print(f"run.py: error: --configs: {unknown} are not configs of the advprop study", file=sys.stderr)
+        return 2
     eval_limit = args.eval_limit if args.eval_limit is not None else scale.eval_limit
     out = (args.out or REPO / "benchmarks" / "paper" / "results" / args.scale).resolve()
     runs_dir = (args.runs_dir or REPO / "runs" / "paper" / args.scale).resolve()
@@ -652,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.dry_run:
         for job in jobs:
-            print(f"# {job.name}\n{shlex.join(job.train_cmd)}\n{shlex.join(job.eval_cmd)}")
+            print(f"# {job.name}\n{shlex.join(job.train_cmd)}\n# then {describe_eval(job.eval_options)}")
         return 0
 
     print(f"run.py: {len(jobs)} runs at scale {args.scale} into {runs_dir}; logs in {runs_dir / 'logs'}", flush=True)
@@ -673,6 +735,105 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [j.name for j in jobs if j.metrics is None or j.evaluation is None]
     elapsed = time.perf_counter() - start
     print(f"run.py: wrote {out / 'results.md'} and results.json ({elapsed / 60:.1f} min)", flush=True)
+    if failed:
+        print(f"run.py: {len(failed)} run(s) failed: {', '.join(failed)}; see their logs", flush=True)
+    return 1 if failed else 0
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    data_root = Path(args.data_root)
+    return data_root if data_root.is_absolute() else (REPO / data_root).resolve()
+
+
+def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """The self-supervision study (:mod:`ssl_study`): train, evaluate, tabulate, judge each claim."""
+    scale = SCALES[args.scale]
+    seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else scale.seeds))
+    configs = list(dict.fromkeys(args.configs or ssl_study.CONFIGS))
+    for config in list(configs):  # a run that starts from another needs that one first
+        dep = ssl_study.CONFIGS[config].init_from if config in ssl_study.CONFIGS else None
+        if dep and dep not in configs:
+            configs.insert(configs.index(config), dep)
+    unknown = [c for c in configs if c not in ssl_study.CONFIGS]
+    if unknown:
+        print(f"run.py: error: --configs: {unknown} are not configs of the ssl study", file=sys.stderr)
+        return 2
+    eval_limit = args.eval_limit if args.eval_limit is not None else ssl_study.EVAL_LIMIT[args.scale]
+    out = (args.out or REPO / "benchmarks" / "paper" / "results" / f"ssl-{args.scale}").resolve()
+    runs_dir = (args.runs_dir or REPO / "runs" / "paper" / f"ssl-{args.scale}").resolve()
+    data_root = _data_root(args)
+    if scale.imagefolder and not args.dry_run and not (data_root / "train").is_dir():
+        print(f"run.py: error: --data-root: {data_root}/train not found", file=sys.stderr)
+        return 2
+    common = [*train_overrides(scale, data_root, eval_limit, args.override), *ssl_study.SCALE_OVERRIDES[args.scale]]
+    jobs = []
+    for seed in seeds:
+        for config in configs:
+            job = make_job(
+                config, seed, scale, runs_dir, common, eval_limit, args.cache_dir, ssl_study.CONFIGS,  # type: ignore[arg-type]
+                ssl_study.LINF_EPS, ssl_study.L2_EPS,
+            )  # fmt: skip
+            if not ssl_study.CONFIGS[config].evaluate:
+                job.eval_options = None
+            jobs.append(job)
+    command = shlex.join(["python", "benchmarks/paper/run.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.dry_run:
+        for job in jobs:
+            then = f"\n# then {describe_eval(job.eval_options)}" if job.eval_options is not None else ""
+            print(f"# {job.name}\n{shlex.join(job.train_cmd)}{then}")
+        return 0
+    print(f"run.py: ssl study, {len(jobs)} runs at scale {args.scale} into {runs_dir}", flush=True)
+    start = time.perf_counter()
+    for i, job in enumerate(jobs, 1):
+        execute(job, scale, eval_limit)
+        took = ", ".join(f"{k} {v:.0f} s" for k, v in job.seconds.items())
+        print(f"[{i}/{len(jobs)}] {job.name}: {job.status}" + (f" ({took})" if took else ""), flush=True)
+    per_run: dict[str, dict[int, dict[str, float | None]]] = {}
+    for job in jobs:
+        if job.metrics is not None and job.evaluation is not None:
+            per_run.setdefault(job.config, {})[job.seed] = ssl_study.run_values(job.metrics, job.evaluation)
+    summary = summarize(per_run, ssl_study.METRICS)
+    settings = scale_settings(args.scale, scale, jobs, eval_limit)
+    settings["pgd"] = f"PGD-{scale.pgd_steps} through the main BN, eval mode"
+    report = {
+        "study": "ssl",
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": settings,
+        "machine": machine(),
+        "configs": {c: ssl_study.CONFIGS[c]._asdict() for c in configs},
+        "summary": summary,
+        "verdicts": ssl_study.verdicts(summary),
+        "runs": [{"name": j.name, "status": j.status, "run_dir": str(j.run_dir)} for j in jobs],
+    }
+    m = report["machine"]
+    md = [
+        "# Self-supervision and robustness (Kucer et al. 2021): " + f"{args.scale} scale",
+        "",
+        f"- Command: `{command}`",
+        f"- Scale: {_settings_line(settings)}; study overrides: {' '.join(ssl_study.SCALE_OVERRIDES[args.scale])}",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}",
+        f"- Date: {report['date']}",
+        "",
+        *ssl_study.render_table(summary, len(seeds)),
+        "",
+        "Accuracies in %, mean ± sample std over seeds, through the main BN in eval mode; L∞ radii in /255, "
+        "L2 radii in [0, 1]-pixel units; C-10-C: mean over 15 corruptions x 5 severities.",
+        "",
+        "## Verdicts",
+        "",
+        *(f"- {line}" for line in report["verdicts"]),
+        "",
+        "## Runs",
+        "",
+        *(f"- {r['name']}: {r['status']} (`{r['run_dir']}`)" for r in report["runs"]),
+        "",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    (out / "results.md").write_text("\n".join(md))
+    failed = [j.name for j in jobs if j.metrics is None or (j.eval_options is not None and j.evaluation is None)]
+    print(f"run.py: wrote {out / 'results.md'} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     if failed:
         print(f"run.py: {len(failed)} run(s) failed: {', '.join(failed)}; see their logs", flush=True)
     return 1 if failed else 0

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mbn.builders import build_model, resolve_device
-from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint
 from mbn.config import RecipeCfg, RecipeError
 from mbn.data import ArraySplit, DataStats, load_arrays, load_test_split
 
@@ -27,20 +27,6 @@ class LoadedRun:
     checkpoint: Path
     run_dir: Path
     device: torch.device
-
-
-def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
-    """``(checkpoint file, run directory)`` for a run directory or a checkpoint path."""
-    path = Path(path)
-    if path.is_dir():
-        ckpt = path / "checkpoints" / "last.pt"
-        if not ckpt.is_file():
-            raise CheckpointError(f"{path}: not a run directory (expected {ckpt})")
-        return ckpt, path
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such run directory or checkpoint file")
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return path, run_dir
 
 
 def load_run(
@@ -83,7 +69,7 @@ def load_run(
     except (RecipeError, ValueError, FileNotFoundError) as err:
         raise RecipeError(f"{ckpt_path}: cannot load the run's test data: {err}") from None
     sources = tuple(ckpt["sources"])
-    model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources)
+    model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources, heads=ckpt.get("heads"))
     try:
         load_model_state(model, ckpt["model"], ckpt_path)
     except RuntimeError as err:  # shape mismatches

@@ -3,7 +3,7 @@
 Plots use the Agg backend (no display needed) and are written atomically. Each is drawn only when its section
 holds results: ``robust_acc_vs_eps.png`` (PGD accuracy against L-inf and L2 radius, clean accuracy at eps 0),
 ``corruption_acc.png`` (accuracy per corruption, one bar per severity) and ``bn_divergence.png`` (per-layer
-symmetric KL between each auxiliary BN's statistics and the main BN's, see :mod:`mbn.divergence`).
+symmetric KL between each auxiliary BN's statistics and the main BN's, see :mod:`mbn.eval.divergence`).
 """
 
 from __future__ import annotations

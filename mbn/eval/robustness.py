@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 from mbn.attacks import NORMS, pgd
 from mbn.data import ArraySplit, EvalLoader, default_cache_dir
+from mbn.eval.accuracy import accuracy
 from mbn.eval.corruptions import CORRUPTIONS, SEVERITIES, images_fingerprint, load_or_generate
 from mbn.eval.metrics import mce, mean_corruption_accuracy, per_corruption_ce, per_corruption_mean
-from mbn.evaluate import accuracy
 from mbn.routing import eval_mode, use_source
 
 __all__ = [

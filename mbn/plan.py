@@ -1,0 +1,121 @@
+"""One validation pass over a recipe before anything heavy (no dataset read, no model built).
+
+:func:`plan_run` checks, in this order, what a recipe asks for: the domains (types, parameters,
+``input`` links, the heads they need and the objectives that score them), the ``start``/``end`` windows
+(every step needs an active domain), the model name, the device, the data paths and ``model.init_from``.
+Each failure is a :class:`~mbn.config.RecipeError` naming the key. The resulting :class:`RunPlan` holds
+the built domains, so the trainer does not build them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from mbn.builders import build_domains, check_model, resolve_device
+from mbn.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from mbn.config import DomainSpec, RecipeError, bn_sources, dependency_order, domain_specs
+from mbn.domain import Domain
+from mbn.objective import CLASSES, Objective
+
+#: Where torchvision's CIFAR loaders expect their extracted archives under ``data.root``.
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+@dataclass
+class RunPlan:
+    """What a validated recipe trains: domains in dependency order, BN sources, heads and objectives."""
+
+    specs: list[DomainSpec]
+    sources: tuple[str, ...]
+    domains: dict[str, Domain]
+    objectives: dict[str, Objective]
+    heads: dict[str, int]
+    device: torch.device
+    init_checkpoint: dict[str, Any] | None = None
+    init_path: Path | None = None
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """Validate everything a training run needs before its data is read.
+
+    Raises:
+        RecipeError: the first problem found, naming its key.
+    """
+    specs = domain_specs(cfg)
+    domains = build_domains(specs)
+    check_windows(specs)
+    heads = collect_heads(specs, domains)
+    default = Objective(label_smoothing=float(cfg.optim.label_smoothing))
+    objectives = {s.name: domains[s.name].objective(default) for s in specs}
+    for name, objective in objectives.items():
+        if objective.head != CLASSES and objective.head not in heads:
+            raise RecipeError(
+                f"key 'domains.{name}': scored by head {objective.head!r}, which no domain declares in heads()"
+            )
+    check_model(cfg)
+    device = resolve_device(cfg.trainer.device)
+    check_data_paths(cfg.data)
+    plan = RunPlan(dependency_order(specs), bn_sources(specs), domains, objectives, heads, device)
+    if cfg.model.get("init_from"):
+        plan.init_path, plan.init_checkpoint = read_init_checkpoint(str(cfg.model.init_from))
+    return plan
+
+
+def check_windows(specs: list[DomainSpec]) -> None:
+    """Every fraction of training in [0, 1) lies in some domain's ``[start, end)`` window."""
+    covered = 0.0
+    for spec in sorted(specs, key=lambda s: s.start):
+        if spec.start > covered:
+            break
+        covered = max(covered, spec.end)
+    if covered < 1.0:
+        gap_end = min((s.start for s in specs if s.start > covered), default=1.0)
+        raise RecipeError(
+            f"key 'domains': no domain is active for training fractions [{covered:g}, {gap_end:g}); "
+            "every step needs at least one (adjust the domains' start/end)"
+        )
+
+
+def collect_heads(specs: list[DomainSpec], domains: dict[str, Domain]) -> dict[str, int]:
+    """The auxiliary heads every domain asks for; two domains asking for one name with two sizes is an error."""
+    heads: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    for spec in specs:
+        for head, size in domains[spec.name].heads().items():
+            if head == CLASSES or not isinstance(head, str) or not head.isidentifier():
+                raise RecipeError(f"key 'domains.{spec.name}': head name {head!r} is reserved or not an identifier")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise RecipeError(f"key 'domains.{spec.name}': head {head!r} needs a positive size, got {size!r}")
+            if head in heads and heads[head] != size:
+                raise RecipeError(
+                    f"key 'domains.{spec.name}': head {head!r} with {size} outputs, "
+                    f"but domain {owner[head]!r} asks for {heads[head]}"
+                )
+            heads[head], owner[head] = size, owner.get(head, spec.name)
+    return heads
+
+
+def check_data_paths(data: DictConfig) -> None:
+    """The dataset the recipe names is where it says (or will be downloaded)."""
+    root = Path(str(data.root))
+    if data.name == "imagefolder" and not (root / "train").is_dir():
+        raise RecipeError(f"key 'data.root': imagefolder expects {root}/train/<class>/*; directory not found")
+    if data.name in CIFAR_FOLDERS and not data.download and not (root / CIFAR_FOLDERS[data.name]).is_dir():
+        raise RecipeError(
+            f"key 'data.root': {data.name} not found under {str(root)!r} (expected {CIFAR_FOLDERS[data.name]}/ "
+            "there; set data.download=true to fetch it)"
+        )
+
+
+def read_init_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``model.init_from`` names (a run directory or a checkpoint file), read safely."""
+    try:
+        ckpt_path, _ = resolve_checkpoint(Path(path))
+        return ckpt_path, load_checkpoint(ckpt_path)
+    except CheckpointError as err:
+        raise RecipeError(f"key 'model.init_from': {err}") from None
