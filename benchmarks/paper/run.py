@@ -766,11 +766,15 @@ def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         print(f"run.py: error: --data-root: {data_root}/train not found", file=sys.stderr)
         return 2
     common = [*train_overrides(scale, data_root, eval_limit, args.override), *ssl_study.SCALE_OVERRIDES[args.scale]]
+    attack = ssl_study.ATTACK_OVERRIDES[args.scale]
+    study = {
+        name: c._replace(overrides=c.overrides + attack) if c.attacks else c for name, c in ssl_study.CONFIGS.items()
+    }
     jobs = []
     for seed in seeds:
         for config in configs:
             job = make_job(
-                config, seed, scale, runs_dir, common, eval_limit, args.cache_dir, ssl_study.CONFIGS,  # type: ignore[arg-type]
+                config, seed, scale, runs_dir, common, eval_limit, args.cache_dir, study,  # type: ignore[arg-type]
                 ssl_study.LINF_EPS, ssl_study.L2_EPS,
             )  # fmt: skip
             if not ssl_study.CONFIGS[config].evaluate:
@@ -811,7 +815,8 @@ def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "# Self-supervision and robustness (Kucer et al. 2021): " + f"{args.scale} scale",
         "",
         f"- Command: `{command}`",
-        f"- Scale: {_settings_line(settings)}; study overrides: {' '.join(ssl_study.SCALE_OVERRIDES[args.scale])}",
+        f"- Scale: {_settings_line(settings)}; study overrides: "
+        f"`{' '.join(ssl_study.SCALE_OVERRIDES[args.scale] + attack) or 'none'}` (attack ones for configs with one)",
         f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}",
         f"- Date: {report['date']}",
         "",
