@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: The paper's searched policies: sub-policies of ``(op, probability, level 0-9 or None)``.
-AUTOAUGMENT_POLICIES: dict[str, list[list[tuple[str, float, int | None]]]] = {
+AUTOAUGMENT_POLICIES: dict[str, list[list[tuple[str, float, float | None]]]] = {
     "imagenet": imagenet_policy,
     "cifar10": cifar10_policy,
     "svhn": svhn_policy,

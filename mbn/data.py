@@ -308,7 +308,8 @@ class _LazyGenerator:
     """
 
     def __init__(self, seed: int) -> None:
-        self._seed, self._gen = seed, None
+        self._seed: int = seed
+        self._gen: np.random.Generator | None = None
 
     def __getattr__(self, name: str) -> Any:
         if self._gen is None:
@@ -343,7 +344,7 @@ class AugmentedArrayDataset(Dataset):
     def _augment(self, index: int, key: int) -> np.ndarray:
         # Reseeding the Compose per sample is what makes batches independent of worker count and
         # scheduling (albumentations otherwise repeats per-worker random streams across workers/epochs).
-        self.transform.set_random_state(_LazyGenerator(key), random.Random(key))  # type: ignore[arg-type]
+        self.transform.set_random_state(_LazyGenerator(key), random.Random(key))
         return self.transform(image=self.split.images[index])["image"]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
@@ -446,7 +447,7 @@ class TrainLoader(ResumableBatches):
             self.dataset,
             batch_sampler=batches,
             num_workers=self.num_workers,
-            collate_fn=collate_batch,
+            collate_fn=collate_batch,  # type: ignore[arg-type]  # whole batches (__getitems__), not lists
             pin_memory=self.pin_memory,
             worker_init_fn=worker_init_fn,
         )
@@ -655,6 +656,8 @@ def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, DataStats]:
     if cfg.name in ("cifar10", "cifar100"):
         loaded, classes = _load_cifar(cfg)
         train, test = loaded["train"], loaded["test"]
+        mean: tuple[float, ...]
+        std: tuple[float, ...]
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     elif cfg.name == "imagefolder":
         train, test, classes = load_image_folder(cfg.root, cfg.image_size, cfg.train_limit, cfg.test_limit)

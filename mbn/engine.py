@@ -218,7 +218,7 @@ class Trainer:
         with self._autocast():
             if heads == (CLASSES,):
                 return {CLASSES: self.forward_model(x)}
-            return forward_heads(self.forward_model, x, heads)
+            return forward_heads(self.forward_model, x, heads)  # type: ignore[arg-type]
 
     def optimize(self, losses: dict[str, Tensor]) -> None:
         """One optimiser step on ``sum(weight * loss)``, with grad scaling and clipping."""

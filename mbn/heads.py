@@ -108,7 +108,7 @@ def forward_heads(model: nn.Module, x: Tensor, heads: Sequence[str]) -> dict[str
 def head_sizes(model: nn.Module) -> dict[str, int]:
     """Auxiliary head names mapped to their number of outputs (empty without heads)."""
     bank = _bank(model)
-    return {} if bank is None else {name: int(head.out_features) for name, head in bank.items()}  # type: ignore[misc]
+    return {} if bank is None else {name: int(head.out_features) for name, head in bank.items()}  # type: ignore[arg-type]
 
 
 def drop_heads(model: nn.Module) -> nn.Module:

@@ -99,7 +99,7 @@ class MultiSourceBatchNorm(nn.Module):
     @property
     def num_features(self) -> int:
         """Channels normalised (as on the wrapped BatchNorm)."""
-        return self.bns[self.main_source].num_features
+        return int(self.bns[self.main_source].num_features)  # type: ignore[arg-type]
 
     def tie_shared(self) -> None:
         """Make every source use the main source's affine pair / statistics when sharing is on.
@@ -117,7 +117,7 @@ class MultiSourceBatchNorm(nn.Module):
                 for key in _STATS:
                     setattr(bn, key, getattr(main, key))
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse: bool = True):
         # .to()/.half() rebuild buffers per module, which would untie shared statistics.
         result = super()._apply(fn, recurse)
         self.tie_shared()
@@ -142,7 +142,7 @@ class MultiSourceBatchNorm(nn.Module):
         bn = self.bns[source]
         if self.update_stats or not bn.training:
             return bn(x)
-        return _batch_norm_frozen_stats(bn, x)
+        return _batch_norm_frozen_stats(bn, x)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         """Sources and sharing options, shown in ``print(model)``."""
@@ -170,5 +170,5 @@ def _batch_norm_frozen_stats(bn: _BatchNorm, x: Tensor) -> Tensor:
         finally:
             bn.momentum = momentum
             if tracked is not None:
-                bn.num_batches_tracked.copy_(tracked)
+                bn.num_batches_tracked.copy_(tracked)  # type: ignore[union-attr]
     return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)

@@ -2,7 +2,7 @@
 
 :func:`plan_run` checks, in this order, what a recipe asks for: the domains (types, parameters,
 ``input`` links, the heads they need and the objectives that score them), the ``start``/``end`` windows
-(every step needs an active domain), the model name, the device, the data paths and ``model.init_from``.
+(every step needs an active domain), the model name and ``model.init_from``, the device and the data paths.
 Each failure is a :class:`~mbn.config.RecipeError` naming the key. The resulting :class:`RunPlan` holds
 the built domains, so the trainer does not build them twice.
 """
@@ -58,12 +58,13 @@ def plan_run(cfg: DictConfig) -> RunPlan:
                 f"key 'domains.{name}': scored by head {objective.head!r}, which no domain declares in heads()"
             )
     check_model(cfg)
+    init_path, init_checkpoint = None, None
+    if cfg.model.get("init_from"):
+        init_path, init_checkpoint = read_init_checkpoint(str(cfg.model.init_from))
     device = resolve_device(cfg.trainer.device)
     check_data_paths(cfg.data)
-    plan = RunPlan(dependency_order(specs), bn_sources(specs), domains, objectives, heads, device)
-    if cfg.model.get("init_from"):
-        plan.init_path, plan.init_checkpoint = read_init_checkpoint(str(cfg.model.init_from))
-    return plan
+    sources = bn_sources(specs)
+    return RunPlan(dependency_order(specs), sources, domains, objectives, heads, device, init_checkpoint, init_path)
 
 
 def check_windows(specs: list[DomainSpec]) -> None:

@@ -75,7 +75,8 @@ def _discover() -> None:
     _discovered = True
     importlib.import_module("domains")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        origin = f"entry point {ep.value}" + (f" ({ep.dist.name})" if getattr(ep, "dist", None) else "")
+        dist = getattr(ep, "dist", None)
+        origin = f"entry point {ep.value}" + (f" ({dist.name})" if dist is not None else "")
         if ep.name in _DOMAINS:
             if _origin_of(_DOMAINS[ep.name]).replace(":", ".") == ep.value.replace(":", "."):
                 continue  # the entry point names the class already registered by its decorator

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mbn
-from mbn.objective import Objective
 from mbn import attacks
 from mbn.domain import DomainContext
+from mbn.objective import Objective
 from tests.nets import TinyNet
 
 SOURCES = ("clean", "adv")

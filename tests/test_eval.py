@@ -13,11 +13,12 @@ from torch import nn
 
 import mbn
 from mbn.checkpoint import load_checkpoint, save_atomic
-from mbn.eval.evaluate import SCHEMA_KEYS
 from mbn.cli.eval import main as eval_main
 from mbn.cli.train import main as train_main
 from mbn.data import subset_indices
+from mbn.eval.accuracy import accuracy
 from mbn.eval.corruptions import CORRUPTIONS, SEVERITIES
+from mbn.eval.evaluate import SCHEMA_KEYS
 from mbn.eval.report import render_markdown
 from mbn.eval.robustness import (
     RoutedModel,
@@ -29,7 +30,6 @@ from mbn.eval.robustness import (
     robust_accuracy,
     robustness_sweep,
 )
-from mbn.eval.accuracy import accuracy
 from mbn.norm import MultiSourceBatchNorm
 from mbn.synthetic import generate_synthetic
 

@@ -39,7 +39,7 @@ def evaluation(clean: float, corr: dict[str, list[float]], linf: dict[str, float
 
 
 def job(config: str, seed: int, tmp: Path, clean: float, train_time: float, corr=None, linf=None):
-    j = run.Job(config, seed, tmp / f"{config}-s{seed}", tmp / "logs" / f"{config}-s{seed}.log", [], [], "done")
+    j = run.Job(config, seed, tmp / f"{config}-s{seed}", tmp / "logs" / f"{config}-s{seed}.log", [], None, "done")
     j.metrics = {"train_time_s": train_time, "wall_time_s": train_time + 1, "images_per_s": 10.0, "steps": 4}
     j.evaluation = evaluation(
         clean, corr or {c: [0.5, 0.5] for c in CORRUPTIONS}, linf or {"1": 0.3, "4": 0.1, "8": 0.0}
@@ -154,12 +154,12 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
     argv = ["--scale", "cpu", "--dry-run", "--seeds", "0", "1", "--configs", "vanilla", "advprop_pgd5"]
     assert run.main([*argv, "--runs-dir", str(runs), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert out.count("-m mbn.cli.train") == 4 and out.count("-m mbn.cli.eval") == 4
+    assert out.count("-m mbn.cli.train") == 4 and out.count("# then evaluate_run(") == 4
     assert "# advprop_pgd5-s1" in out
     assert "domains.adv.steps=5 domains.adv.eps=4 domains.adv.step_size=1" in out
     assert "data.name=imagefolder" in out and f"data.root={(REPO.parent / 'shared/datasets/cifar10').resolve()}" in out
     assert "trainer.seed=1" in out and f"trainer.out_dir={runs / 'vanilla-s1'}" in out
-    assert "--clean --corruptions --adversarial --linf-eps 1 4 8" in out and "--limit 1000" in out
+    assert "linf_eps=[1.0, 4.0, 8.0]" in out and "limit=1000" in out
     assert not runs.exists() and not (tmp_path / "out").exists()
 
 
@@ -204,7 +204,7 @@ def test_smoke_experiment_trains_evaluates_reports_and_resumes(tmp_path, capsys)
     assert report["settings"]["model"] == "cifar_resnet8 (width 8)" and report["settings"]["eval_images"] == 16
     for r in report["runs"]:
         assert Path(r["config_yaml"]).is_file() and (Path(r["run_dir"]) / "eval.json").is_file()
-        assert "mbn-eval: wrote eval.json" in Path(r["log"]).read_text()
+        assert "evaluate: wrote eval.json" in Path(r["log"]).read_text()
     md = (out / "results.md").read_text()
     assert "| vanilla | " in md and "| advprop_pgd1 | " in md and "mCE vs vanilla (%)" in md
     assert "advprop_pgd1 vs vanilla clean acc:" in md
@@ -213,3 +213,39 @@ def test_smoke_experiment_trains_evaluates_reports_and_resumes(tmp_path, capsys)
     assert run.main(argv) == 0
     assert capsys.readouterr().out.count("skipped (done)") == 2
     assert json.loads((out / "results.json").read_text())["summary"] == report["summary"]
+
+
+def test_ssl_study_dry_run_orders_pretraining_first_and_tunes_only_attacks(tmp_path, capsys):
+    argv = ["--study", "ssl", "--scale", "cpu", "--dry-run", "--seeds", "0", "--configs", "at_pretrained"]
+    assert run.main([*argv, "--runs-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    names = [line[2:] for line in out.splitlines() if line.startswith("# ") and not line.startswith("# then")]
+    assert names == ["ssl_pretrain-s0", "at_pretrained-s0"]  # the dependency is added and comes first
+    pretrain, finetune = (line for line in out.splitlines() if "-m mbn.cli.train" in line)
+    assert "domains.adv" not in pretrain and "domains.adv.steps=3" in finetune
+    assert f"model.init_from={tmp_path / 'runs' / 'ssl_pretrain-s0'}" in finetune
+    assert out.count("# then evaluate_run(") == 1  # the pre-training run is not a table row
+
+
+def test_ssl_verdicts_judge_against_seed_noise():
+    import ssl_study
+
+    def stats(values):
+        return run.summarize({"x": {i: {"m": v} for i, v in enumerate(values)}}, ["m"])["x"]["m"]
+
+    def config(**metrics):
+        base = {m: [0.3, 0.31, 0.29] for m in ssl_study.METRICS}
+        return {m: stats(metrics.get(m, base[m])) for m in ssl_study.METRICS}
+
+    summary = {
+        "at": config(),
+        # clearly better below eps_train, clearly worse above: claim (a) holds for this weight
+        "at_ssl_w05": config(pgd_linf_2=[0.5] * 3, pgd_linf_4=[0.5] * 3, pgd_linf_8=[0.5] * 3,
+                             pgd_linf_12=[0.1] * 3, pgd_linf_16=[0.1] * 3),
+        "at_ssl_w2": config(),  # identical to at: within noise
+    }  # fmt: skip
+    lines = ssl_study.verdicts(summary)
+    assert any(line.startswith("(a) at_ssl_w05 vs at") and ": held;" in line for line in lines)
+    assert any(line.startswith("(a) at_ssl_w2 vs at") and "within seed noise" in line for line in lines)
+    assert any(line.startswith("(a) larger weight") and "did not hold" in line for line in lines)
+    assert any(line.startswith("(c) tandem") and "held" in line for line in lines)

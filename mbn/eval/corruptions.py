@@ -460,7 +460,7 @@ def _snow(x: np.ndarray, p: dict[str, Any], rng: np.random.Generator) -> np.ndar
     flakes[flakes < p["threshold"]] = 0
     # the reference round-trips the layer through an 8-bit PNG before and after ImageMagick's motion blur
     flakes8 = (np.clip(flakes[..., 0], 0, 1) * 255).astype(np.uint8)
-    angles = rng.uniform(-135, -45, size=n)
+    angles = np.asarray(rng.uniform(-135, -45, size=n))
     streaks = np.stack(
         [_motion_blur_image(f, p["blur_radius"], p["blur_sigma"], a) for f, a in zip(flakes8, angles, strict=True)]
     )
@@ -517,9 +517,9 @@ def _elastic_transform(x: np.ndarray, p: dict[str, Any], rng: np.random.Generato
     x = _unit(x, np.float32)
     n, h, w, c = x.shape
     # random affine: jitter three anchor points (reference: erniejunior's elastic-transform gist)
-    centre = np.float32([w // 2, h // 2])
+    centre = np.array([w // 2, h // 2], dtype=np.float32)
     side = min(h, w) // 3
-    src = np.float32([centre + side, [centre[0] + side, centre[1] - side], centre - side])
+    src = np.array([centre + side, [centre[0] + side, centre[1] - side], centre - side], dtype=np.float32)
     jitter = rng.uniform(-p["affine"], p["affine"], size=(n, *src.shape)).astype(np.float32)
     warped = np.stack(
         [
@@ -540,7 +540,8 @@ def _elastic_transform(x: np.ndarray, p: dict[str, Any], rng: np.random.Generato
 def _pixelate(x: np.ndarray, p: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     h, w = x.shape[1:3]
     small = (int(w * p["fraction"]), int(h * p["fraction"]))
-    return np.stack([np.asarray(Image.fromarray(im).resize(small, Image.BOX).resize((w, h), Image.BOX)) for im in x])
+    box = Image.Resampling.BOX
+    return np.stack([np.asarray(Image.fromarray(im).resize(small, box).resize((w, h), box)) for im in x])
 
 
 def _jpeg_compression(x: np.ndarray, p: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
@@ -555,8 +556,8 @@ def _jpeg_compression(x: np.ndarray, p: dict[str, Any], rng: np.random.Generator
 def _spatter(x: np.ndarray, p: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     x = _unit(x, np.float32)
     out = np.empty_like(x)
-    water = np.float32([175, 238, 238]) / 255  # pale turquoise (RGB)
-    mud = np.float32([63, 42, 20]) / 255  # brown (RGB)
+    water = np.array([175, 238, 238], dtype=np.float32) / 255  # pale turquoise (RGB)
+    mud = np.array([63, 42, 20], dtype=np.float32) / 255  # brown (RGB)
     for i, image in enumerate(x):
         liquid = gaussian(rng.normal(loc=p["loc"], scale=p["scale"], size=image.shape[:2]), sigma=p["sigma"])
         liquid[liquid < p["threshold"]] = 0
@@ -565,7 +566,7 @@ def _spatter(x: np.ndarray, p: dict[str, Any], rng: np.random.Generator) -> np.n
             dist = cv2.distanceTransform(255 - cv2.Canny(liquid8, 50, 150), cv2.DIST_L2, 5)
             _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
             dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
-            emboss = np.float32([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
+            emboss = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float32)
             dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, emboss), (3, 3)).astype(np.float32)
             m = liquid8 * dist
             m = m / m.max() * p["level"] if m.max() > 0 else np.zeros_like(m)

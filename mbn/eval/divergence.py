@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mbn.norm import MultiSourceBatchNorm
 
@@ -36,7 +37,8 @@ def bn_divergence(model: nn.Module) -> dict[str, dict[str, float]]:
         for source, bn in norm.bns.items():
             if source == norm.main_source:
                 continue
+            assert isinstance(bn, _BatchNorm) and isinstance(main, _BatchNorm)
             with torch.no_grad():
-                kl = symmetric_kl(bn.running_mean, bn.running_var, main.running_mean, main.running_var)
+                kl = symmetric_kl(bn.running_mean, bn.running_var, main.running_mean, main.running_var)  # type: ignore[arg-type]
             out.setdefault(source, {})[layer] = float(kl.float().mean())
     return out

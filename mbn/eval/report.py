@@ -33,7 +33,7 @@ PLOT_FILES = {
 """Plot file name of each ``eval.json`` section."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``.
 
     A crash mid-write leaves the previous file intact (``os.replace`` is atomic on one filesystem).
