@@ -43,3 +43,12 @@ def shared_cifar10() -> Path:
     if not (SHARED_CIFAR10 / "train").is_dir():
         pytest.skip(f"{SHARED_CIFAR10} not present")
     return SHARED_CIFAR10
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Domains registered during the test are forgotten afterwards."""
+    from mbn import registry
+
+    monkeypatch.setattr(registry, "_DOMAINS", dict(registry._DOMAINS))
+    monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))

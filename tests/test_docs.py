@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 import mbn
-from mbn import registry
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -17,9 +16,7 @@ def _python_blocks(name: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (DOCS / name).read_text(), flags=re.S)
 
 
-def test_feature_plugin_doc_example_registers_and_runs(monkeypatch):
-    monkeypatch.setattr(registry, "_DOMAINS", dict(registry._DOMAINS))
-    monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))
+def test_feature_plugin_doc_example_registers_and_runs(scratch_registry):
     exec(_python_blocks("plugins.md")[0], {})
     domain = mbn.create_domain("color_jitter", strength=0.5)
     ctx = mbn.DomainContext(model=torch.nn.Linear(1, 1), bn="clean", generator=torch.Generator().manual_seed(0))

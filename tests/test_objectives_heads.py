@@ -11,7 +11,6 @@ import torch
 import torchvision
 
 import mbn
-from mbn import registry
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
@@ -144,9 +143,7 @@ def test_domain_with_own_head_trains_and_logs_its_loss(tmp_path):
 
 
 @pytest.fixture
-def soft_domains(monkeypatch):
-    monkeypatch.setattr(registry, "_DOMAINS", dict(registry._DOMAINS))
-    monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))
+def soft_domains(scratch_registry):
 
     @mbn.register_domain("one_hot_test")
     class OneHot(mbn.Domain):
@@ -239,9 +236,7 @@ def test_validation_errors_come_before_any_data_is_read(recipe, args, expected, 
     assert len(err.splitlines()) == 1 and expected in err, err
 
 
-def test_conflicting_head_sizes_are_a_recipe_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(registry, "_DOMAINS", dict(registry._DOMAINS))
-    monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))
+def test_conflicting_head_sizes_are_a_recipe_error(tmp_path, capsys, scratch_registry):
 
     @mbn.register_domain("rot8_test")
     class Rot8(mbn.Domain):

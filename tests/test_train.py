@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import mbn
-from mbn import registry
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
@@ -166,10 +165,8 @@ def test_exception_resume_missing_run(tmp_path, capsys):
 
 
 @pytest.fixture
-def test_domains(monkeypatch):
+def test_domains(scratch_registry):
     """Register fault-injecting domains for one test."""
-    monkeypatch.setattr(registry, "_DOMAINS", dict(registry._DOMAINS))
-    monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))
 
     @mbn.register_domain("nan_after_test")
     class NanAfter(mbn.Domain):

@@ -700,8 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_limit = args.eval_limit if args.eval_limit is not None else scale.eval_limit
     out = (args.out or REPO / "benchmarks" / "paper" / "results" / args.scale).resolve()
     runs_dir = (args.runs_dir or REPO / "runs" / "paper" / args.scale).resolve()
-    data_root = Path(args.data_root)
-    data_root = data_root if data_root.is_absolute() else (REPO / data_root).resolve()
+    data_root = _data_root(args)
     if scale.imagefolder and not args.dry_run and not (data_root / "train").is_dir():
         print(
             f"run.py: error: --data-root: {data_root}/train not found (expected a CIFAR-10 ImageFolder tree)",
@@ -713,16 +712,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/paper/run.py", *(sys.argv[1:] if argv is None else argv)])
 
     if args.dry_run:
-        for job in jobs:
-            print(f"# {job.name}\n{shlex.join(job.train_cmd)}\n# then {describe_eval(job.eval_options)}")
+        print_dry_run(jobs)
         return 0
 
     print(f"run.py: {len(jobs)} runs at scale {args.scale} into {runs_dir}; logs in {runs_dir / 'logs'}", flush=True)
     start = time.perf_counter()
     for i, job in enumerate(jobs, 1):
-        execute(job, scale, eval_limit)
-        took = ", ".join(f"{k} {v:.0f} s" for k, v in job.seconds.items())
-        line = f"[{i}/{len(jobs)}] {job.name}: {job.status}" + (f" ({took})" if took else "")
+        line = run_job(job, i, len(jobs), scale, eval_limit)
         if job.evaluation is not None:
             e = job.evaluation
             line += f"; clean {e['clean_acc']:.4f}, C-10-C {e['corruptions']['mean_acc']:.4f}"
@@ -738,6 +734,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"run.py: {len(failed)} run(s) failed: {', '.join(failed)}; see their logs", flush=True)
     return 1 if failed else 0
+
+
+def print_dry_run(jobs: Sequence[Job]) -> None:
+    """Each job's training command and, for evaluated jobs, its evaluation."""
+    for job in jobs:
+        then = f"\n# then {describe_eval(job.eval_options)}" if job.eval_options is not None else ""
+        print(f"# {job.name}\n{shlex.join(job.train_cmd)}{then}")
+
+
+def run_job(job: Job, i: int, n: int, scale: Scale, eval_limit: int | None) -> str:
+    """Execute one job; its progress line ``[i/n] name: status (times)``."""
+    execute(job, scale, eval_limit)
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in job.seconds.items())
+    return f"[{i}/{n}] {job.name}: {job.status}" + (f" ({took})" if took else "")
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -782,16 +792,12 @@ def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             jobs.append(job)
     command = shlex.join(["python", "benchmarks/paper/run.py", *(sys.argv[1:] if argv is None else argv)])
     if args.dry_run:
-        for job in jobs:
-            then = f"\n# then {describe_eval(job.eval_options)}" if job.eval_options is not None else ""
-            print(f"# {job.name}\n{shlex.join(job.train_cmd)}{then}")
+        print_dry_run(jobs)
         return 0
     print(f"run.py: ssl study, {len(jobs)} runs at scale {args.scale} into {runs_dir}", flush=True)
     start = time.perf_counter()
     for i, job in enumerate(jobs, 1):
-        execute(job, scale, eval_limit)
-        took = ", ".join(f"{k} {v:.0f} s" for k, v in job.seconds.items())
-        print(f"[{i}/{len(jobs)}] {job.name}: {job.status}" + (f" ({took})" if took else ""), flush=True)
+        print(run_job(job, i, len(jobs), scale, eval_limit), flush=True)
     per_run: dict[str, dict[int, dict[str, float | None]]] = {}
     for job in jobs:
         if job.metrics is not None and job.evaluation is not None:
