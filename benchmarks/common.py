@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mbn.fileio import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -76,5 +78,5 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path

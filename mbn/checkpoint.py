@@ -1,37 +1,22 @@
 """Atomic checkpoint files, loaded with ``torch.load(..., weights_only=True)``.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk and moved over
-the old one with ``os.replace``, so an interrupted save never leaves a truncated ``last.pt``.
+A checkpoint is written through :mod:`mbn.fileio` (temporary file, fsync, ``os.replace``), so an interrupted
+save never leaves a truncated ``last.pt``. Loading checks what it reads and reports every problem (an empty
+or foreign file, a model of another shape, a missing entry) as one :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mbn.errors import first_line
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or from an incompatible model."""
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -43,10 +28,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an mbn checkpoint (no 'model' entry)")
     return ckpt
@@ -54,12 +41,28 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
     """``load_state_dict`` with a one-line error when the checkpoint belongs to another model."""
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        detail = (result.missing_keys or result.unexpected_keys)[:3]
-        kind = "missing" if result.missing_keys else "unexpected"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = (missing or unexpected)[:3]
+        kind = "missing" if missing else "unexpected"
         raise CheckpointError(f"{path}: checkpoint does not match the model ({kind} keys, e.g. {detail})")
-    # load_state_dict checks shapes itself and raises RuntimeError; strict=False already did both checks.
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[key].shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointError(
+                f"{path}: checkpoint does not match the model ({key}: {got} in the checkpoint, "
+                f"{tuple(own[key].shape)} in the model; another width or architecture?)"
+            )
+    model.load_state_dict(state)
+
+
+def require_entries(ckpt: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) -> None:
+    """Every entry of ``keys`` is in the checkpoint, else a one-line error saying which are missing."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not {what} (missing {', '.join(repr(k) for k in missing)})")
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:

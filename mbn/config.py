@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mbn.errors import first_line
+from mbn.fileio import atomic_write_text
 from mbn.validators import ValueCheckError, check_choice, check_number
 
 #: Keys of a domain entry that the trainer consumes; all other keys are the domain type's parameters.
@@ -159,7 +161,7 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # yaml errors carry multi-line context; keep the first line
-        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise RecipeError(f"{path}: not valid YAML ({first_line(err)})") from None
     if not isinstance(cfg, DictConfig):
         raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
     return cfg
@@ -179,9 +181,9 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(_read_with_bases(path.parent / base, (*seen, path)), cfg)  # type: ignore[return-value]
 
 
-def _friendly(err: OmegaConfBaseException) -> str:
+def _friendly(err: Exception) -> str:
     key = getattr(err, "full_key", None)
-    msg = str(err).splitlines()[0]
+    msg = first_line(err)
     return f"key '{key}': {msg}" if key else msg
 
 
@@ -199,9 +201,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if "=" not in item:
             raise RecipeError(f"override {item!r}: expected dotted.key=value")
     try:
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.merge(*layers)
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        raise RecipeError(_friendly(err)) from None
+    for item in overrides or []:  # one at a time, so a failure names its override
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise RecipeError(_friendly(err)) from None
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"key '{item.split('=', 1)[0]}': {first_line(err)}") from None
+    try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise RecipeError(_friendly(err)) from None
@@ -333,6 +343,5 @@ def bn_sources(specs: list[DomainSpec]) -> tuple[str, ...]:
 
 
 def save_recipe(cfg: DictConfig, path: Path) -> None:
-    """Write the fully resolved recipe as YAML."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    """Write the fully resolved recipe as YAML, atomically."""
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

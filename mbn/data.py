@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import random
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from mbn.config import RecipeError
+from mbn.errors import first_line
+from mbn.fileio import atomic_write
 from mbn.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,7 @@ def _load_cifar(cfg: Any, splits: Sequence[str] = ("train", "test")) -> tuple[di
         except RuntimeError as err:
             raise RecipeError(
                 f"key 'data.root': {cfg.name} not found under {cfg.root!r} (expected {cls.base_folder}/ there; "
-                f"set data.download=true to fetch it): {str(err).splitlines()[0]}"
+                f"set data.download=true to fetch it): {first_line(err)}"
             ) from None
         loaded[split] = ArraySplit(np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64))
     return loaded, list(ds.classes)
@@ -121,13 +124,13 @@ def default_cache_dir() -> Path:
 
 def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
     """Decode image files to uint8 (N, S, S, 3); other sizes get a shorter-side resize and a centre crop."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     for lo in range(0, len(paths), _DECODE_CHUNK):
         chunk = paths[lo : lo + _DECODE_CHUNK]
-        datas = [read_file(p) for p in chunk]
+        datas = [_read_image_file(p) for p in chunk]
         try:  # libjpeg-turbo on a whole list is ~4x faster than PIL file by file
             if not all(p.lower().endswith((".jpg", ".jpeg")) for p in chunk):
                 raise ValueError("not all JPEG")
@@ -138,12 +141,58 @@ def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
                 try:
                     images.append(decode_image(data, mode=ImageReadMode.RGB))
                 except RuntimeError as err:
-                    raise ValueError(f"data.root: cannot decode image {path}: {err}") from None
+                    raise RecipeError(f"key 'data.root': cannot decode image {path} ({first_line(err)})") from None
         for i, img in enumerate(images):
             if img.shape[-2:] != (image_size, image_size):
                 img = TF.center_crop(TF.resize(img, image_size, antialias=True), [image_size, image_size])
             out[lo + i] = img.permute(1, 2, 0).numpy()
     return out
+
+
+def _read_image_file(path: str) -> Any:
+    from torchvision.io import read_file
+
+    try:
+        return read_file(path)
+    except (OSError, RuntimeError) as err:
+        raise RecipeError(f"key 'data.root': cannot read image {path} ({first_line(err)})") from None
+
+
+def check_image_files(samples: Sequence[tuple[str, int]]) -> None:
+    """Every sample is a readable, non-empty regular file (a FIFO would block a reader forever).
+
+    Raises:
+        RecipeError: naming the first bad file and what is wrong with it.
+    """
+    for path, _ in samples:
+        try:
+            info = os.stat(path)  # follows symlinks: a dangling one fails here
+        except OSError as err:
+            raise RecipeError(f"key 'data.root': cannot read image {path} ({err.strerror})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise RecipeError(f"key 'data.root': {path} is not a regular file")
+        if info.st_size == 0:
+            raise RecipeError(f"key 'data.root': {path} is an empty file, not an image")
+
+
+def check_tree(top: Path) -> None:
+    """Refuse a tree in which one directory is reached twice (a symlink loop, or two links to one folder).
+
+    torchvision's ``make_dataset`` follows directory symlinks: a loop would hang it or repeat samples
+    under wrong labels.
+
+    Raises:
+        RecipeError: naming the directory reached twice and the path it was first reached by.
+    """
+    seen: dict[str, str] = {}
+    for dirpath, _, _ in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            raise RecipeError(
+                f"key 'data.root': {dirpath} is the directory {seen[real]} again (a symlink loop or a second link "
+                "to one folder); remove the link"
+            )
+        seen[real] = dirpath
 
 
 def _fingerprint(root: Path, samples: Sequence[tuple[str, int]], image_size: int) -> str:
@@ -170,13 +219,9 @@ def _load_folder_split(
     images = _decode_files([p for p, _ in samples], image_size)
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, images)
-            os.replace(tmp, path)
-        except OSError as err:
-            log.warning("could not cache decoded images in %s: %s", cache_dir, err)
+            atomic_write(path, lambda f: np.save(f, images))
+        except OSError as err:  # a cache is optional: train from memory, decode again next time
+            log.warning("could not cache decoded images: %s", err)
     return ArraySplit(images, labels)
 
 
@@ -263,13 +308,15 @@ def load_image_folder_split(
         raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {err}") from None
     _check_classes(root, split, found, classes)
     class_to_idx = {name: i for i, name in enumerate(classes)}
+    check_tree(root / split)
     try:
         samples = make_dataset(str(root / split), class_to_idx, IMG_EXTENSIONS, allow_empty=split != "train")
     except FileNotFoundError as err:
-        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {str(err).splitlines()[0]}") from None
+        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {first_line(err)}") from None
     if not samples:
         raise RecipeError(f"key 'data.root': {_folder_layout(root)}; no images found in {root / split}")
     samples = [samples[i] for i in subset_indices(len(samples), limit, f"data.{split}_limit")]
+    check_image_files(samples)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return _load_folder_split(root.resolve(), split, samples, image_size, cache)
 

@@ -26,29 +26,33 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mbn.builders import build_model
-from mbn.checkpoint import load_checkpoint, load_model_state, save_atomic
+from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
 from mbn.config import DomainSpec, save_recipe
 from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
+from mbn.domain_checks import check_domain_output
+from mbn.errors import DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
 from mbn.eval.accuracy import accuracy
+from mbn.fileio import atomic_torch_save, atomic_write_text
 from mbn.heads import forward_heads
 from mbn.init_from import init_from_state
 from mbn.objective import CLASSES
 from mbn.optim import build_optimizer, build_scheduler
-from mbn.plan import plan_run
+from mbn.plan import RunPlan, plan_run
 from mbn.progress import Progress
+from mbn.resume import check_resume_config
 from mbn.routing import split_sources, use_source
+from mbn.rundir import RunLock, check_new_run_dir, clean_run_dir
 from mbn.tblog import TensorBoardLogger
 
 Batch = tuple[Tensor, Tensor]
 
 
-class TrainingDivergedError(RuntimeError):
-    """A domain's loss became NaN/inf; the last good checkpoint is kept."""
+#: Signals that stop training after the current step with a checkpoint (Ctrl-C; SLURM/Kubernetes preemption).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-
-class TrainingInterruptedError(RuntimeError):
-    """Ctrl-C: a checkpoint was saved and the run can be resumed."""
+#: Checkpoint entries a resume needs.
+RESUME_ENTRIES = ("model", "optimizer", "scheduler", "scaler", "state", "config")
 
 
 @dataclass
@@ -70,6 +74,10 @@ def step_seed(seed: int, step: int) -> int:
 class Trainer:
     """Builds everything a recipe describes and trains it.
 
+    The trainer holds ``run_dir``'s lock (:class:`mbn.rundir.RunLock`) from construction until :meth:`fit`
+    returns or :meth:`close` is called; a new run refuses a directory holding another run's files, and a
+    resume refuses recipe changes that alter what was trained (:mod:`mbn.resume`).
+
     Args:
         cfg: a recipe loaded with :func:`mbn.config.load_recipe`.
         run_dir: output directory (``config.yaml``, ``tb/``, ``checkpoints/``, ``metrics.json``).
@@ -79,7 +87,20 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         plan = plan_run(cfg)  # every recipe error surfaces here, before the data is read
+        self.lock = RunLock(self.run_dir).acquire()  # before anything in run_dir is read or written
+        try:
+            self._setup(cfg, plan, resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: DictConfig, plan: RunPlan, resume: bool) -> None:
+        self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = plan.device
+        resume_ckpt = self._read_resume_checkpoint(self.ckpt_dir / "last.pt") if resume else None
+        if not resume:
+            check_new_run_dir(self.run_dir)
+        clean_run_dir(self.run_dir)  # temporary files of writes a kill interrupted
         self.specs: list[DomainSpec] = plan.specs
         self.sources = plan.sources
         self.domains, self.objectives, self.heads = plan.domains, plan.objectives, plan.heads
@@ -105,39 +126,48 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.amp == "fp16")
         self.state = TrainState()
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.tb = TensorBoardLogger(self.run_dir / "tb", cfg.logging.tensorboard, cfg.logging.perturbation_gain)
         self.progress = Progress(cfg.trainer.progress, total=self._planned_steps())
-        self._stop_requested = False
+        self._stop_signal: int | None = None
         self._window: dict[str, list[float]] = {}
+        self._checked_domains: set[str] = set()
+        self.last_window: dict[str, float] = {}
         self._images_seen = 0
         self._train_time = 0.0
-        if resume:
-            self._restore(self.ckpt_dir / "last.pt")
+        self._wall_before = 0.0  # wall time of earlier sessions of a resumed run
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt, self.ckpt_dir / "last.pt")
         elif plan.init_checkpoint is not None:
             self._init_from(plan.init_path, plan.init_checkpoint)
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         """Train until ``trainer.epochs`` or ``trainer.max_steps``; returns the final metrics."""
-        save_recipe(self.cfg, self.run_dir / "config.yaml")
-        wall = time.perf_counter()
-        with self._sigint_saves_checkpoint():
-            while self.state.epoch < self.cfg.trainer.epochs and not self._done() and not self._stop_requested:
-                self.train_one_epoch(self.state.epoch)
-                if self.state.batch >= self.steps_per_epoch:  # the epoch completed
-                    self.state.epoch, self.state.batch = self.state.epoch + 1, 0
-                    if self._eval_due():
-                        self.evaluate()
+        try:
+            save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
+            self._wall_start = time.perf_counter()
+            with self._signals_save_checkpoint():
+                while self.state.epoch < self.cfg.trainer.epochs and not self._done() and not self._stopping:
+                    self.train_one_epoch(self.state.epoch)
+                    if self.state.batch >= self.steps_per_epoch:  # the epoch completed
+                        self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+                        if self._eval_due():
+                            self.evaluate()
+                        self.save_checkpoint()
+                if not self._stopping and (not self.state.test_acc or self.state.batch):  # max_steps mid-epoch
+                    self.evaluate()
                     self.save_checkpoint()
-        if not self.state.test_acc or self.state.batch:  # stopped by max_steps mid-epoch
-            self.evaluate()
-            self.save_checkpoint()
-        metrics = self._final_metrics(time.perf_counter() - wall)
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            metrics = self._final_metrics(self._wall_time())
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            return metrics
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the progress display and TensorBoard, and release the run directory's lock."""
         self.progress.close()
         self.tb.close()
-        return metrics
+        self.lock.release()
 
     def train_one_epoch(self, epoch: int) -> None:
         """Train on ``epoch``'s batches from ``state.batch`` on; returns early at max_steps or Ctrl-C."""
@@ -154,7 +184,7 @@ class Trainer:
             self._train_time += time.perf_counter() - tic
             self._images_seen += images.shape[0]
             self._after_step(losses, accs, outputs, images)
-            if self._done() or self._stop_requested:
+            if self._done() or self._stopping:
                 return
 
     # ----------------------------------------------------------------------------------------- step
@@ -169,8 +199,20 @@ class Trainer:
             src_x, src_y = outputs[spec.input] if spec.input else (images, labels)
             ctx = self.contexts[spec.name]
             ctx.step, ctx.epoch, ctx.generator = self.state.step, self.state.epoch, generator
-            with self._autocast(attack=True):
-                outputs[spec.name] = self.domains[spec.name].generate(src_x, src_y, ctx)
+            try:
+                with self._autocast(attack=True):
+                    out = self.domains[spec.name].generate(src_x, src_y, ctx)
+            except Exception as err:
+                raise DomainError(
+                    f"domain {spec.name!r} (type {spec.type!r}) failed at step {self.state.step}: "
+                    f"{type(err).__name__}: {first_line(err)}"
+                ) from err
+            if spec.name not in self._checked_domains:  # the first batch only: no host sync in later steps
+                head = self.objectives[spec.name].head
+                size = self.data.num_classes if head == CLASSES else self.heads[head]
+                out = check_domain_output(spec.name, out, src_x, size)
+                self._checked_domains.add(spec.name)
+            outputs[spec.name] = out
         return outputs
 
     def forward_losses(self, outputs: dict[str, Batch]) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -262,12 +304,14 @@ class Trainer:
             "data": self.data.stats.to_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "train_time": self._train_time,
+            "wall_time": self._wall_time(),
             "images_seen": self._images_seen,
+            "last_window": dict(self.last_window),
         }
-        save_atomic(ckpt, self.ckpt_dir / "last.pt")
+        atomic_torch_save(ckpt, self.ckpt_dir / "last.pt")
         main = self.state.test_acc.get(self.sources[0])
         if main is not None and main >= self.state.best_acc:
-            save_atomic(ckpt, self.ckpt_dir / "best.pt")
+            atomic_torch_save(ckpt, self.ckpt_dir / "best.pt")
 
     def _init_from(self, path: Path | None, ckpt: dict[str, Any]) -> None:
         """``model.init_from``: load every tensor of that checkpoint that fits; log what stayed fresh."""
@@ -275,15 +319,29 @@ class Trainer:
         self.progress.log(report.summary(path))
         self.init_report = {"path": str(path), "loaded": len(report.loaded), "fresh": sorted(report.fresh)}
 
-    def _restore(self, path: Path) -> None:
+    def _read_resume_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The checkpoint to resume from, checked against the recipe before anything is built."""
         ckpt = load_checkpoint(path, map_location=self.device)
+        require_entries(ckpt, RESUME_ENTRIES, path, "a training checkpoint to resume")
+        if not isinstance(ckpt["config"], dict):
+            raise CheckpointError(f"{path}: its 'config' entry is not a recipe")
+        self.resume_changes = check_resume_config(ckpt["config"], self.cfg)
+        return ckpt
+
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         load_model_state(self.model, ckpt["model"], path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(**ckpt["state"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.state = TrainState(**ckpt["state"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            detail = first_line(err)
+            raise CheckpointError(f"{path}: optimiser or training state does not fit this run ({detail})") from None
         self._train_time = float(ckpt.get("train_time", 0.0))
+        self._wall_before = float(ckpt.get("wall_time", 0.0))
         self._images_seen = int(ckpt.get("images_seen", 0))
+        self.last_window = dict(ckpt.get("last_window", {}))
 
     # ------------------------------------------------------------------------------------- helpers
     def _seed_step(self) -> None:
@@ -367,8 +425,16 @@ class Trainer:
         if every and step % every == 0 and self.state.batch < self.steps_per_epoch:
             self.save_checkpoint()
 
+    def _wall_time(self) -> float:
+        start = getattr(self, "_wall_start", None)
+        return self._wall_before + (time.perf_counter() - start if start is not None else 0.0)
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_signal is not None
+
     def _final_metrics(self, wall: float) -> dict[str, Any]:
-        window = getattr(self, "last_window", {})
+        window = self.last_window
         return {
             "steps": self.state.step,
             "epochs_completed": self.state.epoch,
@@ -387,28 +453,31 @@ class Trainer:
         }
 
     @contextlib.contextmanager
-    def _sigint_saves_checkpoint(self) -> Iterator[None]:
-        """First Ctrl-C finishes the current step, saves a checkpoint and stops; a second one aborts."""
+    def _signals_save_checkpoint(self) -> Iterator[None]:
+        """SIGINT, SIGTERM or SIGHUP finishes the current step, saves a checkpoint and stops; a second one aborts."""
         if sys.platform == "win32" or not _in_main_thread():
             yield
             return
+        previous: dict[int, Any] = {}
 
         def request_stop(signum: int, frame: object) -> None:
-            self._stop_requested = True
-            signal.signal(signal.SIGINT, previous)
+            self._stop_signal = signum
+            for sig, handler in previous.items():  # a second signal acts as it would without mbn
+                signal.signal(sig, handler)
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, request_stop)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
-        if self._stop_requested:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self._stop_signal is not None:
             self.save_checkpoint()
-            self.progress.close()
-            self.tb.close()
+            name = signal.Signals(self._stop_signal).name
             raise TrainingInterruptedError(
-                f"interrupted at step {self.state.step}; checkpoint saved, "
-                f"resume with: mbn-train --resume {self.run_dir}"
+                f"{name} at step {self.state.step}; checkpoint saved, resume with: mbn-train --resume {self.run_dir}",
+                self._stop_signal,
             )
 
 

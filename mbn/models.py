@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from mbn.config import ModelCfg
+from mbn.errors import first_line
 
 
 class ImageClassifier(nn.Module):
@@ -189,7 +190,7 @@ def _replace_head(net: nn.Module, num_classes: int) -> None:
 
 
 def _download_error(source: str, name: str, err: Exception, hint: str) -> ModelConfigError:
-    detail = str(err).splitlines()[0] if str(err) else ""
+    detail = first_line(err)
     return ModelConfigError(
         "pretrained", f"could not load {source} weights for {name!r} ({type(err).__name__}: {detail}); {hint}"
     )

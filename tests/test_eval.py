@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mbn
-from mbn.checkpoint import load_checkpoint, save_atomic
+from mbn.checkpoint import load_checkpoint
 from mbn.cli.eval import main as eval_main
 from mbn.cli.train import main as train_main
 from mbn.data import subset_indices
@@ -30,6 +30,7 @@ from mbn.eval.robustness import (
     robust_accuracy,
     robustness_sweep,
 )
+from mbn.fileio import atomic_torch_save
 from mbn.norm import MultiSourceBatchNorm
 from mbn.synthetic import generate_synthetic
 
@@ -213,7 +214,7 @@ def test_incompatible_checkpoint_exits_2_with_one_line(run_dir, tmp_path, capsys
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     ckpt["config"]["model"]["width"] = 16  # the weights are for width 8
     path = tmp_path / "checkpoints" / "last.pt"
-    save_atomic(ckpt, path)
+    atomic_torch_save(ckpt, path)
     assert eval_main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mbn-eval: error: ") and err.count("\n") == 1 and "does not match" in err, err
@@ -248,7 +249,7 @@ def test_evaluation_reads_only_the_test_split(tmp_path, monkeypatch, capsys):
     # A checkpoint from before mbn stored the statistics loads the training data for them: same numbers.
     legacy = load_checkpoint(run / "checkpoints" / "last.pt")
     del legacy["data"]
-    save_atomic(legacy, tmp_path / "legacy" / "checkpoints" / "last.pt")
+    atomic_torch_save(legacy, tmp_path / "legacy" / "checkpoints" / "last.pt")
     model, old_model = _loaded_model(run), _loaded_model(tmp_path / "legacy")
     torch.testing.assert_close(model.mean, old_model.mean, rtol=0, atol=0)
     torch.testing.assert_close(model.std, old_model.std, rtol=0, atol=0)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from mbn.checkpoint import CheckpointError
 from mbn.config import RecipeError, load_recipe
+from mbn.errors import DomainError, TrainingDivergedError, TrainingInterruptedError
+from mbn.fileio import WriteError
+from mbn.rundir import RunDirError, RunLock
 
 EPILOG = """examples:
   mbn-train recipes/advprop.yaml domains.adv.steps=5 domains.adv.eps=4
@@ -40,57 +45,68 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
-    """Load the recipe (or the run's saved one) and choose the run directory."""
+    """Load the recipe (or the run's saved one) and choose the run directory.
+
+    Nothing is written here; the trainer checks the directory (lock, existing run) before writing.
+    """
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise RecipeError(f"{run_dir}: not a run directory (no config.yaml) to resume")
+        RunLock(run_dir).acquire().release()  # in use? say so before anything else
         if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise CheckpointError(f"{run_dir / 'checkpoints' / 'last.pt'}: checkpoint not found; nothing to resume")
+            raise CheckpointError(
+                f"{run_dir / 'checkpoints' / 'last.pt'}: checkpoint not found; nothing to resume "
+                "(the run stopped before its first checkpoint: delete the directory and start again)"
+            )
         cfg = load_recipe(run_dir / "config.yaml", args.overrides)
         cfg.trainer.out_dir = str(run_dir)
         return cfg, run_dir, True
     cfg = load_recipe(args.recipe, args.overrides)
     if cfg.trainer.out_dir is None:
         cfg.trainer.out_dir = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.trainer.out_dir)
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise RecipeError(
-            f"key 'trainer.out_dir': {run_dir} already holds a run; resume it with --resume {run_dir} "
-            "or choose another out_dir"
-        )
-    return cfg, run_dir, False
+    return cfg, Path(cfg.trainer.out_dir), False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status (2 for bad input, 130 for Ctrl-C)."""
+    """Entry point; returns the exit status: 2 bad input, 1 failure, 128 + signal number when stopped by one."""
     args = parse_args(argv)
     try:
+        return _train(args)
+    except KeyboardInterrupt:  # before training started (recipe loading, data decoding): nothing was written
+        print("mbn-train: interrupted before training started; no checkpoint written", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
         cfg, run_dir, resume = prepare_run(args)
-        from mbn.engine import (
-            Trainer,
-            TrainingDivergedError,
-            TrainingInterruptedError,
-        )  # heavy imports after validation
+        from mbn.engine import Trainer  # heavy imports after the recipe loaded
 
         trainer = Trainer(cfg, run_dir, resume=resume)  # type: ignore[arg-type]
         print(f"mbn-train: run directory {run_dir} (BN sources: {', '.join(trainer.sources)})", flush=True)
         metrics = trainer.fit()
-    except (RecipeError, CheckpointError) as err:
-        print(f"mbn-train: error: {err}", file=sys.stderr)
-        return 2
+    except (RecipeError, CheckpointError, RunDirError) as err:
+        return _fail(err, 2)
     except TrainingInterruptedError as err:
         print(f"mbn-train: {err}", file=sys.stderr)
-        return 130
-    except TrainingDivergedError as err:
-        print(f"mbn-train: error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
+    except (TrainingDivergedError, DomainError, WriteError) as err:
+        return _fail(err, 1)
     acc = metrics["test_acc_main"]
     print(
         f"mbn-train: done, {metrics['steps']} steps, test accuracy (main BN) {acc:.4f}; "
         f"metrics in {run_dir}/metrics.json"
     )
     return 0
+
+
+def _fail(err: BaseException, code: int) -> int:
+    """One line on stderr (the traceback too when ``MBN_TRACEBACK=1``); returns ``code``."""
+    if os.environ.get("MBN_TRACEBACK"):
+        traceback.print_exception(err)
+    print(f"mbn-train: error: {err}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import os
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,8 @@ from skimage.color import hsv2rgb, rgb2hsv
 from skimage.filters import gaussian
 from skimage.util import random_noise
 from tqdm.auto import tqdm
+
+from mbn.fileio import atomic_write
 
 __all__ = [
     "ALL_CORRUPTIONS",
@@ -708,18 +709,6 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # manifest fields that identify what a cache contains; any difference makes it a different cache
 _IDENTITY_KEYS = ("format_version", "generator_version", "images_sha256", "labels_sha256", "num_images",
                   "image_shape", "seed", "chunk_size")  # fmt: skip
@@ -754,7 +743,7 @@ class CorruptionCache:
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        _atomic_write(self.root / self.MANIFEST, lambda f: f.write(data))
+        atomic_write(self.root / self.MANIFEST, lambda f: f.write(data))
 
     def path(self, name: str, severity: int) -> Path:
         """Return the file holding one (corruption, severity) array."""
@@ -792,7 +781,7 @@ class CorruptionCache:
             for entry in manifest.get("entries", {}).values():
                 (self.root / entry["file"]).unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.root / self.LABELS, lambda f: np.save(f, labels))
+        atomic_write(self.root / self.LABELS, lambda f: np.save(f, labels))
         manifest = {**identity, "reference": "hendrycks/robustness ImageNet-C/create_c/make_cifar_c.py",
                     "packages": _package_versions(), "entries": {}}  # fmt: skip
         self._write_manifest(manifest)
@@ -812,7 +801,7 @@ class CorruptionCache:
     ) -> None:
         """Write one array and record it in the manifest (updated in place and on disk)."""
         path = self.path(name, severity)
-        _atomic_write(path, lambda f: np.save(f, array))
+        atomic_write(path, lambda f: np.save(f, array))
         manifest["entries"][f"{name}/{severity}"] = {
             "corruption": name,
             "severity": severity,

@@ -9,15 +9,14 @@ symmetric KL between each auxiliary BN's statistics and the main BN's, see :mod:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mbn.fileio import atomic_write, atomic_write_text
+
 __all__ = [
     "PLOT_FILES",
-    "atomic_write",
     "plot_bn_divergence",
     "plot_corruptions",
     "plot_robustness",
@@ -31,23 +30,6 @@ PLOT_FILES = {
     "divergence": "bn_divergence.png",
 }
 """Plot file name of each ``eval.json`` section."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``.
-
-    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on one filesystem).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- markdown
@@ -143,7 +125,7 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -232,9 +214,9 @@ def write_report(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     written = [out_dir / "eval.json", out_dir / "eval.md"]
     text = json.dumps(result, indent=2) + "\n"
-    atomic_write(written[0], lambda tmp: tmp.write_text(text))
+    atomic_write_text(written[0], text)
     markdown = render_markdown(result)
-    atomic_write(written[1], lambda tmp: tmp.write_text(markdown))
+    atomic_write_text(written[1], markdown)
     if result.get("adversarial"):
         plot_robustness(result["adversarial"], result.get("clean_acc"), out_dir / PLOT_FILES["adversarial"])
         written.append(out_dir / PLOT_FILES["adversarial"])

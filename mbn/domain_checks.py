@@ -1,0 +1,72 @@
+"""Checks of what a domain plugin returns, run once per domain (its first batch), each error naming the domain.
+
+A plugin's ``generate`` must return ``(images, targets)``: images float ``(N, C, H, W)`` in [0, 1] on the
+input's device with the input's channels and size (batches of all domains are concatenated); targets of
+length N on the same device, either class indices (int64 ``(N,)`` in ``[0, K)``) or probabilities
+(float ``(N, K)``), K being the size of the head that scores the domain. Later batches are not checked, so
+the step stays free of host synchronisation; a NaN later is caught by the trainer's finite-loss check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mbn.errors import DomainError
+
+
+def check_domain_output(name: str, out: Any, source: Tensor, num_targets: int) -> tuple[Tensor, Tensor]:
+    """Validate one ``generate`` result against its input batch; returns it unchanged.
+
+    Args:
+        name: the domain's name in the recipe.
+        out: what ``generate`` returned.
+        source: the images it was given, ``(N, C, H, W)``.
+        num_targets: outputs of the head that scores this domain (K).
+
+    Raises:
+        DomainError: the first violation, naming the domain and what was expected.
+    """
+
+    def fail(problem: str) -> DomainError:
+        return DomainError(f"domain {name!r}: generate() returned {problem}")
+
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise fail(f"{type(out).__name__}; expected a pair (images, targets)")
+    images, targets = out
+    if not isinstance(images, Tensor) or not isinstance(targets, Tensor):
+        raise fail(f"({type(images).__name__}, {type(targets).__name__}); expected two tensors")
+    if not images.is_floating_point():
+        raise fail(f"images of dtype {images.dtype}; expected float images in [0, 1]")
+    if images.ndim != 4 or images.shape[1:] != source.shape[1:]:
+        raise fail(f"images of shape {tuple(images.shape)}; expected (N, {', '.join(map(str, source.shape[1:]))})")
+    if images.device != source.device or targets.device != source.device:
+        raise fail(f"tensors on {images.device}/{targets.device}; expected them on {source.device}")
+    if targets.shape[0] != images.shape[0]:
+        raise fail(f"{targets.shape[0]} targets for {images.shape[0]} images")
+    if images.numel():
+        low, high = torch.aminmax(images.detach())
+        low_v, high_v = float(low), float(high)  # one host sync, first batch only
+        if not (low_v == low_v and high_v == high_v) or low_v < -1e-4 or high_v > 1 + 1e-4:
+            hint = " (0-255 pixel values?)" if high_v > 2 else ""
+            raise fail(f"images in [{low_v:.4g}, {high_v:.4g}]{hint}; expected values in [0, 1]")
+    _check_targets(targets, num_targets, fail)
+    return images, targets
+
+
+def _check_targets(targets: Tensor, num_targets: int, fail: Any) -> None:
+    if targets.is_floating_point():
+        if targets.ndim != 2 or targets.shape[1] != num_targets:
+            raise fail(
+                f"float targets of shape {tuple(targets.shape)}; expected class indices (N,) or "
+                f"probabilities (N, {num_targets})"
+            )
+        return
+    if targets.dtype != torch.int64 or targets.ndim != 1:
+        raise fail(f"targets of dtype {targets.dtype} and shape {tuple(targets.shape)}; expected int64 (N,)")
+    if targets.numel():
+        low, high = torch.aminmax(targets)
+        if int(low) < 0 or int(high) >= num_targets:
+            raise fail(f"targets in [{int(low)}, {int(high)}]; expected class indices in [0, {num_targets})")

@@ -1,0 +1,81 @@
+"""What a resume may change: keys that neither reinterpret the saved position nor change what was trained.
+
+``mbn-train --resume RUN_DIR key=value ...`` compares the resulting recipe with the one stored in the
+checkpoint. Keys listed in :data:`RESUMABLE_KEYS` may differ (how long to train, where the data lives,
+logging, evaluation, the device); anything else (the model, the data order and batch size, the seed,
+the domains, the optimiser, the schedule's shape) is refused with one line naming every such key: start a
+new run instead, with ``model.init_from=RUN_DIR`` to begin from its weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mbn.config import RecipeError
+
+#: Exact keys, or prefixes ending in ``.``, that a resume may change.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "trainer.epochs",  # train longer (or shorter): the schedule and domain windows stretch from here on
+    "trainer.max_steps",
+    "trainer.out_dir",
+    "trainer.device",
+    "trainer.compile",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.eval_all_bns",
+    "trainer.checkpoint_every_steps",
+    "data.root",  # the same data, moved
+    "data.download",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "data.test_limit",
+    "eval.",
+    "logging.",
+)
+
+
+def resumable(key: str) -> bool:
+    """True when a resume may change ``key``."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted.key, leaf)`` pairs of a nested mapping; lists are leaves."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def changed_keys(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, trained value, new value)`` for every leaf that differs (missing leaves are ``None``)."""
+    old, new = dict(flatten(trained)), dict(flatten(now))
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def check_resume_config(trained: Mapping[str, Any], cfg: DictConfig) -> list[str]:
+    """Refuse a resume whose recipe changes what was trained; returns the (allowed) keys that changed.
+
+    Args:
+        trained: the recipe stored in the checkpoint (``ckpt["config"]``).
+        cfg: the recipe this resume would run (saved ``config.yaml`` plus command-line overrides).
+
+    Raises:
+        RecipeError: naming every key that may not change, with its trained and requested values.
+    """
+    now = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(now, dict)
+    changes = changed_keys(trained, {str(k): v for k, v in now.items()})
+    refused = [(k, a, b) for k, a, b in changes if not resumable(k)]
+    if refused:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
+        raise RecipeError(
+            f"resume cannot change {listed}: it changes what was trained; start a new run "
+            "(model.init_from=RUN_DIR starts from this run's weights)"
+        )
+    return [k for k, _, _ in changes]
