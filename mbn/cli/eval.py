@@ -16,6 +16,7 @@ from pathlib import Path
 from mbn.checkpoint import CheckpointError
 from mbn.config import RecipeError
 from mbn.eval.evaluate import SECTIONS, EvalInputError, EvalOptions, check_options, evaluate_run, summary_line
+from mbn.fileio import WriteError
 
 EPILOG = """examples:
   mbn-eval runs/advprop                      # clean + per-BN accuracy
@@ -136,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, CheckpointError, EvalInputError) as err:
         print(f"mbn-eval: error: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:  # a full disk: eval.json and the caches keep their previous versions
+        print(f"mbn-eval: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mbn-eval: interrupted", file=sys.stderr)
         return 130

@@ -63,8 +63,13 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
         cfg.trainer.out_dir = str(run_dir)
         return cfg, run_dir, True
     cfg = load_recipe(args.recipe, args.overrides)
-    if cfg.trainer.out_dir is None:
-        cfg.trainer.out_dir = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.trainer.out_dir is None:  # a fresh name; two runs started in the same second get -2, -3, ...
+        stem = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name, n = stem, 1
+        while Path(name).exists():
+            n += 1
+            name = f"{stem}-{n}"
+        cfg.trainer.out_dir = name
     return cfg, Path(cfg.trainer.out_dir), False
 
 
