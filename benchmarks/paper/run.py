@@ -130,7 +130,10 @@ SCALES: dict[str, Scale] = {
         eval_limit=1000,
         pgd_steps=5,
         l2_eps=(0.5,),
-        about="reduced: small network, 10k training images, few epochs; trends only, not the paper's numbers",
+        about=(
+            "reduced: small network, a subset of the training images (10k unless a study overrides it), "
+            "few epochs; trends only, not the paper's numbers"
+        ),
     ),
     # The paper-sized CIFAR run: ResNet-18, 30 epochs (base.yaml), full training and test sets.
     "gpu": Scale(
