@@ -18,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +98,8 @@ def engine_loop(trainer: Trainer):
 def measure(recipe: str, steps: int, blocks: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_recipe(f"recipes/{recipe}.yaml", OVERRIDES)
-        engine = engine_loop(Trainer(cfg, tmp))
-        hand = hand_loop(Trainer(cfg, tmp), recipe)
+        engine = engine_loop(Trainer(cfg, Path(tmp) / "engine"))  # one run directory each: each holds its lock
+        hand = hand_loop(Trainer(cfg, Path(tmp) / "hand"), recipe)
         engine(2), hand(2)  # warm-up
         times: dict[str, list[float]] = {"engine": [], "hand": []}
         for _ in range(blocks):

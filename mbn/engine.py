@@ -169,6 +169,12 @@ class Trainer:
         self.tb.close()
         self.lock.release()
 
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def train_one_epoch(self, epoch: int) -> None:
         """Train on ``epoch``'s batches from ``state.batch`` on; returns early at max_steps or Ctrl-C."""
         self.model.train()
