@@ -27,6 +27,7 @@ from common import machine_info, sync
 
 import mbn
 from mbn.domain import DomainContext
+from mbn.fileio import atomic_write_text
 
 STEPS = (1, 3, 5, 10)
 
@@ -96,7 +97,7 @@ def main() -> None:
         print(f"{name:>18} {r['median_s'] * 1e3:10.1f} {r['iqr_s'] * 1e3:8.1f} {r['ratio_to_forward_backward']:10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "setup": setup, "results": results}, indent=2) + "\n")
+    atomic_write_text(out, json.dumps({"machine": machine, "setup": setup, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

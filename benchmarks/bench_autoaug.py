@@ -29,6 +29,7 @@ from torchvision import transforms
 
 import mbn
 from mbn.domain import DomainContext
+from mbn.fileio import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "autoaug.json"
 
@@ -150,7 +151,7 @@ def main() -> None:
         ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

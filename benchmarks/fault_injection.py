@@ -14,6 +14,7 @@ and the run started again. Every finished trial's ``last.pt`` must equal the ref
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import signal
@@ -33,9 +34,9 @@ from mbn.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # AdvProp (two BN sources, a PGD attack drawing from the step generator), 6 epochs of 4 steps, a checkpoint
-# every 2 steps so kills land both between and inside epochs.
+# every 2 steps so kills land both between and inside epochs, two DataLoader workers.
 RECIPE = [str(REPO / "recipes" / "advprop.yaml"), "data.name=synthetic", "data.synthetic_train_size=64",
-          "data.synthetic_test_size=32", "data.batch_size=16", "data.num_workers=0", "model.name=cifar_resnet8",
+          "data.synthetic_test_size=32", "data.batch_size=16", "data.num_workers=2", "model.name=cifar_resnet8",
           "model.width=8", "trainer.epochs=6", "trainer.checkpoint_every_steps=2", "trainer.progress=none",
           "domains.adv.steps=1", "logging.image_every=4", "logging.divergence_every=4"]  # fmt: skip
 
@@ -44,7 +45,8 @@ def launch(run: Path, resume: bool) -> subprocess.Popen[bytes]:
     """Start ``mbn-train`` (fresh or ``--resume``) in a subprocess."""
     args = ["--resume", str(run)] if resume else [*RECIPE, f"trainer.out_dir={run}"]
     cmd = [sys.executable, "-m", "mbn.cli.train", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a session of its own: signals go to the whole process group (trainer and DataLoader workers), as from SLURM
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
 def final_state(run: Path) -> dict[str, Any]:
@@ -93,7 +95,7 @@ def run_trial(run: Path, rng: random.Random, span: float, kills: int, log: dict[
             time.sleep(rng.uniform(0.0, span))
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
         if proc.poll() is None:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig)
             log[f"kills_{sig.name}"] += 1
         proc.wait()
         if (run / "checkpoints" / "last.pt").is_file():

@@ -236,6 +236,8 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "data.image_size": _POSITIVE,
     "data.num_workers": _NON_NEGATIVE,
     "data.crop_padding": _NON_NEGATIVE,
+    "model.width": {"low": 1},
+    "trainer.seed": {"low": 0, "high": 2**32 - 1},
     "trainer.epochs": _POSITIVE,
     "trainer.max_steps": _POSITIVE,
     "trainer.log_every": _POSITIVE,

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import random
+import signal
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 _SUBSET_SEED = 20200614  # fixed, so train_limit/test_limit pick the same images whatever the run seed
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the fingerprint covers the absolute root and file mtimes
 _DECODE_CHUNK = 512
 
 
@@ -141,12 +142,23 @@ def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
                 try:
                     images.append(decode_image(data, mode=ImageReadMode.RGB))
                 except RuntimeError as err:
-                    raise RecipeError(f"key 'data.root': cannot decode image {path} ({first_line(err)})") from None
+                    images.append(_decode_with_pil(path, err))
         for i, img in enumerate(images):
             if img.shape[-2:] != (image_size, image_size):
                 img = TF.center_crop(TF.resize(img, image_size, antialias=True), [image_size, image_size])
             out[lo + i] = img.permute(1, 2, 0).numpy()
     return out
+
+
+def _decode_with_pil(path: str, first_error: Exception) -> torch.Tensor:
+    """Formats torchvision cannot decode but ImageFolder lists (BMP, TIFF, PPM, ...): PIL, as torchvision's loader."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    except Exception:
+        raise RecipeError(f"key 'data.root': cannot decode image {path} ({first_line(first_error)})") from None
 
 
 def _read_image_file(path: str) -> Any:
@@ -188,17 +200,33 @@ def check_tree(top: Path) -> None:
     for dirpath, _, _ in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
+            first = seen[real]
+            link = _first_link(dirpath, top) or _first_link(first, top) or dirpath
+            other = first if link != first else dirpath
             raise RecipeError(
-                f"key 'data.root': {dirpath} is the directory {seen[real]} again (a symlink loop or a second link "
-                "to one folder); remove the link"
+                f"key 'data.root': {link} leads to {other} again (a symlink loop or a second link to one folder); "
+                "remove the link"
             )
         seen[real] = dirpath
 
 
+def _first_link(path: str, top: Path) -> str | None:
+    """The outermost symlinked directory on ``path`` below ``top``, if any."""
+    rel = Path(os.path.relpath(path, top))
+    current = Path(top)
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            return str(current)
+    return None
+
+
 def _fingerprint(root: Path, samples: Sequence[tuple[str, int]], image_size: int) -> str:
-    digest = hashlib.sha1(f"v{_CACHE_VERSION}|{image_size}".encode())
+    """Identity of a decoded set: the tree's absolute path, each file's path, size, mtime and label."""
+    digest = hashlib.sha1(f"v{_CACHE_VERSION}|{image_size}|{root.resolve()}".encode())
     for path, label in samples:
-        digest.update(f"|{os.path.relpath(path, root)}:{os.path.getsize(path)}:{label}".encode())
+        info = os.stat(path)
+        digest.update(f"|{os.path.relpath(path, root)}:{info.st_size}:{info.st_mtime_ns}:{label}".encode())
     return digest.hexdigest()[:20]
 
 
@@ -421,6 +449,11 @@ def worker_init_fn(worker_id: int) -> None:
     Per-sample seeding already makes the base transforms independent of workers; this also covers
     any transform a user adds that draws from the Compose's own or the global generators.
     """
+    # A scheduler's SIGTERM/SIGHUP (or Ctrl-C's SIGINT) reaches the whole process group: the main process saves
+    # a checkpoint and then shuts the workers down, so they must not die first (the main process would fail).
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -709,6 +742,11 @@ def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, DataStats]:
     elif cfg.name == "imagefolder":
         train, test, classes = load_image_folder(cfg.root, cfg.image_size, cfg.train_limit, cfg.test_limit)
         mean, std = channel_stats(train.images)
+        if min(std) == 0:
+            raise RecipeError(
+                f"key 'data.root': the training images under {cfg.root} are constant in channel "
+                f"{std.index(0.0)} (std 0); they cannot be normalised or learned from"
+            )
     elif cfg.name == "synthetic":
         _check_synthetic(cfg)
         # Fixed data seeds: every run sees the same synthetic train and test sets.

@@ -1,10 +1,11 @@
 """Checks of what a domain plugin returns, run once per domain (its first batch), each error naming the domain.
 
-A plugin's ``generate`` must return ``(images, targets)``: images float ``(N, C, H, W)`` in [0, 1] on the
-input's device with the input's channels and size (batches of all domains are concatenated); targets of
-length N on the same device, either class indices (int64 ``(N,)`` in ``[0, K)``) or probabilities
-(float ``(N, K)``), K being the size of the head that scores the domain. Later batches are not checked, so
-the step stays free of host synchronisation; a NaN later is caught by the trainer's finite-loss check.
+A plugin's ``generate`` must return ``(images, targets)``: at least one image, float ``(N, C, H, W)`` in [0, 1]
+of the input's dtype (or a half type), device, channels and size (batches of all domains are concatenated);
+targets of length N on the same device, either class indices (int64 ``(N,)`` in ``[0, K)``) or probabilities
+(float ``(N, K)``, non-negative, rows summing to 1), K being the size of the head that scores the domain. Later
+batches are not checked, so the step stays free of host synchronisation; a NaN later is caught by the trainer's
+finite-loss check.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def check_domain_output(name: str, out: Any, source: Tensor, num_targets: int) -
     images, targets = out
     if not isinstance(images, Tensor) or not isinstance(targets, Tensor):
         raise fail(f"({type(images).__name__}, {type(targets).__name__}); expected two tensors")
-    if not images.is_floating_point():
-        raise fail(f"images of dtype {images.dtype}; expected float images in [0, 1]")
+    if images.dtype not in (source.dtype, torch.float16, torch.bfloat16):
+        raise fail(f"images of dtype {images.dtype}; expected {source.dtype} images in [0, 1] (as its input)")
     if images.ndim != 4 or images.shape[1:] != source.shape[1:]:
         raise fail(f"images of shape {tuple(images.shape)}; expected (N, {', '.join(map(str, source.shape[1:]))})")
     if images.device != source.device or targets.device != source.device:
         raise fail(f"tensors on {images.device}/{targets.device}; expected them on {source.device}")
+    if images.shape[0] == 0:
+        raise fail("an empty batch; expected at least one image")
     if targets.shape[0] != images.shape[0]:
         raise fail(f"{targets.shape[0]} targets for {images.shape[0]} images")
     if images.numel():
@@ -62,6 +65,12 @@ def _check_targets(targets: Tensor, num_targets: int, fail: Any) -> None:
             raise fail(
                 f"float targets of shape {tuple(targets.shape)}; expected class indices (N,) or "
                 f"probabilities (N, {num_targets})"
+            )
+        sums = targets.detach().float().sum(1)
+        smallest, worst = float(targets.min()), float((sums - 1).abs().max())
+        if not smallest >= -1e-6 or not worst <= 1e-3:
+            raise fail(
+                f"soft targets with minimum {smallest:.4g} and row sums off 1 by {worst:.4g}; expected probabilities"
             )
         return
     if targets.dtype != torch.int64 or targets.ndim != 1:

@@ -27,11 +27,11 @@ from torch import Tensor
 
 from mbn.builders import build_model
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
-from mbn.config import DomainSpec, save_recipe
+from mbn.config import DomainSpec, RecipeError, save_recipe
 from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
 from mbn.domain_checks import check_domain_output
-from mbn.errors import DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
+from mbn.errors import STOP_SIGNALS, DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
 from mbn.eval.accuracy import accuracy
 from mbn.fileio import atomic_torch_save, atomic_write_text
 from mbn.heads import forward_heads
@@ -48,9 +48,6 @@ from mbn.tblog import TensorBoardLogger
 Batch = tuple[Tensor, Tensor]
 
 
-#: Signals that stop training after the current step with a checkpoint (Ctrl-C; SLURM/Kubernetes preemption).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
 #: Checkpoint entries a resume needs.
 RESUME_ENTRIES = ("model", "optimizer", "scheduler", "scaler", "state", "config")
 
@@ -64,6 +61,18 @@ class TrainState:
     batch: int = 0  # next batch index inside ``epoch``
     best_acc: float = -1.0
     test_acc: dict[str, float] = field(default_factory=dict)
+    evaluated_step: int = -1  # the step test_acc belongs to
+
+    def check(self, steps_per_epoch: int) -> None:
+        """A position this run can continue from; a ``ValueError`` names the bad field."""
+        for name in ("step", "epoch", "batch", "evaluated_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (-1 if name == "evaluated_step" else 0):
+                raise ValueError(f"state.{name} = {value!r} is not a position")
+        if self.batch > steps_per_epoch:
+            raise ValueError(f"state.batch = {self.batch} is past the {steps_per_epoch} batches of an epoch")
+        if not isinstance(self.test_acc, dict) or not isinstance(self.best_acc, (int, float)):
+            raise ValueError("state.test_acc / state.best_acc are not accuracies")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -130,6 +139,7 @@ class Trainer:
         self.progress = Progress(cfg.trainer.progress, total=self._planned_steps())
         self._stop_signal: int | None = None
         self._window: dict[str, list[float]] = {}
+        self._wall_at_save = 0.0
         self._checked_domains: set[str] = set()
         self.last_window: dict[str, float] = {}
         self._images_seen = 0
@@ -154,10 +164,10 @@ class Trainer:
                         if self._eval_due():
                             self.evaluate()
                         self.save_checkpoint()
-                if not self._stopping and (not self.state.test_acc or self.state.batch):  # max_steps mid-epoch
+                if not self._stopping and self.state.evaluated_step != self.state.step:  # max_steps mid-epoch
                     self.evaluate()
                     self.save_checkpoint()
-            metrics = self._final_metrics(self._wall_time())
+            metrics = self._final_metrics(self._wall_at_save)
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             return metrics
         finally:
@@ -208,7 +218,9 @@ class Trainer:
             try:
                 with self._autocast(attack=True):
                     out = self.domains[spec.name].generate(src_x, src_y, ctx)
-            except Exception as err:
+            except (Exception, SystemExit) as err:
+                if "DataLoader worker" in str(err):  # a worker died (signal, OOM killer): not the domain's fault
+                    raise
                 raise DomainError(
                     f"domain {spec.name!r} (type {spec.type!r}) failed at step {self.state.step}: "
                     f"{type(err).__name__}: {first_line(err)}"
@@ -290,7 +302,7 @@ class Trainer:
         sources = self.sources if self.cfg.trainer.eval_all_bns else self.sources[:1]
         move = lambda b: to_device(b, self.device, self.cfg.trainer.channels_last)  # noqa: E731
         acc = {bn: accuracy(self.model, self.data.test, bn, move, self._autocast) for bn in sources}
-        self.state.test_acc = acc
+        self.state.test_acc, self.state.evaluated_step = acc, self.state.step
         self.state.best_acc = max(self.state.best_acc, acc[self.sources[0]])
         self.tb.scalars({f"test_acc/{bn}": a for bn, a in acc.items()}, self.state.step)
         self.progress.log(f"epoch {self.state.epoch} step {self.state.step}: " + _fmt(acc, "test_acc"))
@@ -299,6 +311,7 @@ class Trainer:
     # --------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
         """Write ``last.pt`` atomically (and ``best.pt`` when the main-BN test accuracy improved)."""
+        wall = self._wall_time()
         ckpt = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -310,10 +323,12 @@ class Trainer:
             "data": self.data.stats.to_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "train_time": self._train_time,
-            "wall_time": self._wall_time(),
+            "wall_time": wall,
             "images_seen": self._images_seen,
             "last_window": dict(self.last_window),
+            "window": {k: list(v) for k, v in self._window.items()},  # a resumed run logs the same means
         }
+        self._wall_at_save = wall
         atomic_torch_save(ckpt, self.ckpt_dir / "last.pt")
         main = self.state.test_acc.get(self.sources[0])
         if main is not None and main >= self.state.best_acc:
@@ -335,19 +350,58 @@ class Trainer:
         return ckpt
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        if list(ckpt.get("sources", self.sources)) != list(self.sources):
+            raise RecipeError(
+                f"resume cannot change the BN sources {list(ckpt['sources'])} -> {list(self.sources)} (the first "
+                "is the main BN); restore the domains' order and bn names"
+            )
+        self._check_same_data(ckpt.get("data"), path)
         load_model_state(self.model, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.state = TrainState(**ckpt["state"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            self.state.check(self.steps_per_epoch)
+            self._train_time = float(ckpt.get("train_time", 0.0))
+            self._wall_before = self._wall_at_save = float(ckpt.get("wall_time", 0.0))
+            self._images_seen = int(ckpt.get("images_seen", 0))
+            self.last_window = {str(k): float(v) for k, v in ckpt.get("last_window", {}).items()}
+            self._window = {str(k): [float(x) for x in v] for k, v in ckpt.get("window", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
             detail = first_line(err)
             raise CheckpointError(f"{path}: optimiser or training state does not fit this run ({detail})") from None
-        self._train_time = float(ckpt.get("train_time", 0.0))
-        self._wall_before = float(ckpt.get("wall_time", 0.0))
-        self._images_seen = int(ckpt.get("images_seen", 0))
-        self.last_window = dict(ckpt.get("last_window", {}))
+        self._note_schedule_change(ckpt)
+
+    def _check_same_data(self, saved: Any, path: Path) -> None:
+        """A resume trains on the data it started with: same classes, same normalisation statistics."""
+        if not isinstance(saved, dict):
+            return
+        now = self.data.stats.to_dict()
+        if list(saved.get("class_names", [])) != now["class_names"]:
+            raise RecipeError(
+                f"key 'data.root': {self.cfg.data.root} holds classes {now['class_names'][:5]}..., the run was "
+                f"trained on {list(saved.get('class_names', []))[:5]}... ({path}); resume on the same data"
+            )
+        for key in ("mean", "std"):
+            old, new = saved.get(key), now[key]
+            if old is not None and any(abs(a - b) > 1e-5 for a, b in zip(old, new, strict=False)):
+                raise RecipeError(
+                    f"key 'data.root': the training images under {self.cfg.data.root} differ from the run's "
+                    f"({key} {_rounded(old)} in {path}, {_rounded(new)} now); resume on the same data"
+                )
+
+    def _note_schedule_change(self, ckpt: dict[str, Any]) -> None:
+        old_epochs = ckpt["config"].get("trainer", {}).get("epochs")
+        if old_epochs is None or old_epochs == self.cfg.trainer.epochs:
+            return
+        old_lr = self.optimizer.param_groups[0]["lr"]
+        lambdas = [fn(self.state.step) for fn in getattr(self.scheduler, "lr_lambdas", [])]
+        new_lr = self.optimizer.param_groups[0]["initial_lr"] * lambdas[0] if lambdas else old_lr
+        self.progress.log(
+            f"trainer.epochs {old_epochs} -> {self.cfg.trainer.epochs}: the learning-rate schedule and the domains' "
+            f"start/end windows now span the new length (lr at step {self.state.step}: {old_lr:.4g} -> {new_lr:.4g})"
+        )
 
     # ------------------------------------------------------------------------------------- helpers
     def _seed_step(self) -> None:
@@ -485,6 +539,10 @@ class Trainer:
                 f"{name} at step {self.state.step}; checkpoint saved, resume with: mbn-train --resume {self.run_dir}",
                 self._stop_signal,
             )
+
+
+def _rounded(values: Any) -> list[float]:
+    return [round(float(v), 4) for v in values]
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import signal
 
+#: Signals that stop training after the current step with a checkpoint (Ctrl-C; SLURM/Kubernetes preemption).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
 
 class TrainingDivergedError(RuntimeError):
     """A domain's loss became NaN/inf; the last good checkpoint is kept."""
@@ -22,6 +25,14 @@ class TrainingInterruptedError(RuntimeError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + int(signum)
+
+
+class StopSignal(BaseException):
+    """SIGINT, SIGTERM or SIGHUP outside the trainer's own handling (before training, or a second one)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class DomainError(RuntimeError):

@@ -21,6 +21,15 @@ from mbn.errors import first_line
 TEMP_SUFFIX = ".tmp"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 class WriteError(OSError):
     """A file could not be written (disk full, permissions, ...); the previous version is intact."""
 
@@ -40,8 +49,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as err:
-        raise WriteError(f"cannot write {path}: {_reason(err)}", err.errno) from None
+        blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocked} is not a directory" if blocked is not None else _reason(err)
+        raise WriteError(f"cannot write {path}: {why}", err.errno) from None
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are for the whole group to read
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -68,15 +80,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Delete temporary files left in ``directory`` by an interrupted :func:`atomic_write`; returns them.
+def remove_stale_temps(directory: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete temporary files an interrupted :func:`atomic_write` of ``directory/<name>`` left; returns them.
 
-    Call only while no other process writes there (mbn holds the run directory's lock).
+    Only ``.<name>.<random>.tmp`` files of the given names are touched. Call only while no other process
+    writes there (mbn holds the run directory's lock).
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    stale = [p for name in names for p in directory.glob(f".{name}.*{TEMP_SUFFIX}") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

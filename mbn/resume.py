@@ -58,6 +58,27 @@ def changed_keys(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[tup
     return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
+def with_domain_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``recipe`` whose domain entries spell out every default (``weight: 1`` equals no weight)."""
+    import inspect
+
+    from mbn.registry import get_domain_class
+
+    out = dict(recipe)
+    domains = {}
+    for name, entry in (recipe.get("domains") or {}).items():
+        full = {"bn": name, "weight": 1.0, "input": None, "start": 0.0, "end": 1.0}
+        try:
+            sig = inspect.signature(get_domain_class(str(entry.get("type"))).__init__)
+            full.update({k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty})
+        except Exception:  # an unknown type is reported by the recipe check itself
+            pass
+        full.update(entry)
+        domains[name] = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in full.items()}
+    out["domains"] = domains
+    return out
+
+
 def check_resume_config(trained: Mapping[str, Any], cfg: DictConfig) -> list[str]:
     """Refuse a resume whose recipe changes what was trained; returns the (allowed) keys that changed.
 
@@ -70,8 +91,10 @@ def check_resume_config(trained: Mapping[str, Any], cfg: DictConfig) -> list[str
     """
     now = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(now, dict)
-    changes = changed_keys(trained, {str(k): v for k, v in now.items()})
+    changes = changed_keys(with_domain_defaults(trained), with_domain_defaults({str(k): v for k, v in now.items()}))
     refused = [(k, a, b) for k, a, b in changes if not resumable(k)]
+    if list(trained.get("domains") or {}) != list(now.get("domains") or {}):  # order sets the BN sources
+        refused.append(("domains (order)", list(trained.get("domains") or {}), list(now.get("domains") or {})))
     if refused:
         listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
         raise RecipeError(

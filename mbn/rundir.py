@@ -1,15 +1,19 @@
 """The run directory's rules: one writer at a time, never overwrite another run, no orphaned temp files.
 
-A training process holds an exclusive lock on ``RUN_DIR/.lock`` (``fcntl.flock``) from before it reads or
-writes anything in the directory until it exits; the kernel drops the lock when the process dies, even by
-``kill -9``, so a stale lock never blocks a resume. A second process on the same directory is refused with
-one line naming the holder's pid. A new run refuses a directory that already holds run files.
+A training process holds an exclusive POSIX record lock (``fcntl.lockf``) on ``RUN_DIR/.lock`` from before it
+reads or writes anything in the directory until it exits. The kernel drops the lock the moment the process dies,
+even by ``kill -9``, and unlike ``flock`` a record lock is not inherited by forked DataLoader workers, so a stale
+lock never blocks a resume. Within one process a registry of held directories refuses a second trainer. A
+second process on the same directory is refused with one line naming the holder's pid. A new run refuses a
+directory that already holds run files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -27,16 +31,19 @@ class RunDirError(ValueError):
 class RunLock:
     """Exclusive lock of one run directory for the life of this object (or of the process)."""
 
+    _held: set[str] = set()  # lock files this process holds (record locks never conflict within a process)
+
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
+        self._key = ""
 
     def acquire(self) -> RunLock:
         """Take the lock without waiting.
 
         Raises:
-            RunDirError: another process holds it (the message names its pid and host).
+            RunDirError: another process (or trainer) holds it, or the lock file cannot be created.
         """
         try:
             import fcntl
@@ -44,29 +51,45 @@ class RunLock:
             return self
         if self._fd is not None:
             return self
+        fd = self._open()
+        key = f"{os.fstat(fd).st_dev}:{os.fstat(fd).st_ino}"
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise RunDirError(f"{self.run_dir}: cannot create the run directory's lock ({err.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if key in RunLock._held:
+                raise BlockingIOError
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown pid"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
             os.close(fd)
+            if key in RunLock._held:
+                holder = f"pid {os.getpid()}, this process"
             raise RunDirError(
                 f"{self.run_dir} is in use by another training process ({holder}); "
                 "wait for it to end or choose another trainer.out_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
+        with contextlib.suppress(OSError):  # the pid is for the message above only: a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd, self._key = fd, key
+        RunLock._held.add(key)
         return self
+
+    def _open(self) -> int:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            why = "it is a symlink" if os.path.islink(self.path) else err.strerror
+            raise RunDirError(f"{self.path}: cannot open the run directory's lock file ({why})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunDirError(f"{self.path}: the run directory's lock file is not a regular file")
+        return fd
 
     def release(self) -> None:
         """Drop the lock (also dropped by the kernel when the process exits)."""
         if self._fd is not None:
-            os.close(self._fd)
+            os.close(self._fd)  # closing the descriptor releases the record lock
+            RunLock._held.discard(self._key)
             self._fd = None
 
     def __enter__(self) -> RunLock:
@@ -97,7 +120,11 @@ def check_new_run_dir(run_dir: str | Path) -> None:
     )
 
 
+#: Files whose interrupted atomic writes leave ``.<name>.<random>.tmp`` behind.
+WRITTEN_FILES = {".": ("config.yaml", "metrics.json", "eval.json", "eval.md"), "checkpoints": ("last.pt", "best.pt")}
+
+
 def clean_run_dir(run_dir: str | Path) -> list[Path]:
-    """Remove temporary files an interrupted write left in the run directory (call while holding its lock)."""
+    """Remove temporary files an interrupted write of mbn's own files left (call while holding the lock)."""
     run_dir = Path(run_dir)
-    return remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints")
+    return [p for sub, names in WRITTEN_FILES.items() for p in remove_stale_temps(run_dir / sub, names)]

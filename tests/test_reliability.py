@@ -124,7 +124,8 @@ def test_stop_signal_saves_checkpoint_and_resume_is_bit_identical(signum, tmp_pa
 def _start_training(run: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "mbn.cli.train", str(VANILLA), *TINY, f"trainer.out_dir={run}",
            "trainer.progress=plain", "logging.image_every=0", "logging.divergence_every=0", *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own session: a scheduler signals the whole process group (the DataLoader workers too)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for_step(proc: subprocess.Popen[str], step: int, timeout: float = 120) -> None:
@@ -138,17 +139,18 @@ def _wait_for_step(proc: subprocess.Popen[str], step: int, timeout: float = 120)
 
 
 def test_sigterm_subprocess_locked_directory_and_bit_identical_resume(tmp_path, capsys):
-    """SLURM's preemption: SIGTERM mid-run saves; a second run on the locked directory is refused meanwhile."""
+    """SLURM's preemption: SIGTERM to the job's process group (trainer and DataLoader workers) mid-run saves and
+    the run resumes at once (no stale lock) bit-identically; a second run on the locked directory is refused."""
     run, ref = tmp_path / "run", tmp_path / "ref"
     long = ["trainer.epochs=400", "trainer.eval_every=0"]
-    proc = _start_training(run, *long)
+    proc = _start_training(run, *long, "data.num_workers=2")
     try:
         _wait_for_step(proc, 3)
         for args in ([str(VANILLA), *TINY, f"trainer.out_dir={run}"], ["--resume", str(run)]):
             assert train_main(args) == 2
             err = one_line_error(capsys)
             assert f"{run} is in use by another training process (pid {proc.pid}" in err, err
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -345,6 +347,9 @@ def test_damaged_checkpoint_on_resume_and_eval_is_one_line(how, message, tmp_pat
         ("optim.betas=[0.9,0.99,0.1]", "key 'optim.betas'"),
         ("domains=[a,b]", "key 'domains'"),
         ("domains.clean.weight=-1", "key 'domains.clean.weight'"),
+        ("trainer.seed=-1", "key 'trainer.seed'"),
+        ("trainer.seed=99999999999999999999", "key 'trainer.seed'"),
+        ("model.width=0", "key 'model.width'"),
     ],
 )
 def test_bad_value_is_one_line_exit_2(override, named, tmp_path, capsys):
@@ -353,20 +358,25 @@ def test_bad_value_is_one_line_exit_2(override, named, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_while_loading_recipe_is_one_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_while_loading_recipe_is_one_line(signum, tmp_path, capsys, monkeypatch):
     import mbn.cli.train as cli
 
+    real = cli.load_recipe
+
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(cli, "load_recipe", interrupted)
-    assert cli.main([str(VANILLA)]) == 130
-    assert "interrupted before training started" in one_line_error(capsys)
+    assert cli.main([str(VANILLA), f"trainer.out_dir={tmp_path / 'run'}"]) == 128 + signum
+    assert f"mbn-train: {signum.name} before training started; nothing was written" == one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------ bad data trees
-def _image_tree(root: Path) -> Path:
-    rng = np.random.default_rng(0)
+def _image_tree(root: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
     for split in ("train", "test"):
         for cls in ("cat", "dog"):
             folder = root / split / cls
@@ -390,7 +400,8 @@ def test_symlink_loops_are_refused_by_name(loops, tmp_path, capsys, monkeypatch)
         (root / "train" / "dog" / "loop").symlink_to(root / "train" / "dog")
     assert _train_folder(root, tmp_path / "run") == 2
     err = one_line_error(capsys)
-    assert "(a symlink loop or a second link to one folder)" in err and "/loop" in err, err
+    assert "(a symlink loop or a second link to one folder)" in err, err
+    assert err.split("key 'data.root': ")[1].split(" leads to ")[0].endswith("/loop"), err  # names the link
 
 
 def _bad_file(folder: Path, kind: str) -> Path:
@@ -446,6 +457,13 @@ def _bad_domains() -> dict[str, object]:
         "count": (make(lambda x, y: (x, y[:3])), "3 targets for 16 images"),
         "device": (make(lambda x, y: (x.to("meta"), y)), "tensors on meta/cpu; expected them on cpu"),
         "raises": (make(boom), "failed at step 0: ValueError: boom in the plugin"),
+        "exits": (make(lambda x, y: sys.exit(0)), "failed at step 0: SystemExit: 0"),
+        "float64": (make(lambda x, y: (x.double(), y)), "images of dtype torch.float64"),
+        "empty": (make(lambda x, y: (x[:0], y[:0])), "an empty batch"),
+        "negative_soft": (
+            make(lambda x, y: (x, torch.full((len(y), 10), 0.2) - 0.1 * (torch.arange(10) < 5))),
+            "soft targets with minimum",
+        ),
     }
 
 
@@ -457,3 +475,186 @@ def test_bad_plugin_output_names_the_domain(case, tmp_path, capsys, scratch_regi
     assert code == 1
     err = one_line_error(capsys)
     assert "domain 'weird'" in err and expected in err, err
+
+
+# ------------------------------------------------------------------------------- hostile-review cases
+def test_lock_file_symlink_is_refused_and_target_untouched(tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    assert train(VANILLA, run, "trainer.max_steps=1") == 2
+    assert "lock file" in one_line_error(capsys)
+    assert victim.read_text() == "precious"
+
+
+def test_lock_is_not_held_by_a_forked_child(tmp_path):
+    """DataLoader workers are forked: the lock must die with the trainer, not with its last worker."""
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child sleeps and exits
+        time.sleep(3)
+        os._exit(0)
+    try:
+        lock.release()  # the parent's death, as far as the lock is concerned
+        code = f"from mbn.rundir import RunLock; RunLock({str(run)!r}).acquire()"
+        probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_second_signal_aborts_with_the_truth(tmp_path, capsys, signal_domains):
+    @mbn.register_domain("double_signal_test")
+    class Twice(mbn.Domain):
+        fired = False
+
+        def generate(self, images, labels, ctx):
+            if ctx.step == 2 and not Twice.fired:
+                Twice.fired = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return images, labels
+
+    run = tmp_path / "run"
+    code = train(VANILLA, run, "domains.stop.type=double_signal_test", "trainer.checkpoint_every_steps=1",
+                 "trainer.max_steps=6")  # fmt: skip
+    assert code == 143
+    err = one_line_error(capsys)
+    assert err.startswith("mbn-train: aborted by SIGTERM at step 2; the last checkpoint in"), err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 2
+    assert train_main(["--resume", str(run)]) == 0
+
+
+def test_resume_reports_same_train_metrics_as_uninterrupted(tmp_path, signal_domains):
+    stop = ["domains.stop.type=signal_at_test", "trainer.log_every=4", "trainer.max_steps=7"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(VANILLA, ref, *stop, "domains.stop.at=-1") == 0
+    assert train(VANILLA, run, *stop, "domains.stop.at=5") == 128 + signal.SIGHUP
+    assert train_main(["--resume", str(run)]) == 0
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in (ref, run)]
+    assert metrics[0]["train"] == metrics[1]["train"]
+
+
+def test_resume_of_run_stopped_mid_epoch_by_max_steps_writes_nothing_new(tmp_path):
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.max_steps=6") == 0
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    metrics = (run / "metrics.json").read_text()
+    assert train_main(["--resume", str(run)]) == 0
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert json.loads((run / "metrics.json").read_text()) == json.loads(metrics)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code", "message"),
+    [
+        (["trainer.out_dir=/tmp/elsewhere"], 2, "key 'trainer.out_dir': cannot be set with --resume"),
+        (["domains.clean.weight=1", "domains.clean.bn=clean", "domains.clean.start=0"], 0, ""),
+    ],
+)
+def test_resume_overrides_that_repeat_defaults_or_move_the_run(overrides, code, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.max_steps=2") == 0
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "trainer.max_steps=3", *overrides]) == code
+    if message:
+        assert message in one_line_error(capsys)
+
+
+def test_resume_refuses_reordered_domains(tmp_path, capsys):
+    run = tmp_path / "run"
+    advprop = REPO / "recipes" / "advprop.yaml"
+    assert train(advprop, run, "trainer.max_steps=2", "domains.adv.steps=1") == 0
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.domains = {name: cfg.domains[name] for name in reversed(list(cfg.domains))}
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "trainer.max_steps=3"]) == 2
+    assert "domains (order)" in one_line_error(capsys)
+
+
+def test_resume_refuses_other_data_under_the_same_keys(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MBN_CACHE_DIR", str(tmp_path / "cache"))
+    first = _image_tree(tmp_path / "a")
+    other_classes = tmp_path / "b"
+    for split in ("train", "test"):
+        for cls in ("apple", "zebra"):
+            shutil.copytree(first / split / "cat", other_classes / split / cls)
+    other_images = _image_tree(tmp_path / "c", seed=7)
+    run = tmp_path / "run"
+    assert _train_folder(first, run) == 0
+    capsys.readouterr()
+    for root, expected in (
+        (other_classes, "holds classes ['apple', 'zebra']"),
+        (other_images, "differ from the run's"),
+    ):
+        assert train_main(["--resume", str(run), f"data.root={root}", "trainer.max_steps=2"]) == 2
+        assert expected in one_line_error(capsys)
+
+
+def test_image_cache_tells_two_trees_with_the_same_names_apart(tmp_path):
+    from mbn.data import load_image_folder
+
+    trees = []
+    for i, seed in enumerate((1, 2)):
+        root = tmp_path / f"t{i}" / "data"
+        for split in ("train", "test"):
+            folder = root / split / "cat"
+            folder.mkdir(parents=True)
+            pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "0.png", compress_level=0)  # one size for any pixels
+        trees.append((root, pixels))
+    for root, pixels in trees:
+        train_split, _, _ = load_image_folder(root, cache_dir=tmp_path / "cache")
+        assert np.array_equal(train_split.images[0], pixels)
+
+
+def test_plain_user_temp_files_survive_cleanup(tmp_path):
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.max_steps=1") == 0
+    mine = run / ".notes.tmp"
+    mine.write_text("mine")
+    assert train_main(["--resume", str(run), "trainer.max_steps=2"]) == 0
+    assert mine.read_text() == "mine"
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.max_steps=1") == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (run / "config.yaml", run / "metrics.json", run / "checkpoints" / "last.pt"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_automatic_run_directories_never_collide(tmp_path):
+    from mbn.cli.train import claim_run_dir
+
+    stem = str(tmp_path / "runs" / "vanilla-20261124-101500")
+    assert [claim_run_dir(stem).name for _ in range(3)] == [
+        "vanilla-20261124-101500", "vanilla-20261124-101500-2", "vanilla-20261124-101500-3"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [("batch", "state.batch = 999 is past"), ("step", "state.step = 'x' is not a position"), ("scheduler", "")],
+)
+def test_malformed_checkpoint_state_is_one_line(how, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.max_steps=1") == 0
+    path = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(path)
+    if how == "scheduler":
+        ckpt["scheduler"] = 5
+    else:
+        ckpt["state"][how] = 999 if how == "batch" else "x"
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run)]) == 2
+    err = one_line_error(capsys)
+    assert "optimiser or training state does not fit this run" in err and message in err, err

@@ -38,6 +38,8 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(Path(__file__).resolve(
 import ssl_study  # noqa: E402
 from common import cpu_model  # noqa: E402
 
+from mbn.fileio import atomic_write_text  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Config:
@@ -729,8 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report = build_report(jobs, args.scale, scale, eval_limit, command)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2, allow_nan=False))
-    (out / "results.md").write_text(render_markdown(report))
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2, allow_nan=False))
+    atomic_write_text(out / "results.md", render_markdown(report))
     failed = [j.name for j in jobs if j.metrics is None or j.evaluation is None]
     elapsed = time.perf_counter() - start
     print(f"run.py: wrote {out / 'results.md'} and results.json ({elapsed / 60:.1f} min)", flush=True)
@@ -844,8 +846,8 @@ def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "",
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2, allow_nan=False))
-    (out / "results.md").write_text("\n".join(md))
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2, allow_nan=False))
+    atomic_write_text(out / "results.md", "\n".join(md))
     failed = [j.name for j in jobs if j.metrics is None or (j.eval_options is not None and j.evaluation is None)]
     print(f"run.py: wrote {out / 'results.md'} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     if failed:

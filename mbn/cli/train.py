@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mbn.checkpoint import CheckpointError
 from mbn.config import RecipeError, load_recipe
-from mbn.errors import DomainError, TrainingDivergedError, TrainingInterruptedError
+from mbn.errors import STOP_SIGNALS, DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError
 from mbn.fileio import WriteError
 from mbn.rundir import RunDirError, RunLock
 
@@ -47,7 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
     """Load the recipe (or the run's saved one) and choose the run directory.
 
-    Nothing is written here; the trainer checks the directory (lock, existing run) before writing.
+    Nothing is written here (an automatic ``trainer.out_dir`` is created empty); the trainer checks the
+    directory (lock, existing run) before writing.
     """
     if args.resume:
         run_dir = Path(args.resume)
@@ -59,36 +64,78 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
                 f"{run_dir / 'checkpoints' / 'last.pt'}: checkpoint not found; nothing to resume "
                 "(the run stopped before its first checkpoint: delete the directory and start again)"
             )
+        if any(item.split("=", 1)[0].strip() == "trainer.out_dir" for item in args.overrides):
+            raise RecipeError(f"key 'trainer.out_dir': cannot be set with --resume (the run directory is {run_dir})")
         cfg = load_recipe(run_dir / "config.yaml", args.overrides)
         cfg.trainer.out_dir = str(run_dir)
         return cfg, run_dir, True
     cfg = load_recipe(args.recipe, args.overrides)
-    if cfg.trainer.out_dir is None:  # a fresh name; two runs started in the same second get -2, -3, ...
-        stem = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        name, n = stem, 1
-        while Path(name).exists():
-            n += 1
-            name = f"{stem}-{n}"
-        cfg.trainer.out_dir = name
+    if cfg.trainer.out_dir is None:
+        cfg.trainer.out_dir = str(claim_run_dir(f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
     return cfg, Path(cfg.trainer.out_dir), False
+
+
+def claim_run_dir(stem: str) -> Path:
+    """Create a new directory ``stem`` (or ``stem-2``, ``stem-3``, ... when taken, e.g. by array jobs)."""
+    for n in range(1, 1000):
+        path = Path(stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RecipeError(f"key 'trainer.out_dir': cannot create {path} ({err.strerror})") from None
+    raise RecipeError(f"key 'trainer.out_dir': {stem}-2 ... {stem}-999 are all taken; set trainer.out_dir")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status: 2 bad input, 1 failure, 128 + signal number when stopped by one."""
     args = parse_args(argv)
+    started: list[Any] = []  # the trainer, once built
+    with _signals_raise():
+        try:
+            return _train(args, started)
+        except (StopSignal, KeyboardInterrupt) as stop:
+            signum = stop.signum if isinstance(stop, StopSignal) else int(signal.SIGINT)
+            name = signal.Signals(signum).name
+            if not started:
+                print(f"mbn-train: {name} before training started; nothing was written", file=sys.stderr)
+            else:
+                trainer = started[0]
+                print(
+                    f"mbn-train: aborted by {name} at step {trainer.state.step}; the last checkpoint in "
+                    f"{trainer.ckpt_dir} is kept (resume with: mbn-train --resume {trainer.run_dir})",
+                    file=sys.stderr,
+                )
+            return 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Until the trainer takes over (and after its first signal), SIGINT/SIGTERM/SIGHUP raise :class:`StopSignal`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise StopSignal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        return _train(args)
-    except KeyboardInterrupt:  # before training started (recipe loading, data decoding): nothing was written
-        print("mbn-train: interrupted before training started; no checkpoint written", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, started: list[Any]) -> int:
     try:
         cfg, run_dir, resume = prepare_run(args)
         from mbn.engine import Trainer  # heavy imports after the recipe loaded
 
         trainer = Trainer(cfg, run_dir, resume=resume)  # type: ignore[arg-type]
+        started.append(trainer)
         print(f"mbn-train: run directory {run_dir} (BN sources: {', '.join(trainer.sources)})", flush=True)
         metrics = trainer.fit()
     except (RecipeError, CheckpointError, RunDirError) as err:
