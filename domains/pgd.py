@@ -70,7 +70,11 @@ class _AttackDomain(Domain):
 
     def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
         """Attack ``images`` through ``ctx``'s BN in the ``attack_bn`` mode; return ``(adv, true labels)``."""
-        goal = attacks.random_wrong_labels(labels, ctx.num_classes, ctx.generator) if self.targeted else labels
+        goal = (
+            attacks.random_wrong_labels(labels, ctx.num_classes, ctx.generator, check_labels=False)
+            if self.targeted
+            else labels
+        )
         extra = self._rotation_objective(images, ctx) if self.rotation_weight > 0 else None
         with ctx.attack_mode(self.attack_bn):
             adv = self._attack(images, goal, ctx, extra_objective=extra)

@@ -19,6 +19,7 @@ satisfy ``(adv - images).abs() <= eps`` exactly in the input's dtype. Gradients 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -193,18 +194,23 @@ def gd(
     )
 
 
-def random_wrong_labels(labels: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+def random_wrong_labels(
+    labels: Tensor, num_classes: int, generator: torch.Generator | None = None, *, check_labels: bool = True
+) -> Tensor:
     """A target class drawn uniformly among the ``num_classes - 1`` wrong classes of each sample.
 
     The offset is drawn from ``1 .. num_classes - 1`` (never 0), as in Xie et al.'s
     ImageNet-Adversarial-Training attacker, so the target is never the true label.
+
+    ``check_labels=False`` skips the label range check, which reads the labels on the host (a device
+    synchronisation); the trainer's labels are checked once when the data is loaded.
 
     Raises:
         ValueError: if ``num_classes < 2`` or a label lies outside ``[0, num_classes)``.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 to draw a wrong class, got {num_classes!r}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if check_labels and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
     device = generator.device if generator is not None else labels.device
     offset = torch.randint(1, num_classes, labels.shape, generator=generator, device=device).to(labels.device)
@@ -248,8 +254,9 @@ def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | Non
     return draw(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
+@functools.lru_cache(maxsize=64)
 def _radius(eps: float, dtype: torch.dtype) -> Tensor:
-    """``eps`` in ``dtype``, rounded down so comparisons against the Python float hold too."""
+    """``eps`` in ``dtype`` (a CPU scalar, built once), rounded down so comparisons against the float hold too."""
     radius = torch.tensor(eps, dtype=torch.float64).to(dtype)
     if float(radius) > eps:
         radius = torch.nextafter(radius, torch.zeros_like(radius))
@@ -272,12 +279,12 @@ def _project(adv: Tensor, images: Tensor, eps: float, norm: str) -> Tensor:
     low = torch.clamp(images - radius, min=0.0)
     high = torch.clamp(images + radius, max=1.0)
     adv = torch.clamp(adv, low, high)
-    # images +/- eps is rounded, so adv - images can exceed eps by an ulp; step those pixels towards
-    # the clean value (which stays in the box) until the ball holds exactly in this dtype.
-    for _ in range(8):
+    # images +/- eps is rounded, so adv - images can exceed eps by at most an ulp of adv; one step of those
+    # pixels towards the clean value (which stays in the box) restores the ball exactly in this dtype (a
+    # difference that is exactly <= eps cannot round above the representable eps). Two passes, no host check:
+    # the attack never waits on the device.
+    for _ in range(2):
         outside = (adv - images).abs() > radius
-        if not outside.any():
-            break
         adv = torch.where(outside, torch.nextafter(adv, images), adv)
     return adv
 

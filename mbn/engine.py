@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ from mbn.eval.accuracy import accuracy
 from mbn.fileio import atomic_torch_save, atomic_write_text
 from mbn.heads import forward_heads
 from mbn.init_from import init_from_state
+from mbn.meter import NonFiniteError, StepMeter, TrainClock
 from mbn.objective import CLASSES
 from mbn.optim import build_optimizer, build_scheduler
 from mbn.plan import RunPlan, plan_run
@@ -138,12 +138,12 @@ class Trainer:
         self.tb = TensorBoardLogger(self.run_dir / "tb", cfg.logging.tensorboard, cfg.logging.perturbation_gain)
         self.progress = Progress(cfg.trainer.progress, total=self._planned_steps())
         self._stop_signal: int | None = None
-        self._window: dict[str, list[float]] = {}
+        self._generator = torch.Generator(self.device)  # the domains' randomness, re-seeded every step
+        self.meter = StepMeter([spec.name for spec in self.specs], self.device)
+        self.clock = TrainClock(self.device)
         self._wall_at_save = 0.0
         self._checked_domains: set[str] = set()
         self.last_window: dict[str, float] = {}
-        self._images_seen = 0
-        self._train_time = 0.0
         self._wall_before = 0.0  # wall time of earlier sessions of a resumed run
         if resume_ckpt is not None:
             self._restore(resume_ckpt, self.ckpt_dir / "last.pt")
@@ -188,18 +188,19 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> None:
         """Train on ``epoch``'s batches from ``state.batch`` on; returns early at max_steps or Ctrl-C."""
         self.model.train()
+        self.clock.start()
         for batch in self.data.train.epoch_batches(epoch, self.state.batch):
-            tic = time.perf_counter()
             self._seed_step()
             images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
             outputs = self.generate(images, labels)  # domain -> (x, y)
-            losses, accs = self.forward_losses(outputs)  # domain -> scalar
+            losses, accs = self.forward_losses(outputs)  # domain -> scalar tensors, still on the device
             self.optimize(losses)
+            finite = torch.stack([torch.isfinite(outputs[name][0]).all() for name in losses])
+            self.meter.add(self.state.step, losses, accs, finite)
+            self.clock.count({name: outputs[name][0].shape[0] for name in losses})
             self.state.step += 1
             self.state.batch += 1
-            self._train_time += time.perf_counter() - tic
-            self._images_seen += images.shape[0]
-            self._after_step(losses, accs, outputs, images)
+            self._after_step(outputs, images)
             if self._done() or self._stopping:
                 return
 
@@ -208,7 +209,7 @@ class Trainer:
         """Run every domain needed this step, each on its ``input`` domain's output or the clean batch."""
         needed = self._needed_domains()
         outputs: dict[str, Batch] = {}
-        generator = torch.Generator(self.device).manual_seed(step_seed(self.cfg.trainer.seed, self.state.step))
+        generator = self._generator.manual_seed(step_seed(self.cfg.trainer.seed, self.state.step))
         for spec in self.specs:
             if spec.name not in needed:
                 continue
@@ -233,7 +234,7 @@ class Trainer:
             outputs[spec.name] = out
         return outputs
 
-    def forward_losses(self, outputs: dict[str, Batch]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def forward_losses(self, outputs: dict[str, Batch]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Forward each active domain's batch through its BN; per-domain objectives (weighted later)."""
         active = [s for s in self.specs if self._active(s)]
         groups: dict[str, list[DomainSpec]] = {}
@@ -245,8 +246,7 @@ class Trainer:
             objective, targets = self.objectives[spec.name], outputs[spec.name][1]
             losses[spec.name] = objective.loss(logits[spec.name], targets)
             accs[spec.name] = objective.correct(logits[spec.name], targets).mean()
-        self._check_finite(losses, outputs)
-        return losses, {k: float(v) for k, v in accs.items()}
+        return losses, accs  # finiteness is checked on the device (StepMeter), read on logging steps
 
     def _forward_groups(self, groups: dict[str, list[DomainSpec]], outputs: dict[str, Batch]) -> dict[str, Tensor]:
         heads = tuple(dict.fromkeys(self.objectives[s.name].head for specs in groups.values() for s in specs))
@@ -299,6 +299,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
         """Test accuracy through the main BN (and every BN with ``trainer.eval_all_bns``)."""
+        self.clock.stop()
         sources = self.sources if self.cfg.trainer.eval_all_bns else self.sources[:1]
         move = lambda b: to_device(b, self.device, self.cfg.trainer.channels_last)  # noqa: E731
         acc = {bn: accuracy(self.model, self.data.test, bn, move, self._autocast) for bn in sources}
@@ -310,7 +311,13 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        """Write ``last.pt`` atomically (and ``best.pt`` when the main-BN test accuracy improved)."""
+        """Write ``last.pt`` atomically (and ``best.pt`` when the main-BN test accuracy improved).
+
+        Raises:
+            TrainingDivergedError: a step since the last check had a non-finite loss; nothing is written.
+        """
+        self._check_finite()
+        self.clock.stop()
         wall = self._wall_time()
         ckpt = {
             "model": self.model.state_dict(),
@@ -322,11 +329,11 @@ class Trainer:
             "heads": dict(self.heads),
             "data": self.data.stats.to_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "train_time": self._train_time,
+            "train_time": self.clock.train_time,
             "wall_time": wall,
-            "images_seen": self._images_seen,
+            "clock": self.clock.state_dict(),
             "last_window": dict(self.last_window),
-            "window": {k: list(v) for k, v in self._window.items()},  # a resumed run logs the same means
+            "meter": self.meter.state_dict(),  # the open logging window: a resumed run logs the same means
         }
         self._wall_at_save = wall
         atomic_torch_save(ckpt, self.ckpt_dir / "last.pt")
@@ -363,11 +370,10 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
             self.state = TrainState(**ckpt["state"])
             self.state.check(self.steps_per_epoch)
-            self._train_time = float(ckpt.get("train_time", 0.0))
+            self.clock.load_state_dict(ckpt.get("clock", {"train_time": ckpt.get("train_time", 0.0)}))
             self._wall_before = self._wall_at_save = float(ckpt.get("wall_time", 0.0))
-            self._images_seen = int(ckpt.get("images_seen", 0))
             self.last_window = {str(k): float(v) for k, v in ckpt.get("last_window", {}).items()}
-            self._window = {str(k): [float(x) for x in v] for k, v in ckpt.get("window", {}).items()}
+            self.meter.load_state_dict(ckpt.get("meter", {}))
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
             detail = first_line(err)
             raise CheckpointError(f"{path}: optimiser or training state does not fit this run ({detail})") from None
@@ -435,17 +441,14 @@ class Trainer:
                 cur = by_name[cur.input] if cur.input else None
         return needed
 
-    def _check_finite(self, losses: dict[str, Tensor], outputs: dict[str, Batch]) -> None:
-        bad = [name for name, loss in losses.items() if not math.isfinite(float(loss.detach()))]
-        if not bad:
-            return
-        # Domains sharing a BN spread NaN to each other through its batch statistics: blame the source.
-        culprits = [n for n, (x, _) in outputs.items() if not torch.isfinite(x).all()] or bad
-        last = self.ckpt_dir / "last.pt"
-        kept = f"last good checkpoint kept at {last}" if last.exists() else "no checkpoint written yet"
-        what = "images" if culprits != bad else "loss"
-        names = ", ".join(f"'{n}'" for n in culprits)
-        raise TrainingDivergedError(f"non-finite {what} in domain {names} at step {self.state.step}; {kept}")
+    def _check_finite(self) -> None:
+        """Stop on a non-finite loss since the last check (one host sync: logging steps and checkpoints only)."""
+        try:
+            self.meter.check_finite()
+        except NonFiniteError as err:
+            last = self.ckpt_dir / "last.pt"
+            kept = f"last good checkpoint kept at {last}" if last.exists() else "no checkpoint written yet"
+            raise TrainingDivergedError(f"{err}; {kept}") from None
 
     def _planned_steps(self) -> int:
         return min(self.total_steps, self.cfg.trainer.max_steps or self.total_steps)
@@ -457,23 +460,21 @@ class Trainer:
         every = self.cfg.trainer.eval_every
         return self.state.epoch >= self.cfg.trainer.epochs or (every > 0 and self.state.epoch % every == 0)
 
-    def _after_step(
-        self, losses: dict[str, Tensor], accs: dict[str, float], outputs: dict[str, Batch], images: Tensor
-    ) -> None:
-        for name, loss in losses.items():
-            self._window.setdefault(f"loss/{name}", []).append(float(loss.detach()))
-            self._window.setdefault(f"acc/{name}", []).append(accs[name])
-        self.progress.update({n: float(v.detach()) for n, v in losses.items()})
+    def _after_step(self, outputs: dict[str, Batch], images: Tensor) -> None:
+        self.progress.update()
         step, log = self.state.step, self.cfg.logging
         if step % self.cfg.trainer.log_every == 0 or self._done():
-            means = {k: sum(v) / len(v) for k, v in self._window.items()}
+            self._check_finite()
+            means = self.meter.read()  # the step's only host sync
+            self.clock.lap()
             weights = {s.name: s.weight for s in self.specs}
-            means["loss/total"] = sum(weights[n] * means[f"loss/{n}"] for n in losses)
+            means["loss/total"] = sum(weights[n] * means[f"loss/{n}"] for n in weights if f"loss/{n}" in means)
             means["lr"] = self.optimizer.param_groups[0]["lr"]
-            means["throughput/images_per_s"] = self._images_seen / max(self._train_time, 1e-9)
+            means.update(self.clock.throughput())
             self.tb.scalars(means, step)
             self.progress.log(f"epoch {self.state.epoch} step {step}: " + _fmt(means))
-            self.last_window, self._window = means, {}
+            self.progress.show({k[5:]: v for k, v in means.items() if k.startswith("loss/")})
+            self.last_window = means
         if log.image_every and (step % log.image_every == 0 or step == 1):
             by_name = {s.name: s for s in self.specs}
             for name, (x, _) in outputs.items():
@@ -506,8 +507,7 @@ class Trainer:
             "sources": list(self.sources),
             "heads": {CLASSES: self.data.num_classes, **self.heads},
             "init_from": getattr(self, "init_report", None),
-            "images_per_s": self._images_seen / max(self._train_time, 1e-9),
-            "train_time_s": self._train_time,
+            **self.clock.summary(),
             "wall_time_s": wall,
             "device": str(self.device),
         }

@@ -21,10 +21,14 @@ class Progress:
         self.mode = mode
         self.bar = tqdm(total=total, dynamic_ncols=True, unit="step") if mode == "bar" else None
 
-    def update(self, losses: dict[str, float]) -> None:
-        """Advance one step, showing the current per-domain losses on the bar."""
+    def update(self) -> None:
+        """Advance one step."""
         if self.bar is not None:
             self.bar.update(1)
+
+    def show(self, losses: dict[str, float]) -> None:
+        """Show the last logging window's per-domain losses on the bar."""
+        if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
 
     def log(self, line: str) -> None:
