@@ -97,7 +97,8 @@ def run_trial(run: Path, rng: random.Random, span: float, kills: int, log: dict[
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
             log[f"kills_{sig.name}"] += 1
-        proc.wait()
+        code = proc.wait()
+        log[f"exit_{code}"] = log.get(f"exit_{code}", 0) + 1  # 143/129: saved on SIGTERM; -9: killed
         if (run / "checkpoints" / "last.pt").is_file():
             resume = True
         else:  # killed before the first checkpoint: nothing to resume, start again (docs/reliability.md)
