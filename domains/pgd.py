@@ -41,6 +41,7 @@ class _AttackDomain(Domain):
         targeted: bool,
         random_start: bool | float,
         rotation_weight: float,
+        reuse_grad: float = 0.0,
     ) -> None:
         self.eps = check_number("eps", eps, low=0, unit=_PIXELS)
         self.norm = check_choice("norm", norm, attacks.NORMS)
@@ -48,6 +49,18 @@ class _AttackDomain(Domain):
         self.targeted = check_bool("targeted", targeted)
         self.random_start = check_probability("random_start", random_start)
         self.rotation_weight = check_number("rotation_weight", rotation_weight, low=0)
+        self.reuse_grad = check_number("reuse_grad", reuse_grad, low=0)
+        if self.reuse_grad > 0 and self.targeted:
+            raise ValueError(
+                "reuse_grad needs targeted=false: a targeted attack's gradient trains towards a wrong class"
+            )
+
+    #: attack iterations; each is one forward-backward (two with ``rotation_weight``: the rotated images too)
+    steps: int = 1
+
+    def generation_cost(self) -> float:
+        """One forward-backward per attack step (two with the rotation objective)."""
+        return float(self.steps) * (2.0 if self.rotation_weight > 0 else 1.0)
 
     def heads(self) -> dict[str, int]:
         """The ``rotation`` head when the attack also ascends the rotation loss."""
@@ -76,8 +89,9 @@ class _AttackDomain(Domain):
             else labels
         )
         extra = self._rotation_objective(images, ctx) if self.rotation_weight > 0 else None
+        reuse = ctx.reuse_gradient(self.reuse_grad) if self.reuse_grad > 0 else None
         with ctx.attack_mode(self.attack_bn):
-            adv = self._attack(images, goal, ctx, extra_objective=extra)
+            adv = self._attack(images, goal, ctx, extra_objective=extra, input_grad=reuse)
         return adv.detach(), labels
 
 
@@ -92,7 +106,7 @@ class PGDDomain(_AttackDomain):
         norm: ``"linf"`` (AdvProp) or ``"l2"``.
         attack_bn: BN mode of the attack forwards: ``"eval"`` (running statistics; Xie et al.'s
             ImageNet-Adversarial-Training), ``"train"`` (batch statistics, running statistics
-            untouched; Fast AdvProp) or ``"train_update"`` (batch statistics, running ones updated).
+            untouched) or ``"train_update"`` (batch statistics, running ones updated; Fast AdvProp).
         targeted: attack towards a uniformly drawn wrong class (Xie et al.'s attacker) instead of
             away from the true class.
         random_start: per-sample probability of starting from a random point of the ball rather than
@@ -100,6 +114,8 @@ class PGDDomain(_AttackDomain):
         rotation_weight: also ascend this weight times the rotation-prediction loss of the perturbed
             images, each rotated by a random multiple of 90 degrees (Hendrycks et al. 2019; the
             strongest variant of Kucer et al. 2021). 0 (default) is the plain attack, bit for bit.
+        reuse_grad: add this weight times each attack step's parameter gradients to the step's update
+            (Fast AdvProp's gradient reuse, "free" adversarial training; needs ``targeted=false``). 0: off.
     """
 
     def __init__(
@@ -112,8 +128,9 @@ class PGDDomain(_AttackDomain):
         targeted: bool = True,
         random_start: bool | float = 0.8,
         rotation_weight: float = 0.0,
+        reuse_grad: float = 0.0,
     ) -> None:
-        self._set_common(eps, norm, attack_bn, targeted, random_start, rotation_weight)
+        self._set_common(eps, norm, attack_bn, targeted, random_start, rotation_weight, reuse_grad)
         self.steps = check_int("steps", steps, low=1)
         self.step_size = check_number("step_size", step_size, low=0, unit=_PIXELS)
 
@@ -160,6 +177,7 @@ class FGSMDomain(_AttackDomain):
         targeted: as for ``pgd``; off by default (plain FGSM).
         random_start: as for ``pgd``; 0 by default (plain FGSM), 1 for RS-FGSM.
         rotation_weight: as for ``pgd``.
+        reuse_grad: as for ``pgd``.
     """
 
     def __init__(
@@ -171,8 +189,9 @@ class FGSMDomain(_AttackDomain):
         targeted: bool = False,
         random_start: bool | float = 0.0,
         rotation_weight: float = 0.0,
+        reuse_grad: float = 0.0,
     ) -> None:
-        self._set_common(eps, norm, attack_bn, targeted, random_start, rotation_weight)
+        self._set_common(eps, norm, attack_bn, targeted, random_start, rotation_weight, reuse_grad)
         self.step_size = None if step_size is None else check_number("step_size", step_size, low=0, unit=_PIXELS)
 
     def _attack(self, images: Tensor, labels: Tensor, ctx: DomainContext, **extra: Any) -> Tensor:

@@ -32,6 +32,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 #: A further term the attack ascends, computed from the current adversarial images (e.g. a weighted
 #: rotation-prediction loss of the rotated images, Hendrycks et al. 2019).
 ExtraObjective = Callable[[Tensor], Tensor]
+#: ``(ascended loss, adversarial images) -> d loss / d images``; the default is ``torch.autograd.grad`` on the
+#: images only. The trainer's gradient reuse (Fast AdvProp) passes one that also keeps the parameter gradients.
+InputGrad = Callable[[Tensor, Tensor], Tensor]
 NORMS: tuple[str, ...] = ("linf", "l2")
 
 # Guards the per-sample divisions by gradient / perturbation norms (torchattacks uses the same value).
@@ -52,6 +55,7 @@ def pgd(
     targeted: bool = False,
     generator: torch.Generator | None = None,
     extra_objective: ExtraObjective | None = None,
+    input_grad: InputGrad | None = None,
 ) -> Tensor:
     """Projected gradient ascent on the loss (Madry et al. 2018).
 
@@ -73,6 +77,8 @@ def pgd(
         targeted: ``labels`` are targets and the loss is minimised instead of maximised.
         generator: RNG for the random start.
         extra_objective: ``adv -> scalar`` added to the ascended objective (not negated when targeted).
+        input_grad: how the gradient w.r.t. the images is taken (see :data:`InputGrad`); the attack uses only
+            its direction, so a scaled gradient gives the same result.
 
     Returns:
         Detached adversarial images, same shape, dtype and device as ``images``.
@@ -94,6 +100,7 @@ def pgd(
         targeted=targeted,
         generator=generator,
         extra_objective=extra_objective,
+        input_grad=input_grad,
         signed=True,
     )
 
@@ -111,6 +118,7 @@ def fgsm(
     targeted: bool = False,
     generator: torch.Generator | None = None,
     extra_objective: ExtraObjective | None = None,
+    input_grad: InputGrad | None = None,
 ) -> Tensor:
     """One projected gradient step: FGSM, or RS-FGSM ("Fast is better than free") with ``random_start``.
 
@@ -126,6 +134,7 @@ def fgsm(
         targeted: ``labels`` are targets and the loss is minimised.
         generator: RNG for the random start.
         extra_objective: as in :func:`pgd`.
+        input_grad: as in :func:`pgd`.
 
     Returns:
         Detached adversarial images inside the ``eps`` ball and the [0, 1] box.
@@ -147,6 +156,7 @@ def fgsm(
         targeted=targeted,
         generator=generator,
         extra_objective=extra_objective,
+        input_grad=input_grad,
         signed=True,
     )
 
@@ -165,6 +175,7 @@ def gd(
     targeted: bool = False,
     generator: torch.Generator | None = None,
     extra_objective: ExtraObjective | None = None,
+    input_grad: InputGrad | None = None,
 ) -> Tensor:
     """Projected gradient ascent along the raw gradient direction, without the sign.
 
@@ -190,6 +201,7 @@ def gd(
         targeted=targeted,
         generator=generator,
         extra_objective=extra_objective,
+        input_grad=input_grad,
         signed=False,
     )
 
@@ -322,6 +334,7 @@ def _iterate(
     generator: torch.Generator | None,
     signed: bool,
     extra_objective: ExtraObjective | None = None,
+    input_grad: InputGrad | None = None,
 ) -> Tensor:
     """The projected-gradient loop shared by :func:`pgd`, :func:`fgsm` and :func:`gd`."""
     probability = _validate(eps, steps, step_size, norm, random_start)
@@ -342,7 +355,7 @@ def _iterate(
             loss = sign * loss_fn(model(adv), labels)
             if extra_objective is not None:  # always ascended, targeted or not
                 loss = loss + extra_objective(adv)
-            (grad,) = torch.autograd.grad(loss, adv)
+            grad = torch.autograd.grad(loss, adv)[0] if input_grad is None else input_grad(loss, adv)
         adv = adv.detach()
         if signed and norm == "linf":
             adv = adv + step_size * grad.sign()

@@ -20,7 +20,7 @@ from mbn.fileio import atomic_write_text
 from mbn.validators import ValueCheckError, check_choice, check_number
 
 #: Keys of a domain entry that the trainer consumes; all other keys are the domain type's parameters.
-DOMAIN_RESERVED_KEYS = ("type", "bn", "weight", "input", "start", "end")
+DOMAIN_RESERVED_KEYS = ("type", "bn", "weight", "input", "start", "end", "fraction")
 
 
 class RecipeError(ValueError):
@@ -71,6 +71,9 @@ class OptimCfg:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # max global grad norm
+    # domain_mean: the loss is sum(weight * mean loss of each domain). sample_mean (Fast AdvProp): every
+    # parameter's gradient is the weighted mean over the samples that reached it (see docs/recipes.md)
+    grad_normalization: str = "domain_mean"
 
 
 @dataclass
@@ -90,6 +93,7 @@ class TrainerCfg:
 
     epochs: int = 30
     max_steps: int | None = None  # stop after this many steps (short runs, smoke tests)
+    budget_of: str | None = None  # train for the cost of this recipe's `epochs` (a recipe name or path, e.g. vanilla)
     out_dir: str | None = None  # default: runs/<recipe>-<timestamp>
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -153,6 +157,7 @@ class DomainSpec:
     start: float = 0.0  # fraction of training at which the domain starts contributing
     end: float = 1.0  # fraction of training after which it stops
     params: dict[str, Any] = field(default_factory=dict)
+    fraction: float = 1.0  # share of its input batch the domain gets (a seeded choice per step)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -223,6 +228,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 _CHOICES = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
     "optim.name": ("sgd", "adamw"),
+    "optim.grad_normalization": ("domain_mean", "sample_mean"),
     "schedule.name": ("cosine", "step", "constant"),
     "trainer.amp": ("none", "bf16", "fp16"),
     "trainer.progress": ("auto", "bar", "plain", "none"),
@@ -304,8 +310,9 @@ def domain_specs(cfg: DictConfig) -> list[DomainSpec]:
         bn = entry.get("bn") or name
         if not isinstance(bn, str) or not bn.isidentifier():
             raise RecipeError(f"key '{key}.bn': expected an identifier naming a BN source, got {bn!r}")
+        fraction = _check_key(f"{key}.fraction", check_number, entry.get("fraction", 1.0), low=0, low_open=True, high=1)
         params = {k: v for k, v in entry.items() if k not in DOMAIN_RESERVED_KEYS}
-        specs.append(DomainSpec(str(name), entry["type"], bn, weight, entry.get("input"), start, end, params))
+        specs.append(DomainSpec(str(name), entry["type"], bn, weight, entry.get("input"), start, end, params, fraction))
     names = {s.name for s in specs}
     for spec in specs:
         if spec.input is not None and spec.input not in names:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -37,6 +37,8 @@ class DomainContext:
         generator: seeded RNG on the training device; draw all randomness from it.
         num_classes: number of classes of the task.
         objective: how the trainer scores this domain's batch (head and loss); an attack maximises it.
+        accumulate: set by the trainer: ``(loss, images, weight, bn) -> d loss / d images`` that also adds
+            ``weight`` times the loss's parameter gradients to this step's update (see :meth:`reuse_gradient`).
     """
 
     model: nn.Module
@@ -46,6 +48,7 @@ class DomainContext:
     generator: torch.Generator | None = None
     num_classes: int = 10
     objective: Objective = field(default_factory=Objective)
+    accumulate: Callable[[Tensor, Tensor, float, str], Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +67,21 @@ class DomainContext:
         with use_source(self.model, self.bn):
             return forward_heads(self.model, x, heads)
 
+    def reuse_gradient(self, weight: float) -> Callable[[Tensor, Tensor], Tensor]:
+        """An ``input_grad`` for :mod:`mbn.attacks` that reuses the attack's backward pass for the weight update.
+
+        Each attack step's loss gradient w.r.t. the images drives the attack as usual, and ``weight`` times its
+        gradient w.r.t. the parameters is accumulated into this step's update ("free" adversarial training,
+        Fast AdvProp's gradient reuse), so the attack's backward is not wasted.
+
+        Raises:
+            RuntimeError: outside the trainer (nothing to accumulate into).
+        """
+        accumulate = self.accumulate
+        if accumulate is None:
+            raise RuntimeError("gradient reuse needs the trainer's step to accumulate into (ctx.accumulate unset)")
+        return lambda loss, images: accumulate(loss, images, weight, self.bn)
+
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The objective's loss: what the trainer minimises on this batch and an attack maximises."""
         return self.objective.loss(logits, targets)
@@ -73,8 +91,8 @@ class DomainContext:
         """BN behaviour for attack forwards.
 
         ``eval``: running statistics, nothing updated (Xie's ImageNet adversarial-training attacker);
-        ``train``: batch statistics, running statistics untouched (Fast AdvProp code);
-        ``train_update``: batch statistics and running statistics updated.
+        ``train``: batch statistics, running statistics untouched;
+        ``train_update``: batch statistics and running statistics updated (the Fast AdvProp code's attacker).
         """
         if mode == "eval":
             with eval_mode(self.model):
@@ -117,6 +135,10 @@ class Domain(abc.ABC):
     def objective(self, default: Objective) -> Objective:
         """How the trainer scores this domain's batch; ``default``: the class head, the recipe's label smoothing."""
         return default
+
+    def generation_cost(self) -> float:
+        """Model forward-backward passes spent per input image to make the batch (budget matching); 0 by default."""
+        return 0.0
 
     def heads(self) -> dict[str, int]:
         """Auxiliary heads this domain needs on the penultimate features, ``name -> outputs`` (none by default)."""

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from mbn.budget import matched_epochs
 from mbn.builders import build_model
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
 from mbn.config import DomainSpec, RecipeError, save_recipe
@@ -33,6 +34,7 @@ from mbn.domain_checks import check_domain_output
 from mbn.errors import STOP_SIGNALS, DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
 from mbn.eval.accuracy import accuracy
 from mbn.fileio import atomic_torch_save, atomic_write_text
+from mbn.gradnorm import SHARED, SampleMeanGradients
 from mbn.heads import forward_heads
 from mbn.init_from import init_from_state
 from mbn.meter import NonFiniteError, StepMeter, TrainClock
@@ -124,13 +126,29 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if cfg.trainer.compile else self.model
         self.contexts = {
             s.name: DomainContext(
-                model=self.model, bn=s.bn, num_classes=self.data.num_classes, objective=self.objectives[s.name]
+                model=self.model,
+                bn=s.bn,
+                num_classes=self.data.num_classes,
+                objective=self.objectives[s.name],
+                accumulate=self._reuse_attack_gradient,
             )
             for s in self.specs
         }
         self.steps_per_epoch = len(self.data.train)
-        self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
+        self.epochs = cfg.trainer.epochs  # trainer.budget_of: the epochs costing what the baseline's would
+        if cfg.trainer.budget_of:
+            self.epochs = matched_epochs(cfg.trainer.epochs, self.specs, self.domains, str(cfg.trainer.budget_of))
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if cfg.trainer.budget_of:
+            self.progress_note = (
+                f"trainer.budget_of={cfg.trainer.budget_of}: {self.epochs} epochs cost what {cfg.trainer.epochs} "
+                f"of {cfg.trainer.budget_of} would"
+            )
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)  # backbone and every head
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.normalizer = SampleMeanGradients(self.model) if cfg.optim.grad_normalization == "sample_mean" else None
+        self.by_name = {s.name: s for s in self.specs}
+        self._counts: dict[tuple[str, str], float] = {SHARED: 0.0}
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.amp == "fp16")
@@ -145,6 +163,8 @@ class Trainer:
         self._checked_domains: set[str] = set()
         self.last_window: dict[str, float] = {}
         self._wall_before = 0.0  # wall time of earlier sessions of a resumed run
+        if getattr(self, "progress_note", None):
+            self.progress.log(self.progress_note)
         if resume_ckpt is not None:
             self._restore(resume_ckpt, self.ckpt_dir / "last.pt")
         elif plan.init_checkpoint is not None:
@@ -157,7 +177,7 @@ class Trainer:
             save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
             self._wall_start = time.perf_counter()
             with self._signals_save_checkpoint():
-                while self.state.epoch < self.cfg.trainer.epochs and not self._done() and not self._stopping:
+                while self.state.epoch < self.epochs and not self._done() and not self._stopping:
                     self.train_one_epoch(self.state.epoch)
                     if self.state.batch >= self.steps_per_epoch:  # the epoch completed
                         self.state.epoch, self.state.batch = self.state.epoch + 1, 0
@@ -191,10 +211,12 @@ class Trainer:
         self.clock.start()
         for batch in self.data.train.epoch_batches(epoch, self.state.batch):
             self._seed_step()
+            self.optimizer.zero_grad(set_to_none=True)  # before the domains: an attack may add reused gradients
+            self._counts = {SHARED: 0.0}  # weighted samples per parameter owner (grad_normalization=sample_mean)
             images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
             outputs = self.generate(images, labels)  # domain -> (x, y)
             losses, accs = self.forward_losses(outputs)  # domain -> scalar tensors, still on the device
-            self.optimize(losses)
+            self.optimize(losses, {name: outputs[name][0].shape[0] for name in losses})
             finite = torch.stack([torch.isfinite(outputs[name][0]).all() for name in losses])
             self.meter.add(self.state.step, losses, accs, finite)
             self.clock.count({name: outputs[name][0].shape[0] for name in losses})
@@ -214,6 +236,11 @@ class Trainer:
             if spec.name not in needed:
                 continue
             src_x, src_y = outputs[spec.input] if spec.input else (images, labels)
+            if spec.fraction < 1.0:  # a seeded share of the input, drawn on the device before the domain draws
+                keep = max(1, round(spec.fraction * src_x.shape[0]))
+                pick = torch.randperm(src_x.shape[0], generator=generator, device=generator.device)[:keep]
+                pick = pick.to(src_x.device)
+                src_x, src_y = src_x.index_select(0, pick), src_y.index_select(0, pick)
             ctx = self.contexts[spec.name]
             ctx.step, ctx.epoch, ctx.generator = self.state.step, self.state.epoch, generator
             try:
@@ -280,15 +307,28 @@ class Trainer:
                 return {CLASSES: self.forward_model(x)}
             return forward_heads(self.forward_model, x, heads)  # type: ignore[arg-type]
 
-    def optimize(self, losses: dict[str, Tensor]) -> None:
-        """One optimiser step on ``sum(weight * loss)``, with grad scaling and clipping."""
+    def optimize(self, losses: dict[str, Tensor], sizes: dict[str, int] | None = None) -> None:
+        """One optimiser step on ``sum(weight * loss)``, with grad scaling and clipping.
+
+        Gradients reused from attacks this step are already in ``.grad`` (the step zeroes them first). With
+        ``optim.grad_normalization=sample_mean`` the sum is over samples and each parameter's gradient is then
+        divided by the weighted count of samples that reached it (:mod:`mbn.gradnorm`); ``sizes`` gives each
+        domain's batch size.
+        """
         weights = {s.name: s.weight for s in self.specs}
-        terms = [weights[name] * loss for name, loss in losses.items()]
+        per_sample = self.normalizer is not None and sizes is not None
+        terms = []
+        for name, loss in losses.items():
+            weight = weights[name] * (sizes[name] if per_sample and sizes else 1)
+            terms.append(weight * loss)
+            if per_sample and sizes:
+                self._count(name, weights[name] * sizes[name])
         total = terms[0]
         for term in terms[1:]:
             total = total + term
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if self.normalizer is not None:
+            self.normalizer.divide(self._counts)
         if self.cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -441,6 +481,27 @@ class Trainer:
                 cur = by_name[cur.input] if cur.input else None
         return needed
 
+    def _reuse_attack_gradient(self, loss: Tensor, images: Tensor, weight: float, bn: str) -> Tensor:
+        """An attack step's ``d loss / d images``; ``weight`` x its parameter gradients join this step's update."""
+        n = images.shape[0]
+        scaled = loss * (weight * n if self.normalizer is not None else weight)
+        params = self._trainable
+        grads = torch.autograd.grad(self.scaler.scale(scaled), [images, *params], allow_unused=True)
+        for p, g in zip(params, grads[1:], strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        if self.normalizer is not None:
+            self._counts[SHARED] += weight * n
+            self._counts[("bn", bn)] = self._counts.get(("bn", bn), 0.0) + weight * n
+        return grads[0]
+
+    def _count(self, name: str, samples: float) -> None:
+        self._counts[SHARED] += samples
+        bn, head = self.by_name[name].bn, self.objectives[name].head
+        self._counts[("bn", bn)] = self._counts.get(("bn", bn), 0.0) + samples
+        if head != CLASSES:
+            self._counts[("head", head)] = self._counts.get(("head", head), 0.0) + samples
+
     def _check_finite(self) -> None:
         """Stop on a non-finite loss since the last check (one host sync: logging steps and checkpoints only)."""
         try:
@@ -458,7 +519,7 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         every = self.cfg.trainer.eval_every
-        return self.state.epoch >= self.cfg.trainer.epochs or (every > 0 and self.state.epoch % every == 0)
+        return self.state.epoch >= self.epochs or (every > 0 and self.state.epoch % every == 0)
 
     def _after_step(self, outputs: dict[str, Batch], images: Tensor) -> None:
         self.progress.update()
@@ -498,6 +559,8 @@ class Trainer:
         window = self.last_window
         return {
             "steps": self.state.step,
+            "epochs": self.epochs,
+            "budget_of": self.cfg.trainer.budget_of,
             "epochs_completed": self.state.epoch,
             "train": {
                 s.name: {"loss": window.get(f"loss/{s.name}"), "acc": window.get(f"acc/{s.name}")} for s in self.specs

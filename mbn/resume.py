@@ -67,7 +67,7 @@ def with_domain_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(recipe)
     domains = {}
     for name, entry in (recipe.get("domains") or {}).items():
-        full = {"bn": name, "weight": 1.0, "input": None, "start": 0.0, "end": 1.0}
+        full = {"bn": name, "weight": 1.0, "input": None, "start": 0.0, "end": 1.0, "fraction": 1.0}
         try:
             sig = inspect.signature(get_domain_class(str(entry.get("type"))).__init__)
             full.update({k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty})
