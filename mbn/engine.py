@@ -231,16 +231,14 @@ class Trainer:
         """Run every domain needed this step, each on its ``input`` domain's output or the clean batch."""
         needed = self._needed_domains()
         outputs: dict[str, Batch] = {}
+        shares: dict[str, tuple[Tensor, int]] = {}  # input -> (this step's permutation, images handed out)
         generator = self._generator.manual_seed(step_seed(self.cfg.trainer.seed, self.state.step))
         for spec in self.specs:
             if spec.name not in needed:
                 continue
             src_x, src_y = outputs[spec.input] if spec.input else (images, labels)
-            if spec.fraction < 1.0:  # a seeded share of the input, drawn on the device before the domain draws
-                keep = max(1, round(spec.fraction * src_x.shape[0]))
-                pick = torch.randperm(src_x.shape[0], generator=generator, device=generator.device)[:keep]
-                pick = pick.to(src_x.device)
-                src_x, src_y = src_x.index_select(0, pick), src_y.index_select(0, pick)
+            if spec.fraction < 1.0:  # a seeded share of the input, disjoint from the other shares of that input
+                src_x, src_y = self._share(spec, src_x, src_y, generator, shares)
             ctx = self.contexts[spec.name]
             ctx.step, ctx.epoch, ctx.generator = self.state.step, self.state.epoch, generator
             try:
@@ -480,6 +478,27 @@ class Trainer:
                 needed.add(cur.name)
                 cur = by_name[cur.input] if cur.input else None
         return needed
+
+    def _share(
+        self, spec: DomainSpec, x: Tensor, y: Tensor, generator: torch.Generator, shares: dict[str, tuple[Tensor, int]]
+    ) -> Batch:
+        """``round(fraction * N)`` images of the input: the next slice of one seeded permutation per input and step.
+
+        Domains with a ``fraction`` of the same input get disjoint slices in recipe order while their fractions
+        sum to at most 1 (Fast AdvProp: clean 0.8, attacked 0.2); beyond that the slices wrap around.
+        """
+        key, n = spec.input or "", x.shape[0]
+        if key not in shares:  # drawn before any domain's own draws: reproducible whatever the domains do
+            shares[key] = (torch.randperm(n, generator=generator, device=generator.device).to(x.device), 0)
+        perm, used = shares[key]
+        keep = max(1, round(spec.fraction * n))
+        pick = (
+            perm[(torch.arange(used, used + keep, device=x.device) % n)]
+            if used + keep > n
+            else perm[used : used + keep]
+        )
+        shares[key] = (perm, used + keep)
+        return x.index_select(0, pick), y.index_select(0, pick)
 
     def _reuse_attack_gradient(self, loss: Tensor, images: Tensor, weight: float, bn: str) -> Tensor:
         """An attack step's ``d loss / d images``; ``weight`` x its parameter gradients join this step's update."""

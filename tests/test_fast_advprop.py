@@ -27,20 +27,20 @@ def _cost(recipe: str, *overrides: str) -> float:
 
 def test_budget_matching_arithmetic():
     assert _cost("vanilla") == 1.0
-    assert _cost("fast_advprop") == pytest.approx(1.0 + 0.2 * (1 + 1))  # clean + 1/5 x (attack + adversarial pass)
+    assert _cost("fast_advprop") == pytest.approx(0.8 + 0.2 * (1 + 1))  # 4/5 clean + 1/5 x (attack + adversarial)
     assert _cost("advprop") == pytest.approx(3.0)  # PGD-1 on every image
     assert _cost("advprop", "domains.adv.steps=5") == pytest.approx(7.0)  # AdvProp's "about 7x" for PGD5
     assert _cost("advprop", "domains.adv.start=0.5") == pytest.approx(2.0)  # active half the run
     specs = domain_specs(load_recipe(FAST))
-    assert matched_epochs(105, specs, build_domains(specs), "vanilla") == 75  # 105 / 1.4
+    assert matched_epochs(105, specs, build_domains(specs), "vanilla") == 88  # round(105 / 1.2), the official number
     assert matched_epochs(105, specs, build_domains(specs), str(REPO / "recipes" / "fast_advprop.yaml")) == 105
 
 
 def test_budget_of_sets_the_epochs_and_keeps_milestones_fractions(tmp_path):
     cfg = load_recipe(FAST, [*TINY, "trainer.epochs=7", "schedule.name=step"])
     with Trainer(cfg, tmp_path / "run") as trainer:
-        assert trainer.epochs == 5  # round(7 / 1.4)
-        assert trainer.total_steps == 5 * trainer.steps_per_epoch
+        assert trainer.epochs == 6  # round(7 / 1.2)
+        assert trainer.total_steps == 6 * trainer.steps_per_epoch
         assert list(cfg.schedule.milestones) == [0.5, 0.75]  # fractions of the run: they scale with it
 
 
@@ -55,6 +55,22 @@ def recorder(scratch_registry):
             return images, labels
 
     return seen
+
+
+def test_fractions_of_one_input_are_disjoint_seeded_slices(tmp_path, recorder):
+    extra = ["domains.clean.fraction=0.75", "domains.part.type=record_input_test", "domains.part.fraction=0.25",
+             "domains.part.bn=clean", "trainer.max_steps=1"]  # fmt: skip
+    cfg = load_recipe(REPO / "recipes" / "vanilla.yaml", [*TINY, *extra])
+    with Trainer(cfg, tmp_path / "run") as trainer:
+        images, labels = next(iter(trainer.data.train.epoch_batches(0)))
+        images = images.float() / 255
+        trainer._seed_step()
+        outputs = trainer.generate(images, labels)
+    clean, part = outputs["clean"][0], recorder[0]
+    assert clean.shape[0] == 12 and part.shape[0] == 4
+    together = torch.cat([clean, part])
+    assert torch.equal(together.sort(0).values.sum(), images.sort(0).values.sum())  # a partition of the batch
+    assert {tuple(x.flatten()[:8].tolist()) for x in together} == {tuple(x.flatten()[:8].tolist()) for x in images}
 
 
 def test_fraction_is_honoured_and_seeded(tmp_path, recorder):

@@ -1,0 +1,101 @@
+"""Step cost of AdvProp variants relative to vanilla, measured in one run on the same model and batches.
+
+Cases (all through ``Trainer.train_one_epoch``, CIFAR ResNet-8 width 16, synthetic 32x32 data, batch 64, no
+workers, TensorBoard and log lines off): ``vanilla``, ``advprop_pgd1`` (recipes/advprop.yaml), ``advprop_pgd5``
+(PGD5, eps 4), ``fast_advprop`` (recipes/fast_advprop.yaml). Blocks of steps of the cases alternate (round
+robin) and the median per-step time over the blocks is compared with vanilla's. The per-run ratio multiplies
+the per-step ratio by the run's epochs over vanilla's: ``fast_advprop`` trains ``trainer.budget_of=vanilla``
+epochs, the others as many as vanilla.
+
+Usage:
+    python benchmarks/bench_fast_advprop.py [--steps-per-block 6] [--blocks 5] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import machine_info, sync, write_json
+
+from mbn.config import load_recipe
+from mbn.engine import Trainer
+
+COMMON = [
+    "model.name=cifar_resnet8", "model.width=16", "data.name=synthetic", "data.synthetic_train_size=4096",
+    "data.synthetic_test_size=64", "data.batch_size=64", "data.num_workers=0", "trainer.progress=none",
+    "trainer.log_every=1000000000", "logging.tensorboard=false", "trainer.epochs=105",
+]  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+CASES = {
+    "vanilla": ("vanilla", []),
+    "advprop_pgd1": ("advprop", []),
+    "advprop_pgd5": ("advprop", ["domains.adv.steps=5", "domains.adv.eps=4"]),
+    "fast_advprop": ("fast_advprop", []),
+}
+
+
+def stepper(trainer: Trainer):
+    """``run(n) -> seconds`` for n more engine steps."""
+
+    def run(n: int) -> float:
+        trainer.cfg.trainer.max_steps = trainer.state.step + n
+        sync(trainer.device)
+        tic = time.perf_counter()
+        while trainer.state.step < trainer.cfg.trainer.max_steps:
+            if trainer.state.batch >= trainer.steps_per_epoch:
+                trainer.state.epoch, trainer.state.batch = trainer.state.epoch + 1, 0
+            trainer.train_one_epoch(trainer.state.epoch)
+        sync(trainer.device)
+        return time.perf_counter() - tic
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps-per-block", type=int, default=6)
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers, runs = {}, {}
+        for name, (recipe, extra) in CASES.items():
+            cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*COMMON, f"trainer.device={args.device}", *extra])
+            trainers[name] = Trainer(cfg, Path(tmp) / name)
+            runs[name] = stepper(trainers[name])
+        for run in runs.values():
+            run(2)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.blocks):
+            for name, run in runs.items():
+                times[name].append(run(args.steps_per_block) / args.steps_per_block)
+        per_step = {name: statistics.median(v) for name, v in times.items()}
+        epochs = {name: trainers[name].epochs for name in runs}
+        for trainer in trainers.values():
+            trainer.close()
+    results = {
+        name: {
+            "per_step_s": per_step[name],
+            "blocks_s": times[name],
+            "epochs": epochs[name],
+            "step_ratio": per_step[name] / per_step["vanilla"],
+            "run_ratio": per_step[name] * epochs[name] / (per_step["vanilla"] * epochs["vanilla"]),
+        }
+        for name in runs
+    }
+    device = torch.device(args.device)
+    path = write_json(f"fast_advprop_{device.type}", {"machine": machine_info(device), "settings": COMMON,
+                                                      "results": results})  # fmt: skip
+    for name, res in results.items():
+        print(f"{name}: {res['per_step_s'] * 1e3:.1f} ms/step, x{res['step_ratio']:.2f} per step, "
+              f"x{res['run_ratio']:.2f} per run ({res['epochs']} epochs)")  # fmt: skip
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
