@@ -223,10 +223,11 @@ def _first_link(path: str, top: Path) -> str | None:
 
 def _fingerprint(root: Path, samples: Sequence[tuple[str, int]], image_size: int) -> str:
     """Identity of a decoded set: the tree's absolute path, each file's path, size, mtime and label."""
-    digest = hashlib.sha1(f"v{_CACHE_VERSION}|{image_size}|{root.resolve()}".encode())
+    digest = hashlib.sha1(f"v{_CACHE_VERSION}|{image_size}|{root.resolve()}".encode("utf-8", "surrogateescape"))
     for path, label in samples:
         info = os.stat(path)
-        digest.update(f"|{os.path.relpath(path, root)}:{info.st_size}:{info.st_mtime_ns}:{label}".encode())
+        entry = f"|{os.path.relpath(path, root)}:{info.st_size}:{info.st_mtime_ns}:{label}"
+        digest.update(entry.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
     return digest.hexdigest()[:20]
 
 
@@ -235,7 +236,8 @@ def _load_folder_split(
 ) -> ArraySplit:
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     key = _fingerprint(root, samples, image_size)
-    path = cache_dir / f"{root.name}-{split}-{len(samples)}-{image_size}px-{key}.npy" if cache_dir else None
+    name = root.name.encode("utf-8", "surrogateescape").decode("ascii", "replace")[:40]  # short, printable
+    path = cache_dir / f"{name}-{split}-{len(samples)}-{image_size}px-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         try:
             images = np.load(path)
@@ -712,6 +714,15 @@ class DataBundle:
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Unaugmented training images (N, H, W, 3) uint8 and labels (N,) int64."""
         return self.train_split.images, self.train_split.labels
+
+
+def training_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """Identity of a training set for resume: its size, every label and 64 images spread over it (cheap)."""
+    digest = hashlib.sha1(f"{images.shape}".encode())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    step = max(1, len(images) // 64)
+    digest.update(np.ascontiguousarray(images[::step][:64]).tobytes())
+    return digest.hexdigest()[:20]
 
 
 def _check_synthetic(cfg: Any) -> None:

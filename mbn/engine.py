@@ -28,7 +28,7 @@ from mbn.budget import matched_epochs
 from mbn.builders import build_model
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
 from mbn.config import DomainSpec, RecipeError, save_recipe
-from mbn.data import build_data, to_device
+from mbn.data import build_data, to_device, training_set_fingerprint
 from mbn.domain import DomainContext
 from mbn.domain_checks import check_domain_output
 from mbn.errors import STOP_SIGNALS, DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
@@ -97,7 +97,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        plan = plan_run(cfg)  # every recipe error surfaces here, before the data is read
+        plan = plan_run(cfg, resume=resume)  # every recipe error surfaces here, before the data is read
         self.lock = RunLock(self.run_dir).acquire()  # before anything in run_dir is read or written
         try:
             self._setup(cfg, plan, resume)
@@ -135,6 +135,7 @@ class Trainer:
             for s in self.specs
         }
         self.steps_per_epoch = len(self.data.train)
+        self.data_fingerprint = training_set_fingerprint(*self.data.train_arrays())
         self.epochs = cfg.trainer.epochs  # trainer.budget_of: the epochs costing what the baseline's would
         if cfg.trainer.budget_of:
             self.epochs = matched_epochs(cfg.trainer.epochs, self.specs, self.domains, str(cfg.trainer.budget_of))
@@ -215,7 +216,7 @@ class Trainer:
             self._counts = {SHARED: 0.0}  # weighted samples per parameter owner (grad_normalization=sample_mean)
             images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
             outputs = self.generate(images, labels)  # domain -> (x, y)
-            losses, accs = self.forward_losses(outputs)  # domain -> scalar tensors, still on the device
+            losses, accs = self._forward_losses_or_blame(outputs)  # domain -> scalar tensors, on the device
             self.optimize(losses, {name: outputs[name][0].shape[0] for name in losses})
             finite = torch.stack([torch.isfinite(outputs[name][0]).all() for name in losses])
             self.meter.add(self.state.step, losses, accs, finite)
@@ -241,6 +242,7 @@ class Trainer:
                 src_x, src_y = self._share(spec, src_x, src_y, generator, shares)
             ctx = self.contexts[spec.name]
             ctx.step, ctx.epoch, ctx.generator = self.state.step, self.state.epoch, generator
+            version = src_x._version  # in-place writes bump it: the input is shared with other domains
             try:
                 with self._autocast(attack=True):
                     out = self.domains[spec.name].generate(src_x, src_y, ctx)
@@ -251,6 +253,11 @@ class Trainer:
                     f"domain {spec.name!r} (type {spec.type!r}) failed at step {self.state.step}: "
                     f"{type(err).__name__}: {first_line(err)}"
                 ) from err
+            if src_x._version != version:
+                raise DomainError(
+                    f"domain {spec.name!r} changed its input images in place; other domains share them: return a "
+                    "new tensor (images * 0.5, not images.mul_(0.5))"
+                )
             if spec.name not in self._checked_domains:  # the first batch only: no host sync in later steps
                 head = self.objectives[spec.name].head
                 size = self.data.num_classes if head == CLASSES else self.heads[head]
@@ -272,6 +279,19 @@ class Trainer:
             losses[spec.name] = objective.loss(logits[spec.name], targets)
             accs[spec.name] = objective.correct(logits[spec.name], targets).mean()
         return losses, accs  # finiteness is checked on the device (StepMeter), read on logging steps
+
+    def _forward_losses_or_blame(self, outputs: dict[str, Batch]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`forward_losses`; when it fails, a domain whose batch breaks the contract is named instead."""
+        try:
+            return self.forward_losses(outputs)
+        except (RuntimeError, IndexError, ValueError):
+            for spec in self.specs:  # the contract check again, on every batch of this step
+                if spec.name in outputs:
+                    head = self.objectives[spec.name].head
+                    size = self.data.num_classes if head == CLASSES else self.heads[head]
+                    source = outputs[spec.input][0] if spec.input else next(iter(outputs.values()))[0]
+                    check_domain_output(spec.name, outputs[spec.name], source, size)
+            raise
 
     def _forward_groups(self, groups: dict[str, list[DomainSpec]], outputs: dict[str, Batch]) -> dict[str, Tensor]:
         heads = tuple(dict.fromkeys(self.objectives[s.name].head for specs in groups.values() for s in specs))
@@ -366,6 +386,7 @@ class Trainer:
             "sources": list(self.sources),
             "heads": dict(self.heads),
             "data": self.data.stats.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "train_time": self.clock.train_time,
             "wall_time": wall,
@@ -389,8 +410,11 @@ class Trainer:
         """The checkpoint to resume from, checked against the recipe before anything is built."""
         ckpt = load_checkpoint(path, map_location=self.device)
         require_entries(ckpt, RESUME_ENTRIES, path, "a training checkpoint to resume")
-        if not isinstance(ckpt["config"], dict):
-            raise CheckpointError(f"{path}: its 'config' entry is not a recipe")
+        for key, kind in (("config", dict), ("model", dict), ("optimizer", dict), ("state", dict)):
+            if not isinstance(ckpt[key], kind):
+                raise CheckpointError(f"{path}: its {key!r} entry is not a {kind.__name__}")
+        if not isinstance(ckpt.get("sources", []), (list, tuple)) or not isinstance(ckpt.get("data", {}), dict):
+            raise CheckpointError(f"{path}: its 'sources' or 'data' entry is malformed")
         self.resume_changes = check_resume_config(ckpt["config"], self.cfg)
         return ckpt
 
@@ -401,6 +425,12 @@ class Trainer:
                 "is the main BN); restore the domains' order and bn names"
             )
         self._check_same_data(ckpt.get("data"), path)
+        saved = ckpt.get("data_fingerprint")
+        if saved is not None and saved != self.data_fingerprint:
+            raise RecipeError(
+                f"key 'data.root': the training set under {self.cfg.data.root} is not the one this run was trained on "
+                f"(another image count, labels or images than in {path}); resume on the same data"
+            )
         load_model_state(self.model, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -545,7 +575,9 @@ class Trainer:
         step, log = self.state.step, self.cfg.logging
         if step % self.cfg.trainer.log_every == 0 or self._done():
             self._check_finite()
-            means = self.meter.read()  # the step's only host sync
+            # a max_steps stop between logging steps peeks at the window: a resumed run closes it as an
+            # uninterrupted run would, so both report the same means
+            means = self.meter.read(reset=step % self.cfg.trainer.log_every == 0)  # the step's only host sync
             self.clock.lap()
             weights = {s.name: s.weight for s in self.specs}
             means["loss/total"] = sum(weights[n] * means[f"loss/{n}"] for n in weights if f"loss/{n}" in means)
@@ -608,7 +640,8 @@ class Trainer:
                 signal.signal(sig, handler)
 
         for sig in STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, request_stop)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup / trap '' TERM: the user said ignore it
+                previous[sig] = signal.signal(sig, request_stop)
         try:
             yield
         finally:

@@ -59,16 +59,20 @@ class StepMeter:
         bad[1, idx] = ~images_finite
         self.first_bad.masked_fill_(bad & (self.first_bad < 0), step)
 
-    def read(self) -> dict[str, float]:
-        """The window's means ``{"loss/<domain>": ..., "acc/<domain>": ...}`` (one host sync); starts a new window."""
+    def read(self, reset: bool = True) -> dict[str, float]:
+        """The window's means ``{"loss/<domain>": ..., "acc/<domain>": ...}`` (one host sync).
+
+        ``reset`` starts a new window; without it the window stays open (a peek).
+        """
         sums = self.sums.tolist()
         out: dict[str, float] = {}
         for i, name in enumerate(self.domains):
             if self.counts[i]:
                 out[f"loss/{name}"] = sums[0][i] / self.counts[i]
                 out[f"acc/{name}"] = sums[1][i] / self.counts[i]
-        self.sums.zero_()
-        self.counts = [0] * len(self.domains)
+        if reset:
+            self.sums.zero_()
+            self.counts = [0] * len(self.domains)
         return out
 
     def check_finite(self) -> None:

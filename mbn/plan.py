@@ -40,8 +40,10 @@ class RunPlan:
     init_path: Path | None = None
 
 
-def plan_run(cfg: DictConfig) -> RunPlan:
+def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
     """Validate everything a training run needs before its data is read.
+
+    A resume does not read ``model.init_from`` (its own checkpoint supersedes it; the source may be gone).
 
     Raises:
         RecipeError: the first problem found, naming its key.
@@ -59,7 +61,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             )
     check_model(cfg)
     init_path, init_checkpoint = None, None
-    if cfg.model.get("init_from"):
+    if cfg.model.get("init_from") and not resume:
         init_path, init_checkpoint = read_init_checkpoint(str(cfg.model.init_from))
     device = resolve_device(cfg.trainer.device)
     check_data_paths(cfg.data)

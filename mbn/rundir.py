@@ -76,13 +76,14 @@ class RunLock:
     def _open(self) -> int:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)  # minus umask
         except OSError as err:
             why = "it is a symlink" if os.path.islink(self.path) else err.strerror
             raise RunDirError(f"{self.path}: cannot open the run directory's lock file ({why})") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             os.close(fd)
-            raise RunDirError(f"{self.path}: the run directory's lock file is not a regular file")
+            raise RunDirError(f"{self.path}: the run directory's lock file is not a plain file (a link or special)")
         return fd
 
     def release(self) -> None:

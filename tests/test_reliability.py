@@ -658,3 +658,91 @@ def test_malformed_checkpoint_state_is_one_line(how, message, tmp_path, capsys):
     assert train_main(["--resume", str(run)]) == 2
     err = one_line_error(capsys)
     assert "optimiser or training state does not fit this run" in err and message in err, err
+
+
+# ------------------------------------------------------------------------------ second hostile review
+def test_resume_does_not_need_the_init_from_source(tmp_path):
+    source, fine = tmp_path / "source", tmp_path / "fine"
+    assert train(VANILLA, source, "trainer.max_steps=1") == 0
+    assert train(VANILLA, fine, f"model.init_from={source}", "trainer.max_steps=2") == 0
+    shutil.rmtree(source)
+    assert train_main(["--resume", str(fine), "trainer.max_steps=3"]) == 0
+
+
+def test_domain_writing_its_input_in_place_is_named(tmp_path, capsys, scratch_registry):
+    @mbn.register_domain("inplace_test")
+    class InPlace(mbn.Domain):
+        def generate(self, images, labels, ctx):
+            return images.mul_(0.5), labels
+
+    assert train(VANILLA, tmp_path / "run", "domains.w.type=inplace_test", "trainer.max_steps=1") == 1
+    assert "domain 'w' changed its input images in place" in one_line_error(capsys)
+
+
+def test_domain_breaking_the_contract_after_its_first_batch_is_named(tmp_path, capsys, scratch_registry):
+    @mbn.register_domain("late_breaker_test")
+    class Late(mbn.Domain):
+        def generate(self, images, labels, ctx):
+            return images, (labels + 100 if ctx.step >= 2 else labels)
+
+    assert train(VANILLA, tmp_path / "run", "domains.w.type=late_breaker_test", "trainer.max_steps=4") == 1
+    err = one_line_error(capsys)
+    assert "domain 'w'" in err and "expected class indices" in err, err
+
+
+def test_resume_refuses_same_classes_with_other_images(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MBN_CACHE_DIR", str(tmp_path / "cache"))
+    first = _image_tree(tmp_path / "a")
+    swapped = tmp_path / "b"
+    for split in ("train", "test"):  # the class folders' contents exchanged: same names, counts and statistics
+        shutil.copytree(first / split / "cat", swapped / split / "dog")
+        shutil.copytree(first / split / "dog", swapped / split / "cat")
+    run = tmp_path / "run"
+    assert _train_folder(first, run) == 0
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), f"data.root={swapped}", "trainer.max_steps=2"]) == 2
+    assert "is not the one this run was trained on" in one_line_error(capsys)
+
+
+def test_ignored_signals_stay_ignored(tmp_path, signal_domains):
+    """nohup (SIGHUP ignored) must keep protecting the run."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert train(VANILLA, tmp_path / "run", "domains.stop.type=signal_at_test", "trainer.max_steps=4") == 0
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == 4
+
+
+def test_max_steps_stop_and_resume_reports_uninterrupted_metrics(tmp_path):
+    base = ["trainer.log_every=3", "trainer.epochs=2"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(VANILLA, ref, *base) == 0
+    assert train(VANILLA, run, *base, "trainer.max_steps=7") == 0
+    assert train_main(["--resume", str(run), "trainer.max_steps=null"]) == 0
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in (ref, run)]
+    assert metrics[0]["train"] == metrics[1]["train"]
+
+
+def test_second_signal_before_any_checkpoint_says_so(tmp_path, capsys, scratch_registry):
+    @mbn.register_domain("double_early_test")
+    class Twice(mbn.Domain):
+        def generate(self, images, labels, ctx):
+            if ctx.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return images, labels
+
+    assert train(VANILLA, tmp_path / "run", "domains.stop.type=double_early_test", "trainer.max_steps=3") == 143
+    assert "before the first checkpoint; nothing to resume" in one_line_error(capsys)
+
+
+def test_hard_linked_lock_file_is_refused(tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.link(victim, run / ".lock")
+    assert train(VANILLA, run, "trainer.max_steps=1") == 2
+    assert "lock file is not a plain file" in one_line_error(capsys)
+    assert victim.read_text() == "precious"

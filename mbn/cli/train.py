@@ -101,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = signal.Signals(signum).name
             if not started:
                 print(f"mbn-train: {name} before training started; nothing was written", file=sys.stderr)
+            elif not (started[0].ckpt_dir / "last.pt").is_file():
+                print(
+                    f"mbn-train: aborted by {name} at step {started[0].state.step}, before the first checkpoint; "
+                    f"nothing to resume (delete {started[0].run_dir} to start again)",
+                    file=sys.stderr,
+                )
             else:
                 trainer = started[0]
                 print(
@@ -121,7 +127,7 @@ def _signals_raise() -> Iterator[None]:
     def stop(signum: int, frame: object) -> None:
         raise StopSignal(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
