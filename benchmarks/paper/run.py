@@ -739,12 +739,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, flush=True)
 
     report = build_report(jobs, args.scale, scale, eval_limit, command)
+    return write_results(out, report, render_markdown(report), jobs, start)
+
+
+def write_results(out: Path, report: Mapping[str, Any], markdown: str, jobs: Sequence[Job], start: float) -> int:
+    """Write ``results.json`` and ``results.md``; report failed runs; the exit status (1 if any failed)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(report, indent=2, allow_nan=False))
-    atomic_write_text(out / "results.md", render_markdown(report))
-    failed = [j.name for j in jobs if j.metrics is None or j.evaluation is None]
-    elapsed = time.perf_counter() - start
-    print(f"run.py: wrote {out / 'results.md'} and results.json ({elapsed / 60:.1f} min)", flush=True)
+    atomic_write_text(out / "results.md", markdown)
+    failed = [j.name for j in jobs if j.metrics is None or (j.eval_options is not None and j.evaluation is None)]
+    print(f"run.py: wrote {out / 'results.md'} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     if failed:
         print(f"run.py: {len(failed)} run(s) failed: {', '.join(failed)}; see their logs", flush=True)
     return 1 if failed else 0
@@ -854,14 +858,7 @@ def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         *(f"- {r['name']}: {r['status']} (`{r['run_dir']}`)" for r in report["runs"]),
         "",
     ]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(report, indent=2, allow_nan=False))
-    atomic_write_text(out / "results.md", "\n".join(md))
-    failed = [j.name for j in jobs if j.metrics is None or (j.eval_options is not None and j.evaluation is None)]
-    print(f"run.py: wrote {out / 'results.md'} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
-    if failed:
-        print(f"run.py: {len(failed)} run(s) failed: {', '.join(failed)}; see their logs", flush=True)
-    return 1 if failed else 0
+    return write_results(out, report, "\n".join(md), jobs, start)
 
 
 if __name__ == "__main__":
