@@ -217,10 +217,11 @@ class Trainer:
             images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
             outputs = self.generate(images, labels)  # domain -> (x, y)
             losses, accs = self._forward_losses_or_blame(outputs)  # domain -> scalar tensors, on the device
-            self.optimize(losses, {name: outputs[name][0].shape[0] for name in losses})
+            sizes = {name: outputs[name][0].shape[0] for name in losses}
+            self.optimize(losses, sizes)
             finite = torch.stack([torch.isfinite(outputs[name][0]).all() for name in losses])
             self.meter.add(self.state.step, losses, accs, finite)
-            self.clock.count({name: outputs[name][0].shape[0] for name in losses})
+            self.clock.count(sizes)
             self.state.step += 1
             self.state.batch += 1
             self._after_step(outputs, images)
@@ -259,9 +260,7 @@ class Trainer:
                     "new tensor (images * 0.5, not images.mul_(0.5))"
                 )
             if spec.name not in self._checked_domains:  # the first batch only: no host sync in later steps
-                head = self.objectives[spec.name].head
-                size = self.data.num_classes if head == CLASSES else self.heads[head]
-                out = check_domain_output(spec.name, out, src_x, size)
+                out = check_domain_output(spec.name, out, src_x, self._target_size(spec.name))
                 self._checked_domains.add(spec.name)
             outputs[spec.name] = out
         return outputs
@@ -287,11 +286,14 @@ class Trainer:
         except (RuntimeError, IndexError, ValueError):
             for spec in self.specs:  # the contract check again, on every batch of this step
                 if spec.name in outputs:
-                    head = self.objectives[spec.name].head
-                    size = self.data.num_classes if head == CLASSES else self.heads[head]
                     source = outputs[spec.input][0] if spec.input else next(iter(outputs.values()))[0]
-                    check_domain_output(spec.name, outputs[spec.name], source, size)
+                    check_domain_output(spec.name, outputs[spec.name], source, self._target_size(spec.name))
             raise
+
+    def _target_size(self, name: str) -> int:
+        """Outputs of the head that scores domain ``name`` (the class count for the classifier)."""
+        head = self.objectives[name].head
+        return self.data.num_classes if head == CLASSES else self.heads[head]
 
     def _forward_groups(self, groups: dict[str, list[DomainSpec]], outputs: dict[str, Batch]) -> dict[str, Tensor]:
         heads = tuple(dict.fromkeys(self.objectives[s.name].head for specs in groups.values() for s in specs))

@@ -10,11 +10,12 @@ new run instead, with ``model.init_from=RUN_DIR`` to begin from its weights.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mbn.config import RecipeError
+from mbn.config import DOMAIN_RESERVED_KEYS, DomainSpec, RecipeError
 
 #: Exact keys, or prefixes ending in ``.``, that a resume may change.
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -58,6 +59,12 @@ def changed_keys(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[tup
     return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
+#: The defaults of a domain entry's reserved keys, as :class:`~mbn.config.DomainSpec` declares them.
+_RESERVED_DEFAULTS = {
+    f.name: f.default for f in fields(DomainSpec) if f.name in DOMAIN_RESERVED_KEYS and f.default is not MISSING
+}
+
+
 def with_domain_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``recipe`` whose domain entries spell out every default (``weight: 1`` equals no weight)."""
     import inspect
@@ -67,7 +74,7 @@ def with_domain_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(recipe)
     domains = {}
     for name, entry in (recipe.get("domains") or {}).items():
-        full = {"bn": name, "weight": 1.0, "input": None, "start": 0.0, "end": 1.0, "fraction": 1.0}
+        full = {**_RESERVED_DEFAULTS, "bn": name}
         try:
             sig = inspect.signature(get_domain_class(str(entry.get("type"))).__init__)
             full.update({k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty})

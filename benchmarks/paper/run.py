@@ -723,20 +723,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     common = train_overrides(scale, data_root, eval_limit, args.override)
     jobs = [make_job(c, s, scale, runs_dir, common, eval_limit, args.cache_dir) for s in seeds for c in configs]
-    command = shlex.join(["python", "benchmarks/paper/run.py", *(sys.argv[1:] if argv is None else argv)])
-
     if args.dry_run:
         print_dry_run(jobs)
         return 0
-
-    print(f"run.py: {len(jobs)} runs at scale {args.scale} into {runs_dir}; logs in {runs_dir / 'logs'}", flush=True)
-    start = time.perf_counter()
-    for i, job in enumerate(jobs, 1):
-        line = run_job(job, i, len(jobs), scale, eval_limit)
-        if job.evaluation is not None:
-            e = job.evaluation
-            line += f"; clean {e['clean_acc']:.4f}, C-10-C {e['corruptions']['mean_acc']:.4f}"
-        print(line, flush=True)
+    header = f"run.py: {len(jobs)} runs at scale {args.scale} into {runs_dir}; logs in {runs_dir / 'logs'}"
+    command, start = run_jobs(jobs, argv, header, scale, eval_limit, with_headline=True)
 
     report = build_report(jobs, args.scale, scale, eval_limit, command)
     return write_results(out, report, render_markdown(report), jobs, start)
@@ -752,6 +743,27 @@ def write_results(out: Path, report: Mapping[str, Any], markdown: str, jobs: Seq
     if failed:
         print(f"run.py: {len(failed)} run(s) failed: {', '.join(failed)}; see their logs", flush=True)
     return 1 if failed else 0
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    argv: Sequence[str] | None,
+    header: str,
+    scale: Scale,
+    eval_limit: int | None,
+    with_headline: bool = False,
+) -> tuple[str, float]:
+    """Run (or skip, when done) every job, one progress line each; returns the command line and the start time."""
+    command = shlex.join(["python", "benchmarks/paper/run.py", *(sys.argv[1:] if argv is None else argv)])
+    print(header, flush=True)
+    start = time.perf_counter()
+    for i, job in enumerate(jobs, 1):
+        line = run_job(job, i, len(jobs), scale, eval_limit)
+        if with_headline and job.evaluation is not None:
+            e = job.evaluation
+            line += f"; clean {e['clean_acc']:.4f}, C-10-C {e['corruptions']['mean_acc']:.4f}"
+        print(line, flush=True)
+    return command, start
 
 
 def print_dry_run(jobs: Sequence[Job]) -> None:
@@ -808,14 +820,11 @@ def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             if not ssl_study.CONFIGS[config].evaluate:
                 job.eval_options = None
             jobs.append(job)
-    command = shlex.join(["python", "benchmarks/paper/run.py", *(sys.argv[1:] if argv is None else argv)])
     if args.dry_run:
         print_dry_run(jobs)
         return 0
-    print(f"run.py: ssl study, {len(jobs)} runs at scale {args.scale} into {runs_dir}", flush=True)
-    start = time.perf_counter()
-    for i, job in enumerate(jobs, 1):
-        print(run_job(job, i, len(jobs), scale, eval_limit), flush=True)
+    header = f"run.py: ssl study, {len(jobs)} runs at scale {args.scale} into {runs_dir}"
+    command, start = run_jobs(jobs, argv, header, scale, eval_limit)
     per_run: dict[str, dict[int, dict[str, float | None]]] = {}
     for job in jobs:
         if job.metrics is not None and job.evaluation is not None:
