@@ -1,7 +1,8 @@
 """Step cost of AdvProp variants relative to vanilla, measured in one run on the same model and batches.
 
-Cases (all through ``Trainer.train_one_epoch``, CIFAR ResNet-8 width 16, synthetic 32x32 data, batch 64, no
-workers, TensorBoard and log lines off): ``vanilla``, ``advprop_pgd1`` (recipes/advprop.yaml), ``advprop_pgd5``
+Cases (all through ``Trainer.train_one_epoch``; by default CIFAR ResNet-8 width 16, synthetic 32x32 data, batch
+64; ``--model cifar_resnet18 --width 64 --batch-size 128`` is the shipped recipes' model and batch; no workers,
+TensorBoard and log lines off): ``vanilla``, ``advprop_pgd1`` (recipes/advprop.yaml), ``advprop_pgd5``
 (PGD5, eps 4), ``fast_advprop`` (recipes/fast_advprop.yaml). Blocks of steps of the cases alternate (round
 robin) and the median per-step time over the blocks is compared with vanilla's. The per-run ratio multiplies
 the per-step ratio by the run's epochs over vanilla's: ``fast_advprop`` trains ``trainer.budget_of=vanilla``
@@ -9,6 +10,7 @@ epochs, the others as many as vanilla.
 
 Usage:
     python benchmarks/bench_fast_advprop.py [--steps-per-block 6] [--blocks 5] [--device cpu|cuda]
+        [--model cifar_resnet8 --width 16 --batch-size 64]
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from mbn.config import load_recipe
 from mbn.engine import Trainer
 
 COMMON = [
-    "model.name=cifar_resnet8", "model.width=16", "data.name=synthetic", "data.synthetic_train_size=4096",
-    "data.synthetic_test_size=64", "data.batch_size=64", "data.num_workers=0", "trainer.progress=none",
+    "data.name=synthetic", "data.synthetic_train_size=4096",
+    "data.synthetic_test_size=64", "data.num_workers=0", "trainer.progress=none",
     "trainer.log_every=1000000000", "logging.tensorboard=false", "trainer.epochs=105",
 ]  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
@@ -61,11 +63,16 @@ def main() -> None:
     parser.add_argument("--steps-per-block", type=int, default=6)
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="cifar_resnet8")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    size = [f"model.name={args.model}", f"model.width={args.width}", f"data.batch_size={args.batch_size}"]
+    settings = [*size, *COMMON]
     with tempfile.TemporaryDirectory() as tmp:
         trainers, runs = {}, {}
         for name, (recipe, extra) in CASES.items():
-            cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*COMMON, f"trainer.device={args.device}", *extra])
+            cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*settings, f"trainer.device={args.device}", *extra])
             trainers[name] = Trainer(cfg, Path(tmp) / name)
             runs[name] = stepper(trainers[name])
         for run in runs.values():
@@ -89,8 +96,9 @@ def main() -> None:
         for name in runs
     }
     device = torch.device(args.device)
-    path = write_json(f"fast_advprop_{device.type}", {"machine": machine_info(device), "settings": COMMON,
-                                                      "results": results})  # fmt: skip
+    default_size = (args.model, args.width, args.batch_size) == ("cifar_resnet8", 16, 64)
+    name = f"fast_advprop_{device.type}" + ("" if default_size else f"_{args.model}_w{args.width}_b{args.batch_size}")
+    path = write_json(name, {"machine": machine_info(device), "settings": settings, "results": results})
     for name, res in results.items():
         print(f"{name}: {res['per_step_s'] * 1e3:.1f} ms/step, x{res['step_ratio']:.2f} per step, "
               f"x{res['run_ratio']:.2f} per run ({res['epochs']} epochs)")  # fmt: skip

@@ -100,6 +100,7 @@ class TrainerCfg:
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: one SyncBatchNorm per BN source (statistics over every rank)
     split_batch: bool = True  # one concatenated forward when every domain's batch is ready
     eval_every: int = 1  # epochs between test evaluations (0: only at the end)
     eval_all_bns: bool = False  # evaluate through every BN, not only the main one

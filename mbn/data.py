@@ -471,26 +471,35 @@ def worker_init_fn(worker_id: int) -> None:
 class ResumableBatches:
     """The epoch order every training loader shares: drop-last batches of a permutation seeded by (seed, epoch).
 
+    Under ``torchrun`` each global step takes ``batch_size * world_size`` consecutive samples of the permutation
+    and rank ``r`` trains on the ``r``-th ``batch_size`` of them, so the ranks see disjoint shards, every sample
+    at most once per epoch (the last ``num_samples mod (batch_size * world_size)`` of each epoch's order are
+    dropped, as a single process drops an incomplete batch). One process (``world_size=1``) is the plain order.
     Subclasses produce the batches (:meth:`epoch_batches`); a resumed run asks for ``start_batch > 0``.
 
     Args:
         num_samples: training set size.
-        batch_size: images per batch.
+        batch_size: images per batch (per rank).
         seed: seeds the per-epoch order.
+        rank: this process's rank.
+        world_size: number of training processes.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size
+        return self.num_samples // (self.batch_size * self.world_size)
 
     def batch_indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
-        """Sample indices of batches ``start_batch..len-1`` of ``epoch``, shape (batches, batch_size)."""
+        """This rank's sample indices of batches ``start_batch..len-1`` of ``epoch``, shape (batches, batch_size)."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
         perm = epoch_permutation(self.num_samples, self.seed, epoch)
-        return perm[start_batch * self.batch_size : len(self) * self.batch_size].view(-1, self.batch_size)
+        per_step = self.batch_size * self.world_size
+        steps = perm[start_batch * per_step : len(self) * per_step].view(-1, self.world_size, self.batch_size)
+        return steps[:, self.rank].contiguous()
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield batches ``start_batch..`` of ``epoch`` as (images, labels)."""
@@ -516,8 +525,10 @@ class TrainLoader(ResumableBatches):
         seed: int,
         num_workers: int = 0,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__(len(dataset), batch_size, seed)
+        super().__init__(len(dataset), batch_size, seed, rank=rank, world_size=world_size)
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
@@ -552,9 +563,18 @@ class DeviceTrainLoader(ResumableBatches):
     """
 
     def __init__(
-        self, split: ArraySplit, batch_size: int, *, seed: int, device: torch.device, crop_padding: int, hflip: bool
+        self,
+        split: ArraySplit,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device,
+        crop_padding: int,
+        hflip: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__(len(split), batch_size, seed)
+        super().__init__(len(split), batch_size, seed, rank=rank, world_size=world_size)
         self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.device, self.crop_padding, self.hflip = device, crop_padding, hflip
@@ -581,7 +601,8 @@ class DeviceTrainLoader(ResumableBatches):
         """Yield batches ``start_batch..`` of ``epoch`` as device tensors."""
         rows = self.batch_indices(epoch, start_batch)
         for b, idx in enumerate(rows, start=start_batch):
-            mixed = int(np.random.SeedSequence([self.seed, epoch, b]).generate_state(1, np.uint64)[0])
+            key = [self.seed, epoch, b] + ([self.rank] if self.rank else [])  # every rank draws its own crops
+            mixed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
             idx = idx.to(self.device)
             yield self.augment(self.images[idx], torch.Generator().manual_seed(mixed)), self.labels[idx]
 
@@ -791,7 +812,7 @@ def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
     raise _unknown_dataset(cfg)
 
 
-def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle:
+def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Build loaders and metadata from the ``data`` section of a recipe.
 
     Args:
@@ -799,25 +820,32 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str) -> DataBundle
         seed: run seed for the training order and augmentation.
         device: training device; with ``cfg.on_device`` the datasets are held there (crop/flip then run
             as batched torch ops with a different RNG stream than the CPU/albumentations path).
+        rank: this process's rank under torchrun; it trains on its shard of every epoch.
+        world_size: number of training processes (``data.batch_size`` is per process).
 
     Raises:
         RecipeError: missing or malformed dataset, bad limits, or a batch larger than the training set.
     """
     device = torch.device(device)
     train, test, stats = load_arrays(cfg)
-    if len(train) < cfg.batch_size:
+    if len(train) < cfg.batch_size * world_size:
+        per = f" x {world_size} processes" if world_size > 1 else ""
         raise RecipeError(
-            f"key 'data.batch_size': {cfg.batch_size} exceeds the {len(train)} training images (batches drop the last)"
+            f"key 'data.batch_size': {cfg.batch_size}{per} exceeds the {len(train)} training images "
+            "(batches drop the last)"
         )
+    shard = {"rank": rank, "world_size": world_size}
     if cfg.on_device:
         train_loader: ResumableBatches = DeviceTrainLoader(
-            train, cfg.batch_size, seed=seed, device=device, crop_padding=cfg.crop_padding, hflip=cfg.hflip
+            train, cfg.batch_size, seed=seed, device=device, crop_padding=cfg.crop_padding, hflip=cfg.hflip, **shard
         )
         test_loader = EvalLoader(test, cfg.eval_batch_size, device=device)
     else:
         pin = device.type == "cuda"
         dataset = AugmentedArrayDataset(train, base_transform(train.images.shape[1], cfg.crop_padding, cfg.hflip), seed)
-        train_loader = TrainLoader(dataset, cfg.batch_size, seed=seed, num_workers=cfg.num_workers, pin_memory=pin)
+        train_loader = TrainLoader(
+            dataset, cfg.batch_size, seed=seed, num_workers=cfg.num_workers, pin_memory=pin, **shard
+        )
         test_loader = EvalLoader(test, cfg.eval_batch_size, pin_memory=pin)
     return DataBundle(
         train=train_loader,

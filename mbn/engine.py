@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from mbn import distributed
 from mbn.budget import matched_epochs
 from mbn.builders import build_model
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
@@ -38,6 +40,7 @@ from mbn.gradnorm import SHARED, SampleMeanGradients
 from mbn.heads import forward_heads
 from mbn.init_from import init_from_state
 from mbn.meter import NonFiniteError, StepMeter, TrainClock
+from mbn.norm import convert_sync_batchnorm
 from mbn.objective import CLASSES
 from mbn.optim import build_optimizer, build_scheduler
 from mbn.plan import RunPlan, plan_run
@@ -77,9 +80,27 @@ class TrainState:
             raise ValueError("state.test_acc / state.best_acc are not accuracies")
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The RNG seed of optimisation ``step`` (domains, dropout, kornia draws)."""
-    return (seed * 1_000_003 + step) % (2**63 - 1)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The RNG seed of optimisation ``step`` (domains, dropout, kornia draws) on process ``rank``.
+
+    Rank 0 (and a single process) draws what a one-process run draws; every other rank its own stream.
+    """
+    base = (seed * 1_000_003 + step) % (2**63 - 1)
+    return base if rank == 0 else (base + rank * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+class _HeadsForward(nn.Module):
+    """``(images, heads) -> {head: logits}`` as one module, so DistributedDataParallel sees every head's use."""
+
+    def __init__(self, model: nn.Module, forward_model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._forward_model = forward_model  # the (compiled) model; not a submodule: its parameters are model's
+
+    def forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
+        if heads == (CLASSES,):
+            return {CLASSES: self._forward_model(x)}
+        return forward_heads(self._forward_model, x, heads)
 
 
 class Trainer:
@@ -88,6 +109,10 @@ class Trainer:
     The trainer holds ``run_dir``'s lock (:class:`mbn.rundir.RunLock`) from construction until :meth:`fit`
     returns or :meth:`close` is called; a new run refuses a directory holding another run's files, and a
     resume refuses recipe changes that alter what was trained (:mod:`mbn.resume`).
+
+    Under ``torchrun`` (:mod:`mbn.distributed`) every rank builds a trainer: each trains on its shard of the
+    epoch through DistributedDataParallel (attacks run on the unwrapped model), and rank 0 alone holds the lock
+    and writes the run directory.
 
     Args:
         cfg: a recipe loaded with :func:`mbn.config.load_recipe`.
@@ -98,32 +123,53 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         plan = plan_run(cfg, resume=resume)  # every recipe error surfaces here, before the data is read
-        self.lock = RunLock(self.run_dir).acquire()  # before anything in run_dir is read or written
+        self.dist = distributed.current()
+        # before anything in run_dir is read or written; the other ranks only read it
+        self.lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None
         try:
             self._setup(cfg, plan, resume)
         except BaseException:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
             raise
 
     def _setup(self, cfg: DictConfig, plan: RunPlan, resume: bool) -> None:
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = plan.device
+        self.device = distributed.rank_device(plan.device, self.dist)
         resume_ckpt = self._read_resume_checkpoint(self.ckpt_dir / "last.pt") if resume else None
-        if not resume:
-            check_new_run_dir(self.run_dir)
-        clean_run_dir(self.run_dir)  # temporary files of writes a kill interrupted
+        if self.dist.is_main:
+            if not resume:
+                check_new_run_dir(self.run_dir)
+            clean_run_dir(self.run_dir)  # temporary files of writes a kill interrupted
         self.specs: list[DomainSpec] = plan.specs
         self.sources = plan.sources
         self.domains, self.objectives, self.heads = plan.domains, plan.objectives, plan.heads
         torch.manual_seed(cfg.trainer.seed)  # model initialisation
-        self.data = build_data(cfg.data, seed=cfg.trainer.seed, device=self.device)
+        self.data = build_data(
+            cfg.data,
+            seed=cfg.trainer.seed,
+            device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         self.model = build_model(
             cfg, self.data.num_classes, self.data.mean, self.data.std, self.sources, heads=self.heads
         )
+        if cfg.trainer.sync_bn:
+            self.model = convert_sync_batchnorm(self.model)  # one SyncBatchNorm per source
         self.model.to(self.device)
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.forward_model = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self.ddp: DistributedDataParallel | None = None
+        if self.dist.enabled:  # attacks use self.model (contexts below): no gradient all-reduce while attacking
+            self.ddp = DistributedDataParallel(
+                _HeadsForward(self.model, self.forward_model),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # a BN source or head idle in a step (domain windows, attack-only BNs) gets no gradient
+                find_unused_parameters=len(self.sources) > 1 or bool(self.heads),
+                broadcast_buffers=False,  # done at the start of each step instead, before the attacks
+            )
         self.contexts = {
             s.name: DomainContext(
                 model=self.model,
@@ -154,9 +200,12 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.amp == "fp16")
         self.state = TrainState()
-        self.tb = TensorBoardLogger(self.run_dir / "tb", cfg.logging.tensorboard, cfg.logging.perturbation_gain)
-        self.progress = Progress(cfg.trainer.progress, total=self._planned_steps())
-        self._stop_signal: int | None = None
+        main = self.dist.is_main  # the other ranks write nothing and print nothing
+        self.tb = TensorBoardLogger(
+            self.run_dir / "tb", cfg.logging.tensorboard and main, cfg.logging.perturbation_gain
+        )
+        self.progress = Progress(cfg.trainer.progress if main else "none", total=self._planned_steps())
+        self._stop_signal: int | None = None  # agreed by every rank (a single process: the signal received)
         self._generator = torch.Generator(self.device)  # the domains' randomness, re-seeded every step
         self.meter = StepMeter([spec.name for spec in self.specs], self.device)
         self.clock = TrainClock(self.device)
@@ -175,7 +224,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until ``trainer.epochs`` or ``trainer.max_steps``; returns the final metrics."""
         try:
-            save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
+            if self.dist.is_main:
+                save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
             self._wall_start = time.perf_counter()
             with self._signals_save_checkpoint():
                 while self.state.epoch < self.epochs and not self._done() and not self._stopping:
@@ -189,7 +239,8 @@ class Trainer:
                     self.evaluate()
                     self.save_checkpoint()
             metrics = self._final_metrics(self._wall_at_save)
-            atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            if self.dist.is_main:
+                atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             return metrics
         finally:
             self.close()
@@ -198,7 +249,8 @@ class Trainer:
         """Close the progress display and TensorBoard, and release the run directory's lock."""
         self.progress.close()
         self.tb.close()
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> Trainer:
         return self
@@ -213,6 +265,8 @@ class Trainer:
         for batch in self.data.train.epoch_batches(epoch, self.state.batch):
             self._seed_step()
             self.optimizer.zero_grad(set_to_none=True)  # before the domains: an attack may add reused gradients
+            if self.ddp is not None:
+                distributed.broadcast_buffers(self.model)  # every rank attacks with rank 0's BN statistics
             self._counts = {SHARED: 0.0}  # weighted samples per parameter owner (grad_normalization=sample_mean)
             images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
             outputs = self.generate(images, labels)  # domain -> (x, y)
@@ -225,6 +279,7 @@ class Trainer:
             self.state.step += 1
             self.state.batch += 1
             self._after_step(outputs, images)
+            self._agree_stop()
             if self._done() or self._stopping:
                 return
 
@@ -234,7 +289,7 @@ class Trainer:
         needed = self._needed_domains()
         outputs: dict[str, Batch] = {}
         shares: dict[str, tuple[Tensor, int]] = {}  # input -> (this step's permutation, images handed out)
-        generator = self._generator.manual_seed(step_seed(self.cfg.trainer.seed, self.state.step))
+        generator = self._generator.manual_seed(step_seed(self.cfg.trainer.seed, self.state.step, self.dist.rank))
         for spec in self.specs:
             if spec.name not in needed:
                 continue
@@ -301,7 +356,7 @@ class Trainer:
         per_bn: dict[str, dict[str, Tensor]]
         if len(self.sources) == 1:  # nothing to route
             per_bn = {bn: self._forward(x, heads) for bn, x in chunks.items()}
-        elif self.cfg.trainer.split_batch and len(chunks) > 1:
+        elif (self.cfg.trainer.split_batch or self.ddp is not None) and len(chunks) > 1:
             sizes = {bn: x.shape[0] for bn, x in chunks.items()}
             with split_sources(self.model, sizes):
                 joined = self._forward(torch.cat(list(chunks.values())), heads)  # head -> (sum of sizes, K)
@@ -323,6 +378,8 @@ class Trainer:
 
     def _forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
         with self._autocast():
+            if self.ddp is not None:
+                return self.ddp(x, heads)
             if heads == (CLASSES,):
                 return {CLASSES: self.forward_model(x)}
             return forward_heads(self.forward_model, x, heads)  # type: ignore[arg-type]
@@ -362,7 +419,10 @@ class Trainer:
         self.clock.stop()
         sources = self.sources if self.cfg.trainer.eval_all_bns else self.sources[:1]
         move = lambda b: to_device(b, self.device, self.cfg.trainer.channels_last)  # noqa: E731
-        acc = {bn: accuracy(self.model, self.data.test, bn, move, self._autocast) for bn in sources}
+        acc: dict[str, float] = {}
+        if self.dist.is_main:  # rank 0 evaluates; every rank keeps its result
+            acc = {bn: accuracy(self.model, self.data.test, bn, move, self._autocast) for bn in sources}
+        acc = distributed.broadcast_object(acc)
         self.state.test_acc, self.state.evaluated_step = acc, self.state.step
         self.state.best_acc = max(self.state.best_acc, acc[self.sources[0]])
         self.tb.scalars({f"test_acc/{bn}": a for bn, a in acc.items()}, self.state.step)
@@ -379,6 +439,10 @@ class Trainer:
         self._check_finite()
         self.clock.stop()
         wall = self._wall_time()
+        meter = self.meter.state_dict()  # a collective under torchrun: every rank computes it
+        self._wall_at_save = wall
+        if not self.dist.is_main:
+            return
         ckpt = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -394,9 +458,9 @@ class Trainer:
             "wall_time": wall,
             "clock": self.clock.state_dict(),
             "last_window": dict(self.last_window),
-            "meter": self.meter.state_dict(),  # the open logging window: a resumed run logs the same means
+            "meter": meter,  # the open logging window: a resumed run logs the same means
+            "world_size": self.dist.world_size,
         }
-        self._wall_at_save = wall
         atomic_torch_save(ckpt, self.ckpt_dir / "last.pt")
         main = self.state.test_acc.get(self.sources[0])
         if main is not None and main >= self.state.best_acc:
@@ -421,6 +485,13 @@ class Trainer:
         return ckpt
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise RecipeError(
+                f"resume with the number of processes the run was trained with: {saved_world} "
+                f"(torchrun --nproc_per_node x --nnodes), not {self.dist.world_size}; each process's shard of the "
+                "epoch depends on it"
+            )
         if list(ckpt.get("sources", self.sources)) != list(self.sources):
             raise RecipeError(
                 f"resume cannot change the BN sources {list(ckpt['sources'])} -> {list(self.sources)} (the first "
@@ -482,7 +553,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------- helpers
     def _seed_step(self) -> None:
         # Only the generators in use: torch.manual_seed also walks every accelerator backend (~1.5 ms).
-        seed = step_seed(self.cfg.trainer.seed, self.state.step)
+        seed = step_seed(self.cfg.trainer.seed, self.state.step, self.dist.rank)
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.default_generators[
@@ -608,6 +679,12 @@ class Trainer:
     def _stopping(self) -> bool:
         return self._stop_signal is not None
 
+    def _agree_stop(self) -> None:
+        """Under torchrun, a signal received by any rank stops every rank after the same step (host-side flag)."""
+        if self.dist.enabled:
+            signum = distributed.max_flag(getattr(self, "_signal_received", None) or 0)
+            self._stop_signal = signum or None
+
     def _final_metrics(self, wall: float) -> dict[str, Any]:
         window = self.last_window
         return {
@@ -626,6 +703,7 @@ class Trainer:
             **self.clock.summary(),
             "wall_time_s": wall,
             "device": str(self.device),
+            "world_size": self.dist.world_size,
         }
 
     @contextlib.contextmanager
@@ -637,7 +715,9 @@ class Trainer:
         previous: dict[int, Any] = {}
 
         def request_stop(signum: int, frame: object) -> None:
-            self._stop_signal = signum
+            self._signal_received = signum
+            if not self.dist.enabled:  # under torchrun the ranks agree after the step (_agree_stop)
+                self._stop_signal = signum
             for sig, handler in previous.items():  # a second signal acts as it would without mbn
                 signal.signal(sig, handler)
 
@@ -646,6 +726,7 @@ class Trainer:
                 previous[sig] = signal.signal(sig, request_stop)
         try:
             yield
+            self._agree_stop()  # a signal after the last step's agreement (every rank gets here)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

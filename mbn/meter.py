@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mbn import distributed
+
 
 class NonFiniteError(RuntimeError):
     """A domain's loss (or images) became NaN/inf; ``domains`` and ``step`` say where it started."""
@@ -62,9 +64,10 @@ class StepMeter:
     def read(self, reset: bool = True) -> dict[str, float]:
         """The window's means ``{"loss/<domain>": ..., "acc/<domain>": ...}`` (one host sync).
 
-        ``reset`` starts a new window; without it the window stays open (a peek).
+        ``reset`` starts a new window; without it the window stays open (a peek). Under torchrun the means are
+        over every rank's samples (a collective: every rank calls it at the same step).
         """
-        sums = self.sums.tolist()
+        sums = distributed.mean_over_ranks(self.sums.clone()).tolist()
         out: dict[str, float] = {}
         for i, name in enumerate(self.domains):
             if self.counts[i]:
@@ -76,8 +79,13 @@ class StepMeter:
         return out
 
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteError` if any step so far had a non-finite loss (one host sync)."""
-        first = self.first_bad.tolist()
+        """Raise :class:`NonFiniteError` if any step so far had a non-finite loss (one host sync).
+
+        Under torchrun a NaN on any rank raises on every rank (a collective: every rank calls it at the same step).
+        """
+        never = torch.iinfo(torch.long).max
+        first_bad = distributed.min_over_ranks(self.first_bad.masked_fill(self.first_bad < 0, never))
+        first = first_bad.masked_fill(first_bad == never, -1).tolist()
         bad_loss = [(s, n) for s, n in zip(first[0], self.domains, strict=True) if s >= 0]
         if not bad_loss:
             return
@@ -88,8 +96,9 @@ class StepMeter:
         raise NonFiniteError([n for s, n in bad_loss if s == step], step, "loss")
 
     def state_dict(self) -> dict[str, Any]:
-        """The open window, so a resumed run logs the same means as an uninterrupted one."""
-        return {"domains": list(self.domains), "sums": self.sums.tolist(), "counts": list(self.counts)}
+        """The open window, so a resumed run logs the same means as an uninterrupted one (averaged over ranks)."""
+        sums = distributed.mean_over_ranks(self.sums.clone())
+        return {"domains": list(self.domains), "sums": sums.tolist(), "counts": list(self.counts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (ignored when the domains differ)."""

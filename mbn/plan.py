@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from mbn.builders import build_domains, check_model, resolve_device
 from mbn.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from mbn.config import DomainSpec, RecipeError, bn_sources, dependency_order, domain_specs
+from mbn.distributed import env_world_size
 from mbn.domain import Domain
 from mbn.objective import CLASSES, Objective
 
@@ -64,6 +65,11 @@ def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
     if cfg.model.get("init_from") and not resume:
         init_path, init_checkpoint = read_init_checkpoint(str(cfg.model.init_from))
     device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.sync_bn and device.type == "cpu" and env_world_size() > 1:
+        raise RecipeError(
+            "key 'trainer.sync_bn': SyncBatchNorm needs CUDA devices under torchrun; on CPU (gloo) train with "
+            "trainer.sync_bn=false (each rank normalises with its own batch statistics)"
+        )
     check_data_paths(cfg.data)
     sources = bn_sources(specs)
     return RunPlan(dependency_order(specs), sources, domains, objectives, heads, device, init_checkpoint, init_path)

@@ -1,4 +1,8 @@
-"""``mbn-train RECIPE.yaml [key=value ...]`` and ``mbn-train --resume RUN_DIR [key=value ...]``."""
+"""``mbn-train RECIPE.yaml [key=value ...]`` and ``mbn-train --resume RUN_DIR [key=value ...]``.
+
+Under ``torchrun --nproc_per_node=N -m mbn.cli.train RECIPE`` (or ``torchrun --no-python mbn-train RECIPE``)
+the N processes train one run (:mod:`mbn.distributed`); rank 0 picks and writes the run directory.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mbn import distributed
 from mbn.checkpoint import CheckpointError
 from mbn.config import RecipeError, load_recipe
 from mbn.errors import STOP_SIGNALS, DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError
@@ -24,6 +29,7 @@ EPILOG = """examples:
   mbn-train recipes/advprop.yaml domains.adv.steps=5 domains.adv.eps=4
   mbn-train recipes/quickstart.yaml trainer.out_dir=runs/demo
   mbn-train --resume runs/demo trainer.epochs=10
+  torchrun --nproc_per_node=4 -m mbn.cli.train recipes/advprop.yaml    # one run on 4 GPUs
 """
 
 
@@ -58,7 +64,10 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise RecipeError(f"{run_dir}: not a run directory (no config.yaml) to resume")
-        RunLock(run_dir).acquire().release()  # in use? say so before anything else
+        cfg = load_recipe(run_dir / "config.yaml", args.overrides)
+        main = distributed.init_from_env(str(cfg.trainer.device)).is_main
+        if main:
+            RunLock(run_dir).acquire().release()  # in use? say so before anything else
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise CheckpointError(
                 f"{run_dir / 'checkpoints' / 'last.pt'}: checkpoint not found; nothing to resume "
@@ -66,12 +75,13 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
             )
         if any(item.split("=", 1)[0].strip() == "trainer.out_dir" for item in args.overrides):
             raise RecipeError(f"key 'trainer.out_dir': cannot be set with --resume (the run directory is {run_dir})")
-        cfg = load_recipe(run_dir / "config.yaml", args.overrides)
         cfg.trainer.out_dir = str(run_dir)
         return cfg, run_dir, True
     cfg = load_recipe(args.recipe, args.overrides)
-    if cfg.trainer.out_dir is None:
-        cfg.trainer.out_dir = str(claim_run_dir(f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    main = distributed.init_from_env(str(cfg.trainer.device)).is_main
+    if cfg.trainer.out_dir is None:  # rank 0 claims it; the other ranks take rank 0's choice
+        stem = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.trainer.out_dir = distributed.broadcast_object(str(claim_run_dir(stem)) if main else None)
     return cfg, Path(cfg.trainer.out_dir), False
 
 
@@ -100,17 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             signum = stop.signum if isinstance(stop, StopSignal) else int(signal.SIGINT)
             name = signal.Signals(signum).name
             if not started:
-                print(f"mbn-train: {name} before training started; nothing was written", file=sys.stderr)
+                print(f"{_prog()}: {name} before training started; nothing was written", file=sys.stderr)
             elif not (started[0].ckpt_dir / "last.pt").is_file():
                 print(
-                    f"mbn-train: aborted by {name} at step {started[0].state.step}, before the first checkpoint; "
+                    f"{_prog()}: aborted by {name} at step {started[0].state.step}, before the first checkpoint; "
                     f"nothing to resume (delete {started[0].run_dir} to start again)",
                     file=sys.stderr,
                 )
             else:
                 trainer = started[0]
                 print(
-                    f"mbn-train: aborted by {name} at step {trainer.state.step}; the last checkpoint in "
+                    f"{_prog()}: aborted by {name} at step {trainer.state.step}; the last checkpoint in "
                     f"{trainer.ckpt_dir} is kept (resume with: mbn-train --resume {trainer.run_dir})",
                     file=sys.stderr,
                 )
@@ -142,15 +152,23 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
 
         trainer = Trainer(cfg, run_dir, resume=resume)  # type: ignore[arg-type]
         started.append(trainer)
-        print(f"mbn-train: run directory {run_dir} (BN sources: {', '.join(trainer.sources)})", flush=True)
+        main = distributed.current().is_main
+        world = distributed.current().world_size
+        if main:
+            procs = f", {world} processes" if world > 1 else ""
+            print(f"mbn-train: run directory {run_dir} (BN sources: {', '.join(trainer.sources)}{procs})", flush=True)
         metrics = trainer.fit()
     except (RecipeError, CheckpointError, RunDirError) as err:
         return _fail(err, 2)
     except TrainingInterruptedError as err:
-        print(f"mbn-train: {err}", file=sys.stderr)
+        print(f"{_prog()}: {err}", file=sys.stderr)
         return err.exit_code
     except (TrainingDivergedError, DomainError, WriteError) as err:
         return _fail(err, 1)
+    finally:
+        distributed.shutdown()
+    if not main:
+        return 0
     acc = metrics["test_acc_main"]
     print(
         f"mbn-train: done, {metrics['steps']} steps, test accuracy (main BN) {acc:.4f}; "
@@ -159,11 +177,17 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
     return 0
 
 
+def _prog() -> str:
+    """``mbn-train``, with the rank under torchrun (the ranks' messages share one terminal)."""
+    rank = os.environ.get("RANK")
+    return f"mbn-train[rank {rank}]" if rank is not None and distributed.env_world_size() > 1 else "mbn-train"
+
+
 def _fail(err: BaseException, code: int) -> int:
     """One line on stderr (the traceback too when ``MBN_TRACEBACK=1``); returns ``code``."""
     if os.environ.get("MBN_TRACEBACK"):
         traceback.print_exception(err)
-    print(f"mbn-train: error: {err}", file=sys.stderr)
+    print(f"{_prog()}: error: {err}", file=sys.stderr)
     return code
 
 

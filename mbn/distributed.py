@@ -1,0 +1,156 @@
+"""Data-parallel training under ``torchrun``: the process group, rank roles and the collectives the trainer uses.
+
+``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`init_from_env` joins the process group
+(NCCL on CUDA, gloo on CPU) plus a gloo group for host-side control flags (stop requests), so agreeing on a
+stop never waits on the device. A single process (no ``torchrun``, or ``--nproc_per_node=1``) gets the trivial
+:class:`DistContext` and every helper is a no-op, so single-process behaviour is unchanged.
+
+Rank 0 alone writes the run directory; every rank trains on its own shard of the global epoch order
+(:class:`mbn.data.ResumableBatches`) and DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the training job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    control: Any = None  # gloo process group for host-side flags (None: the default group is gloo already)
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process trains."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes the run directory, TensorBoard, metrics and checkpoints."""
+        return self.rank == 0
+
+
+_CONTEXT = DistContext()
+
+
+def current() -> DistContext:
+    """The context set by :func:`init_from_env` (a single process when it was not called)."""
+    return _CONTEXT
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when unset or malformed)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def init_from_env(device: str = "auto") -> DistContext:
+    """Join the process group that ``torchrun`` describes in the environment; a no-op for one process.
+
+    Args:
+        device: the recipe's ``trainer.device``; CUDA devices use NCCL (each rank on ``cuda:LOCAL_RANK``),
+            ``cpu`` uses gloo.
+    """
+    global _CONTEXT
+    world = env_world_size()
+    if world == 1:
+        _CONTEXT = DistContext()
+        return _CONTEXT
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local, control=control)
+    return _CONTEXT
+
+
+def shutdown() -> None:
+    """Leave the process group (at exit)."""
+    global _CONTEXT
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = DistContext()
+
+
+def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun; other devices stay."""
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def mean_over_ranks(values: Tensor) -> Tensor:
+    """``values`` averaged over the ranks, in place (logging windows; a host read follows anyway)."""
+    ctx = current()
+    if ctx.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= ctx.world_size
+    return values
+
+
+def min_over_ranks(values: Tensor) -> Tensor:
+    """Element-wise minimum over the ranks, in place."""
+    if current().enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values
+
+
+def max_flag(value: int) -> int:
+    """The largest of every rank's ``value`` (a host-side int: stop requests), through the control group."""
+    ctx = current()
+    if not ctx.enabled:
+        return value
+    flag = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control)
+    return int(flag.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (picklable objects: a run directory, test accuracies)."""
+    ctx = current()
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=ctx.control)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (host-side)."""
+    ctx = current()
+    if ctx.enabled:
+        dist.barrier(group=ctx.control)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BN running statistics) on every rank: one broadcast per dtype, no host sync.
+
+    The trainer calls it at the start of every step, so attacks (which run before the DDP forward) see the same
+    statistics on every rank, and a resume, which loads rank 0's checkpoint everywhere, continues exactly.
+    """
+    if not current().enabled:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for tensors in by_dtype.values():
+        flat = _flatten_dense_tensors(tensors)
+        dist.broadcast(flat, src=0)
+        for tensor, value in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
+            tensor.copy_(value)

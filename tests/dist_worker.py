@@ -1,0 +1,77 @@
+"""``mbn-train`` under torchrun, instrumented for tests/test_distributed.py (run as a torchrun script).
+
+With ``MBN_TEST_RECORD=DIR`` every rank writes ``DIR/rank<R>.pt``: the sample indices it trained on per epoch,
+the seed of its domains' generator per step, a digest of each step's adversarial batch, and its final model
+state, and ``DIR/rank<R>.pid`` when it starts. ``MBN_TEST_NAN_RANK``/``MBN_TEST_NAN_STEP`` make that rank's
+clean loss NaN at that step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mbn.cli.train import main
+from mbn.data import ResumableBatches
+from mbn.engine import Trainer
+
+RANK = int(os.environ.get("RANK", "0"))
+RECORD = os.environ.get("MBN_TEST_RECORD")
+NAN_RANK = os.environ.get("MBN_TEST_NAN_RANK")
+NAN_STEP = int(os.environ.get("MBN_TEST_NAN_STEP", "-1"))
+log: dict[str, dict] = {"indices": {}, "seeds": {}, "adv": {}}
+
+batch_indices = ResumableBatches.batch_indices
+
+
+def recorded_batch_indices(self, epoch, start_batch=0):
+    rows = batch_indices(self, epoch, start_batch)
+    log["indices"].setdefault(epoch, []).extend(rows.flatten().tolist())
+    return rows
+
+
+generate = Trainer.generate
+
+
+def recorded_generate(self, images, labels):
+    out = generate(self, images, labels)
+    log["seeds"][self.state.step] = self._generator.initial_seed()
+    if "adv" in out:
+        log["adv"][self.state.step] = float(out["adv"][0].double().sum())
+    return out
+
+
+forward_losses = Trainer.forward_losses
+
+
+def nan_forward_losses(self, outputs):
+    losses, accs = forward_losses(self, outputs)
+    if NAN_RANK is not None and int(NAN_RANK) == RANK and self.state.step == NAN_STEP:
+        losses["clean"] = losses["clean"] * float("nan")
+    return losses, accs
+
+
+fit = Trainer.fit
+
+
+def recorded_fit(self):
+    try:
+        return fit(self)
+    finally:
+        if RECORD:
+            state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            torch.save({**log, "model": state}, Path(RECORD) / f"rank{RANK}.pt")
+
+
+ResumableBatches.batch_indices = recorded_batch_indices
+Trainer.generate = recorded_generate
+Trainer.forward_losses = nan_forward_losses
+Trainer.fit = recorded_fit
+
+if __name__ == "__main__":
+    if RECORD:
+        (Path(RECORD) / f"rank{RANK}.pid").write_text(str(os.getpid()))
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,220 @@
+"""torchrun with 2 gloo processes on CPU: one run, sharded epochs, per-rank randomness, exact resume, joint stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbn.checkpoint import load_checkpoint
+from mbn.cli.train import main as train_main
+from mbn.config import RecipeError, load_recipe
+from mbn.norm import MultiSourceBatchNorm, convert_sync_batchnorm
+from mbn.plan import plan_run
+from tests.runs import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("dist_worker.py")
+# 64 images, 8 per rank and step: 4 steps per epoch, 2 epochs; AdvProp so that every step attacks
+SETTINGS = [*TINY, "data.batch_size=8", "trainer.epochs=2", "logging.image_every=0", "logging.divergence_every=0"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def torchrun_command(*args: str, record: Path | None = None, env: dict[str, str] | None = None):
+    """The command line and environment of ``torchrun --standalone --nproc_per_node=2 tests/dist_worker.py ARGS``."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        environ["MBN_TEST_RECORD"] = str(record)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), *args]
+    return cmd, environ
+
+
+def torchrun(*args: str, record: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run :func:`torchrun_command` to the end; its completed process."""
+    cmd, environ = torchrun_command(*args, record=record, env=env)
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=240, cwd=REPO)
+
+
+def records(path: Path) -> list[dict]:
+    return [torch.load(path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One uninterrupted 2-process AdvProp run: (run dir, per-rank records, completed process)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    run = tmp / "run"
+    proc = torchrun(str(REPO / "recipes" / "advprop.yaml"), *SETTINGS, f"trainer.out_dir={run}", record=tmp / "rec")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, records(tmp / "rec"), proc
+
+
+def test_one_run_directory_written_once(two_ranks):
+    run, _, proc = two_ranks
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["steps"] == 8  # 2 epochs x 64 / (8 x 2)
+    assert proc.stdout.count("mbn-train: done") == 1  # rank 0 reports; the other rank is silent
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.json", "tb"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((run / "tb").iterdir())
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/clean")]
+    assert steps == list(range(1, 9))  # each logging step once
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["world_size"] == 2
+
+
+def test_ranks_hold_identical_weights(two_ranks):
+    run, (r0, r1), _ = two_ranks
+    params = [k for k in r0["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert params
+    for key in params:
+        torch.testing.assert_close(r0["model"][key], r1["model"][key], rtol=0, atol=0)
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    for key, value in r0["model"].items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
+
+
+def test_every_sample_once_per_epoch_across_ranks(two_ranks):
+    _, (r0, r1), _ = two_ranks
+    for epoch in (0, 1):
+        a, b = r0["indices"][epoch], r1["indices"][epoch]
+        assert len(a) == len(b) == 32
+        assert not set(a) & set(b)
+        assert sorted(a + b) == list(range(64))
+    assert r0["indices"][0] != r0["indices"][1]  # a new order every epoch
+
+
+def test_ranks_draw_their_own_randomness(two_ranks):
+    _, (r0, r1), _ = two_ranks
+    assert set(r0["seeds"]) == set(r1["seeds"]) == set(range(8))
+    assert all(r0["seeds"][s] != r1["seeds"][s] for s in r0["seeds"])
+    assert len(set(r0["seeds"].values()) | set(r1["seeds"].values())) == 16
+    assert all(r0["adv"][s] != r1["adv"][s] for s in r0["adv"])
+
+
+def test_rank0_draws_what_a_single_process_draws(two_ranks):
+    from mbn.engine import step_seed
+
+    _, (r0, _), _ = two_ranks
+    assert all(r0["seeds"][s] == step_seed(0, s) for s in r0["seeds"])
+
+
+def test_resume_under_torchrun_is_bit_identical(two_ranks, tmp_path):
+    full, _, _ = two_ranks
+    run = tmp_path / "run"
+    first = torchrun(str(REPO / "recipes" / "advprop.yaml"), *SETTINGS, f"trainer.out_dir={run}", "trainer.max_steps=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 6  # mid-epoch 1
+    second = torchrun("--resume", str(run), "trainer.max_steps=null")
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed, expected = (load_checkpoint(r / "checkpoints" / "last.pt") for r in (run, full))
+    assert resumed["state"]["step"] == expected["state"]["step"] == 8
+    for key, value in expected["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    for a, b in zip(resumed["optimizer"]["state"].values(), expected["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_resume_with_another_world_size_is_refused(two_ranks, tmp_path, capsys):
+    run, _, _ = two_ranks
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    assert train_main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "number of processes the run was trained with: 2" in err and "not 1" in err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(
+        str(REPO / "recipes" / "advprop.yaml"),
+        *SETTINGS,
+        f"trainer.out_dir={run}",
+        "trainer.log_every=3",  # the NaN of step 5 (rank 1 only) is found at the logging step 6
+        env={"MBN_TEST_NAN_RANK": "1", "MBN_TEST_NAN_STEP": "5"},
+    )
+    assert proc.returncode != 0
+    # both ranks stop on the same finding, naming the domain
+    assert proc.stderr.count("non-finite loss in domain 'clean' at step 5") == 2, proc.stderr[-3000:]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["state"]["step"] == 4  # the end of epoch 0, before the NaN
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
+    run, rec = tmp_path / "run", tmp_path / "rec"
+    cmd, environ = torchrun_command(
+        str(REPO / "recipes" / "advprop.yaml"), *SETTINGS, f"trainer.out_dir={run}", "trainer.epochs=1000", record=rec
+    )
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "last.pt").exists() or not (rec / "rank1.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not reach its first checkpoint"
+            time.sleep(0.2)
+        os.kill(int((rec / "rank1.pid").read_text()), signal.SIGTERM)  # rank 1 alone
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert err.count("SIGTERM at step") == 2, err[-3000:]  # both ranks stopped on rank 1's signal, after one step
+    step = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
+    assert f"SIGTERM at step {step}; checkpoint saved" in err
+    resumed = torchrun("--resume", str(run), f"trainer.max_steps={step + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == step + 2
+
+
+def test_gradient_reuse_is_averaged_over_ranks(tmp_path):
+    """Fast AdvProp adds the attack's gradients before the DDP backward: they must be all-reduced too."""
+    run = tmp_path / "run"
+    proc = torchrun(
+        str(REPO / "recipes" / "fast_advprop.yaml"),
+        *SETTINGS,
+        f"trainer.out_dir={run}",
+        "trainer.max_steps=3",
+        record=tmp_path / "rec",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = records(tmp_path / "rec")
+    for key, value in r0["model"].items():
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(r1["model"][key], value, rtol=0, atol=0)
+
+
+def test_sync_bn_gives_every_source_its_own_syncbn():
+    import torchvision
+
+    from mbn.convert import convert_model
+
+    model = convert_model(torchvision.models.resnet18(num_classes=10), sources=("clean", "adv"))
+    plain = [m for m in model.modules() if isinstance(m, MultiSourceBatchNorm)]
+    x = torch.rand(4, 3, 32, 32)
+    expected = model(x)
+    synced = convert_sync_batchnorm(model)
+    norms = [m for m in synced.modules() if isinstance(m, MultiSourceBatchNorm)]
+    assert len(norms) == len(plain) > 0
+    assert all(isinstance(bn, torch.nn.SyncBatchNorm) for m in norms for bn in m.bns.values())
+    assert all(m.bns["clean"] is not m.bns["adv"] for m in norms)
+    torch.testing.assert_close(synced(x), expected)  # one process: plain BN statistics
+
+
+def test_sync_bn_on_cpu_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_recipe(REPO / "recipes" / "advprop.yaml", [*TINY, "trainer.device=cpu", "trainer.sync_bn=true"])
+    with pytest.raises(RecipeError, match=r"key .trainer\.sync_bn.: SyncBatchNorm needs CUDA"):
+        plan_run(cfg)
