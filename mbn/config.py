@@ -53,6 +53,12 @@ class DataCfg:
     crop_padding: int = 4  # random crop with this zero padding (0 disables)
     hflip: bool = True
     on_device: bool = False  # hold the whole dataset on the training device as uint8 (no workers)
+    preload: bool = True  # decode every image once into memory; false: stream an imagefolder tree from disk
+    augment: str = "cifar"  # cifar: pad-crop-flip at native size | imagenet: RandomResizedCrop + flip (streamed)
+    crop_fraction: float = 0.875  # imagenet evaluation: resize to image_size / crop_fraction, centre crop
+    min_image_side: int = 8  # streamed images with a shorter side below this are refused, naming the file
+    mean: list[float] | None = None  # input normalisation (0-1 units); None: the data set's (or the weights')
+    std: list[float] | None = None
     train_limit: int | None = None  # use the first N training images (after a fixed seeded shuffle)
     test_limit: int | None = None  # use the first N test images
     synthetic_train_size: int = 5000
@@ -228,6 +234,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 _CHOICES = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
+    "data.augment": ("cifar", "imagenet"),
     "optim.name": ("sgd", "adamw"),
     "optim.grad_normalization": ("domain_mean", "sample_mean"),
     "schedule.name": ("cosine", "step", "constant"),
@@ -243,6 +250,8 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "data.image_size": _POSITIVE,
     "data.num_workers": _NON_NEGATIVE,
     "data.crop_padding": _NON_NEGATIVE,
+    "data.crop_fraction": {"low": 0, "low_open": True, "high": 1},
+    "data.min_image_side": _NON_NEGATIVE,
     "model.width": {"low": 1},
     "trainer.seed": {"low": 0, "high": 2**32 - 1},
     "trainer.epochs": _POSITIVE,
@@ -282,6 +291,12 @@ def validate_recipe(cfg: DictConfig) -> None:
         raise RecipeError(f"key 'optim.betas': expected two numbers in [0, 1), got {betas}")
     for i, beta in enumerate(betas):
         _check_key(f"optim.betas.{i}", check_number, beta, low=0, high=1, high_open=True)
+    for key, count, low in (("data.mean", 3, 0.0), ("data.std", 3, 0.0)):
+        values = OmegaConf.select(cfg, key)
+        if values is not None and (len(values) != count or not all(float(v) >= low for v in values)):
+            raise RecipeError(f"key '{key}': expected {count} per-channel values in 0-1 units, got {list(values)}")
+    if cfg.data.std is not None and min(float(v) for v in cfg.data.std) == 0:
+        raise RecipeError(f"key 'data.std': expected positive values, got {list(cfg.data.std)}")
     domain_specs(cfg)
 
 

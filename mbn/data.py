@@ -328,9 +328,24 @@ def load_image_folder_split(
     Raises:
         RecipeError: a missing folder, no images, or a class folder not in ``classes``.
     """
+    root = Path(root)
+    samples = folder_samples(root, split, classes, limit)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _load_folder_split(root.resolve(), split, samples, image_size, cache)
+
+
+def folder_samples(
+    root: Path, split: str, classes: Sequence[str], limit: int | None = None, *, check_files: bool = True
+) -> list[tuple[str, int]]:
+    """``(path, label)`` of ``<root>/<split>/<class>/*`` as torchvision's ImageFolder lists them, limit applied.
+
+    ``check_files=False`` skips the per-file checks (a stat each), for streamed sets that check on decoding.
+
+    Raises:
+        RecipeError: a missing folder, no images, a class folder not in ``classes``, or an unreadable file.
+    """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    root = Path(root)
     _require_folder(root, split)
     try:
         found, _ = find_classes(str(root / split))
@@ -346,9 +361,9 @@ def load_image_folder_split(
     if not samples:
         raise RecipeError(f"key 'data.root': {_folder_layout(root)}; no images found in {root / split}")
     samples = [samples[i] for i in subset_indices(len(samples), limit, f"data.{split}_limit")]
-    check_image_files(samples)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _load_folder_split(root.resolve(), split, samples, image_size, cache)
+    if check_files:
+        check_image_files(samples)
+    return samples
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -519,7 +534,7 @@ class TrainLoader(ResumableBatches):
 
     def __init__(
         self,
-        dataset: AugmentedArrayDataset,
+        dataset: Dataset,
         batch_size: int,
         *,
         seed: int,
@@ -528,7 +543,8 @@ class TrainLoader(ResumableBatches):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        super().__init__(len(dataset), batch_size, seed, rank=rank, world_size=world_size)
+        size = len(dataset)  # type: ignore[arg-type]  # map-style datasets are sized
+        super().__init__(size, batch_size, seed, rank=rank, world_size=world_size)
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
@@ -544,7 +560,22 @@ class TrainLoader(ResumableBatches):
             pin_memory=self.pin_memory,
             worker_init_fn=worker_init_fn,
         )
-        yield from loader
+        yield from closing_workers(loader)
+
+
+def closing_workers(loader: DataLoader) -> Iterator[Batch]:
+    """Iterate ``loader`` and shut its workers down however the iteration ends.
+
+    Workers ignore stop signals (:func:`worker_init_fn`), so a worker left running by an error or an abandoned
+    epoch would block the interpreter's exit, which joins its children.
+    """
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
 
 
 class DeviceTrainLoader(ResumableBatches):
@@ -698,10 +729,11 @@ class DataBundle:
     """
 
     train: ResumableBatches
-    test: EvalLoader
+    test: Any  # EvalLoader, or StreamEvalLoader for a streamed set
     stats: DataStats
-    train_split: ArraySplit = field(repr=False)
-    test_split: ArraySplit = field(repr=False)
+    train_split: ArraySplit | None = field(repr=False)  # None for a streamed set (data.preload=false)
+    test_split: ArraySplit | None = field(repr=False)
+    streamed_fingerprint: str | None = None  # identity of a streamed training set (file list and labels)
 
     @property
     def num_classes(self) -> int:
@@ -729,12 +761,22 @@ class DataBundle:
         return self.stats.image_size
 
     def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Test images as uint8 (N, H, W, 3) and labels as int64 (N,), in the test loader's order."""
+        """Test images as uint8 (N, H, W, 3) and labels as int64 (N,), in the test loader's order (preloaded sets)."""
+        if self.test_split is None:
+            raise ValueError("a streamed data set (data.preload=false) holds no arrays")
         return self.test_split.images, self.test_split.labels
 
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Unaugmented training images (N, H, W, 3) uint8 and labels (N,) int64."""
+        """Unaugmented training images (N, H, W, 3) uint8 and labels (N,) int64 (preloaded sets)."""
+        if self.train_split is None:
+            raise ValueError("a streamed data set (data.preload=false) holds no arrays")
         return self.train_split.images, self.train_split.labels
+
+    def fingerprint(self) -> str:
+        """Identity of the training set, checked on resume."""
+        if self.train_split is None:
+            return str(self.streamed_fingerprint)
+        return training_set_fingerprint(self.train_split.images, self.train_split.labels)
 
 
 def training_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
@@ -827,7 +869,11 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
         RecipeError: missing or malformed dataset, bad limits, or a batch larger than the training set.
     """
     device = torch.device(device)
+    if cfg.name == "imagefolder" and not cfg.preload:
+        return build_streamed_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size)
+    _check_not_streamed(cfg)
     train, test, stats = load_arrays(cfg)
+    stats = _override_normalisation(cfg, stats)
     if len(train) < cfg.batch_size * world_size:
         per = f" x {world_size} processes" if world_size > 1 else ""
         raise RecipeError(
@@ -854,3 +900,68 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
         train_split=train,
         test_split=test,
     )
+
+
+def _check_not_streamed(cfg: Any) -> None:
+    if not cfg.preload and cfg.name != "imagefolder":
+        raise RecipeError(f"key 'data.preload': only imagefolder trees stream (data.preload=false), not {cfg.name}")
+    if cfg.augment == "imagenet" and cfg.preload:
+        raise RecipeError(
+            "key 'data.augment': imagenet (RandomResizedCrop) needs the full-resolution images: set data.preload=false"
+        )
+
+
+def _override_normalisation(cfg: Any, stats: DataStats) -> DataStats:
+    """``data.mean`` / ``data.std`` from the recipe, when set, replace the data set's statistics."""
+    mean = tuple(float(v) for v in cfg.mean) if cfg.get("mean") is not None else stats.mean
+    std = tuple(float(v) for v in cfg.std) if cfg.get("std") is not None else stats.std
+    return DataStats(stats.class_names, mean, std, stats.image_size)
+
+
+def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """A streamed ImageFolder (:mod:`mbn.streaming`): files listed now, decoded batch by batch in workers.
+
+    The normalisation is ``data.mean`` / ``data.std``, else ImageNet's (a streamed set is never decoded as a whole
+    to measure its own).
+    """
+    from torchvision.datasets.folder import find_classes
+
+    from mbn.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamEvalLoader, StreamingImageFolder
+
+    root = Path(cfg.root)
+    for split in ("train", "test"):
+        _require_folder(root, split)
+    try:
+        classes, _ = find_classes(str(root / "train"))
+        test_classes, _ = find_classes(str(root / "test"))
+    except FileNotFoundError as err:
+        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {err}") from None
+    _check_classes(root, "test", test_classes, classes)
+    train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)
+    test = folder_samples(root, "test", classes, cfg.test_limit, check_files=False)
+    if len(train) < cfg.batch_size * world_size:
+        raise RecipeError(
+            f"key 'data.batch_size': {cfg.batch_size} x {world_size} processes exceeds the {len(train)} training "
+            "images (batches drop the last)"
+        )
+    common = {"augment": cfg.augment, "seed": seed, "crop_fraction": cfg.crop_fraction,
+              "crop_padding": cfg.crop_padding, "hflip": cfg.hflip, "min_image_side": cfg.min_image_side}  # fmt: skip
+    pin = device.type == "cuda"
+    train_set = StreamingImageFolder(train, cfg.image_size, train=True, **common)
+    loader = TrainLoader(
+        train_set,
+        cfg.batch_size,
+        seed=seed,
+        num_workers=cfg.num_workers,
+        pin_memory=pin,
+        rank=rank,
+        world_size=world_size,
+    )
+    test_loader = StreamEvalLoader(
+        StreamingImageFolder(test, cfg.image_size, train=False, **common), cfg.eval_batch_size, cfg.num_workers, pin
+    )
+    stats = _override_normalisation(cfg, DataStats(tuple(classes), IMAGENET_MEAN, IMAGENET_STD, int(cfg.image_size)))
+    digest = hashlib.sha1(f"{len(train)}|{cfg.image_size}".encode())
+    for path, label in train:
+        digest.update(f"|{os.path.relpath(path, root)}:{label}".encode("utf-8", "surrogateescape"))
+    return DataBundle(loader, test_loader, stats, None, None, streamed_fingerprint=digest.hexdigest()[:20])

@@ -30,7 +30,7 @@ from mbn.budget import matched_epochs
 from mbn.builders import build_model
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
 from mbn.config import DomainSpec, RecipeError, save_recipe
-from mbn.data import build_data, to_device, training_set_fingerprint
+from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
 from mbn.domain_checks import check_domain_output
 from mbn.errors import STOP_SIGNALS, DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
@@ -181,7 +181,7 @@ class Trainer:
             for s in self.specs
         }
         self.steps_per_epoch = len(self.data.train)
-        self.data_fingerprint = training_set_fingerprint(*self.data.train_arrays())
+        self.data_fingerprint = self.data.fingerprint()
         self.epochs = cfg.trainer.epochs  # trainer.budget_of: the epochs costing what the baseline's would
         if cfg.trainer.budget_of:
             self.epochs = matched_epochs(cfg.trainer.epochs, self.specs, self.domains, str(cfg.trainer.budget_of))

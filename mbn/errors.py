@@ -45,3 +45,12 @@ def first_line(err: BaseException) -> str:
         return err.strerror
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line; one re-raised from a DataLoader worker gives the worker's own message."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:  # torch's worker ExceptionWrapper
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.splitlines()) if text else type(err).__name__

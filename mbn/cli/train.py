@@ -21,7 +21,7 @@ from typing import Any
 from mbn import distributed
 from mbn.checkpoint import CheckpointError
 from mbn.config import RecipeError, load_recipe
-from mbn.errors import STOP_SIGNALS, DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError
+from mbn.errors import STOP_SIGNALS, DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError, one_line
 from mbn.fileio import WriteError
 from mbn.rundir import RunDirError, RunLock
 
@@ -187,7 +187,7 @@ def _fail(err: BaseException, code: int) -> int:
     """One line on stderr (the traceback too when ``MBN_TRACEBACK=1``); returns ``code``."""
     if os.environ.get("MBN_TRACEBACK"):
         traceback.print_exception(err)
-    print(f"{_prog()}: error: {err}", file=sys.stderr)
+    print(f"{_prog()}: error: {one_line(err)}", file=sys.stderr)
     return code
 
 

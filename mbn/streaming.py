@@ -1,0 +1,192 @@
+"""A streamed ImageFolder: images are decoded in DataLoader workers, batch by batch, never held all at once.
+
+``data.preload=false`` with ``data.name=imagefolder`` (ImageNet-size trees): time to the first step and memory do
+not grow with the number of images. Files are listed as torchvision's ``ImageFolder`` lists them (sorted classes,
+sorted files) and decoded with torchvision's decoders (libjpeg-turbo; PIL for formats torchvision lacks).
+
+Augmentation (``data.augment``):
+
+* ``imagenet``: training images get ``RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3))`` and a
+  horizontal flip (Szegedy et al. 2015; torchvision's reference recipe); evaluation images are resized to
+  ``image_size / crop_fraction`` on the shorter side and centre-cropped to ``image_size`` (crop fraction 0.875:
+  resize 256, crop 224).
+* ``cifar``: zero-padded random crop and flip at the images' native size, which must be ``image_size``.
+
+Every sample's draws come from a generator seeded by ``(seed, epoch, index)`` (:func:`mbn.data.sample_seeds`), so
+an epoch's batches are the same whatever the worker count, and a resumed run continues exactly. An image that
+cannot be read or decoded, or that is smaller than ``data.min_image_side`` (or, with ``cifar``, not
+``image_size`` square), stops the run with one line naming the file; nothing is skipped or silently resized.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from mbn.config import RecipeError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: torchvision's RandomResizedCrop defaults (Inception-style crops).
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
+#: ImageNet statistics in [0, 1] units: the normalisation a streamed set uses unless data.mean/std say otherwise.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def decode_image_file(path: str) -> torch.Tensor:
+    """One image file as uint8 RGB (3, H, W); a :class:`RecipeError` names the file it cannot read or decode."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    from mbn.data import _decode_with_pil, _read_image_file
+
+    data = _read_image_file(path)
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        return _decode_with_pil(path, err)
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a RandomResizedCrop (torchvision's algorithm: 10 tries, then the central crop)."""
+    area = height * width
+    log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*RRC_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < RRC_RATIO[0]:
+        w, h = width, round(width / RRC_RATIO[0])
+    elif in_ratio > RRC_RATIO[1]:
+        h, w = height, round(height * RRC_RATIO[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_centre_crop(image: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
+    """Shorter side to ``size / crop_fraction`` (antialiased), then the central ``size`` x ``size`` crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    resize = math.floor(size / crop_fraction) if crop_fraction < 1.0 else size
+    if min(image.shape[-2:]) != resize:
+        image = TF.resize(image, resize, antialias=True)
+    if image.shape[-2:] != (size, size):
+        image = TF.center_crop(image, [size, size])
+    return image
+
+
+class StreamingImageFolder(Dataset):
+    """Files and labels of one split, decoded (and, for training, augmented) per sample on demand.
+
+    Training keys are ``(index, epoch)`` pairs (as :class:`mbn.data.AugmentedArrayDataset`); evaluation keys are
+    plain indices. ``__getitems__`` returns whole ``(uint8 N3HW images, int64 labels)`` batches.
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        image_size: side of the images produced.
+        train: augment (seeded per sample) rather than resize and centre-crop.
+        augment: ``imagenet`` or ``cifar`` (see the module docstring).
+        seed: the run seed.
+        crop_fraction: evaluation crop fraction (``imagenet``).
+        crop_padding: zero padding of the random crop (``cifar``).
+        hflip: random horizontal flips in training.
+        min_image_side: shorter sides below this are refused.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        image_size: int,
+        *,
+        train: bool,
+        augment: str = "imagenet",
+        seed: int = 0,
+        crop_fraction: float = 0.875,
+        crop_padding: int = 4,
+        hflip: bool = True,
+        min_image_side: int = 8,
+    ) -> None:
+        self.paths = [p for p, _ in samples]
+        self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
+        self.image_size, self.train, self.augment, self.seed = image_size, train, augment, seed
+        self.crop_fraction, self.crop_padding, self.hflip = crop_fraction, crop_padding, hflip
+        self.min_image_side = min_image_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int, epoch: int | None = None) -> torch.Tensor:
+        """Sample ``index`` as uint8 (3, S, S): augmented for ``epoch`` in training, else resized and cropped."""
+        path = self.paths[index]
+        image = decode_image_file(path)
+        h, w = image.shape[-2:]
+        if min(h, w) < self.min_image_side:
+            raise RecipeError(
+                f"key 'data.root': image {path} is {w}x{h}, smaller than data.min_image_side={self.min_image_side}"
+            )
+        if self.augment == "cifar" and (h, w) != (self.image_size, self.image_size):
+            raise RecipeError(
+                f"key 'data.root': image {path} is {w}x{h}; data.augment=cifar trains at the native "
+                f"{self.image_size}x{self.image_size} (use data.augment=imagenet to resize)"
+            )
+        if not self.train:
+            return resize_centre_crop(image, self.image_size, self.crop_fraction if self.augment == "imagenet" else 1.0)
+        from mbn.data import sample_seeds
+
+        rng = np.random.default_rng(int(sample_seeds(self.seed, epoch or 0, [index])[0]))
+        if self.augment == "imagenet":
+            from torchvision.transforms.v2 import functional as TF
+
+            top, left, ch, cw = random_resized_crop_box(h, w, rng)
+            image = TF.resized_crop(image, top, left, ch, cw, [self.image_size, self.image_size], antialias=True)
+        elif self.crop_padding > 0:
+            p = self.crop_padding
+            oy, ox = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
+            image = F.pad(image, (p, p, p, p))[:, oy : oy + self.image_size, ox : ox + self.image_size]
+        if self.hflip and rng.random() < 0.5:
+            image = image.flip(-1)
+        return image.contiguous()
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        return self.load(int(index), epoch), int(self.labels[int(index)])
+
+    def __getitems__(self, keys: list[Any]) -> Batch:
+        items = [self[key] for key in keys]
+        return torch.stack([image for image, _ in items]), torch.as_tensor([label for _, label in items])
+
+
+class StreamEvalLoader:
+    """Fixed-order, centre-cropped test batches decoded in workers (``len`` and iteration, as ``EvalLoader``)."""
+
+    def __init__(self, dataset: StreamingImageFolder, batch_size: int, num_workers: int, pin_memory: bool) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        from mbn.data import closing_workers, collate_batch, worker_init_fn
+
+        n = len(self.dataset)
+        batches = [list(range(lo, min(lo + self.batch_size, n))) for lo in range(0, n, self.batch_size)]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=collate_batch,  # type: ignore[arg-type]
+            pin_memory=self.pin_memory,
+            worker_init_fn=worker_init_fn,
+        )
+        yield from closing_workers(loader)

@@ -1,0 +1,144 @@
+"""Streamed ImageFolder (data.preload=false): same images as the preloaded path, seeded crops, bad files named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from mbn.cli.train import main as train_main
+from mbn.config import DataCfg, RecipeError
+from mbn.data import build_data
+from mbn.streaming import StreamingImageFolder, random_resized_crop_box
+from tests.runs import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog", "frog")
+
+
+def make_tree(root: Path, size: tuple[int, int] = (32, 32), per_class: int = 6, fmt: str = "png") -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                w, h = size
+                array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(array).save(root / split / c / f"{i:03d}.{fmt}")
+    return root
+
+
+def data_cfg(root: Path, **overrides):
+    base = {"name": "imagefolder", "root": str(root), "batch_size": 4, "eval_batch_size": 5, "num_workers": 0}
+    return OmegaConf.merge(OmegaConf.structured(DataCfg), {**base, **overrides})
+
+
+def streamed_test(bundle) -> tuple[np.ndarray, np.ndarray]:
+    batches = list(bundle.test)
+    images = torch.cat([b[0] for b in batches]).permute(0, 2, 3, 1).numpy()
+    return images, torch.cat([b[1] for b in batches]).numpy()
+
+
+@pytest.mark.parametrize(("size", "fmt", "extra"), [((32, 32), "png", {}), ((48, 40), "jpg", {"augment": "imagenet"})])
+def test_streamed_test_split_equals_the_preloaded_one(tmp_path, monkeypatch, size, fmt, extra):
+    monkeypatch.setenv("MBN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_tree(tmp_path / "tree", size, fmt=fmt)
+    preloaded = build_data(data_cfg(root), seed=0, device="cpu")
+    streamed = build_data(data_cfg(root, preload=False, crop_fraction=1.0, **extra), seed=0, device="cpu")
+    images, labels = streamed_test(streamed)
+    np.testing.assert_array_equal(images, preloaded.test_split.images)
+    np.testing.assert_array_equal(labels, preloaded.test_split.labels)
+    np.testing.assert_array_equal(streamed.train.dataset.labels, preloaded.train_split.labels)
+    assert streamed.class_names == preloaded.class_names == list(CLASSES)
+    assert len(streamed.train) == len(preloaded.train)
+
+
+def test_random_resized_crop_sizes_and_determinism(tmp_path):
+    root = make_tree(tmp_path / "tree", (57, 41), per_class=3, fmt="png")
+    samples = [(str(p), 0) for p in sorted((root / "train").rglob("*.png"))]
+    a = StreamingImageFolder(samples, 24, train=True, augment="imagenet", seed=3)
+    b = StreamingImageFolder(samples, 24, train=True, augment="imagenet", seed=3)
+    for index in range(len(samples)):
+        assert a.load(index, epoch=0).shape == (3, 24, 24)
+        assert torch.equal(a.load(index, epoch=0), b.load(index, epoch=0))  # seeded by (seed, epoch, index)
+    epochs = [a.load(0, epoch=e) for e in range(4)]
+    assert any(not torch.equal(epochs[0], x) for x in epochs[1:])  # a new crop every epoch
+    rng = np.random.default_rng(0)
+    for height, width in ((10, 300), (300, 10), (64, 48), (1, 1)):
+        top, left, h, w = random_resized_crop_box(height, width, rng)
+        assert top >= 0 and top + h <= height and left >= 0 and left + w <= width and h > 0 and w > 0
+
+
+def test_streamed_batches_do_not_depend_on_workers(tmp_path):
+    root = make_tree(tmp_path / "tree", (40, 40))
+    cfg = data_cfg(root, preload=False, augment="imagenet", image_size=32)
+    serial = list(build_data(cfg, seed=1, device="cpu").train.epoch_batches(0))
+    cfg.num_workers = 2
+    parallel = list(build_data(cfg, seed=1, device="cpu").train.epoch_batches(0))
+    assert len(serial) == len(parallel) == 4
+    for (x0, y0), (x1, y1) in zip(serial, parallel, strict=True):
+        assert x0.dtype == torch.uint8 and x0.shape == (4, 3, 32, 32)
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def train_streamed(root: Path, out: Path, *extra: str) -> int:
+    return train_main(
+        [
+            str(REPO / "recipes" / "advprop.yaml"),
+            *TINY,
+            "data.name=imagefolder",
+            f"data.root={root}",
+            "data.preload=false",
+            "data.batch_size=4",
+            "data.num_workers=1",
+            f"trainer.out_dir={out}",
+            *extra,
+        ]
+    )
+
+
+def test_training_streams_an_imagefolder_tree(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_tree(tmp_path / "tree", (40, 36), fmt="jpg")
+    assert train_streamed(root, tmp_path / "run", "data.augment=imagenet", "trainer.max_steps=3") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    assert not (tmp_path / "cache").exists()  # nothing decoded into a cache
+
+
+@pytest.mark.parametrize(
+    ("damage", "extra", "message"),
+    [
+        (lambda p: p.write_bytes(b"not an image at all"), [], "cannot decode image"),
+        (lambda p: Image.new("RGB", (5, 40)).save(p, format="PNG"), ["data.augment=imagenet"], "smaller than"),
+        (lambda p: Image.new("RGB", (40, 40)).save(p, format="PNG"), [], "data.augment=cifar trains at the native"),
+    ],
+    ids=["garbage", "too-small", "wrong-size-for-cifar"],
+)
+def test_bad_files_are_named_in_one_line(tmp_path, capsys, damage, extra, message):
+    root = make_tree(tmp_path / "tree", (32, 32))
+    bad = root / "train" / "dog" / "002.png"
+    damage(bad)
+    assert train_streamed(root, tmp_path / "run", "trainer.epochs=1", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(bad) in err and message in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"augment": "imagenet"}, "key 'data.augment': imagenet (RandomResizedCrop) needs"),
+        ({"name": "synthetic", "preload": False}, "key 'data.preload': only imagefolder trees stream"),
+    ],
+)
+def test_streaming_options_are_checked(tmp_path, overrides, message):
+    root = make_tree(tmp_path / "tree", (32, 32), per_class=2)
+    with pytest.raises(RecipeError) as err:
+        build_data(data_cfg(root, **overrides), seed=0, device="cpu")
+    assert message in str(err.value)
