@@ -51,7 +51,10 @@ def build_model(
     except ModelConfigError as err:
         raise RecipeError(f"key 'model.{err.field}': {err}") from None
     attach_heads(model, dict(heads or {}))
-    return convert_model(model, sources, share_affine=cfg.model.share_affine, share_stats=cfg.model.share_stats)
+    try:
+        return convert_model(model, sources, share_affine=cfg.model.share_affine, share_stats=cfg.model.share_stats)
+    except ValueError as err:
+        raise RecipeError(f"key 'model.name': {cfg.model.name}: {err}") from None
 
 
 def build_domains(specs: Sequence[DomainSpec]) -> dict[str, Domain]:

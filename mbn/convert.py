@@ -40,7 +40,7 @@ def convert_model(
         The same ``model`` object, converted.
 
     Raises:
-        ValueError: if ``model`` is already converted or ``sources`` is invalid.
+        ValueError: if ``model`` is already converted, has no BatchNorm layer, or ``sources`` is invalid.
 
     Examples:
         >>> import mbn, torchvision
@@ -51,13 +51,22 @@ def convert_model(
     names = validate_source_names(sources)
     if multi_source_norms(model):
         raise ValueError("model is already converted (it has MultiSourceBatchNorm layers); export it first")
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no BatchNorm layer to give one BN per source (LayerNorm/GroupNorm "
+            "networks such as ConvNeXt or ViT cannot be trained with N BNs); choose a BatchNorm network"
+        )
+    return _convert(model, names, share_affine, share_stats)
+
+
+def _convert(model: nn.Module, names: tuple[str, ...], share_affine: bool, share_stats: bool) -> nn.Module:
     if isinstance(model, _BatchNorm):
         return MultiSourceBatchNorm(model, names, share_affine=share_affine, share_stats=share_stats)
     for name, child in list(model.named_children()):
         if isinstance(child, _BatchNorm):
             setattr(model, name, MultiSourceBatchNorm(child, names, share_affine=share_affine, share_stats=share_stats))
         else:
-            convert_model(child, names, share_affine=share_affine, share_stats=share_stats)
+            _convert(child, names, share_affine, share_stats)
     return model
 
 

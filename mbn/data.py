@@ -869,7 +869,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
         RecipeError: missing or malformed dataset, bad limits, or a batch larger than the training set.
     """
     device = torch.device(device)
-    if cfg.name == "imagefolder" and not cfg.preload:
+    if cfg.name == "imagefolder" and not getattr(cfg, "preload", True):
         return build_streamed_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size)
     _check_not_streamed(cfg)
     train, test, stats = load_arrays(cfg)
@@ -903,9 +903,9 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
 
 
 def _check_not_streamed(cfg: Any) -> None:
-    if not cfg.preload and cfg.name != "imagefolder":
+    if not getattr(cfg, "preload", True) and cfg.name != "imagefolder":
         raise RecipeError(f"key 'data.preload': only imagefolder trees stream (data.preload=false), not {cfg.name}")
-    if cfg.augment == "imagenet" and cfg.preload:
+    if getattr(cfg, "augment", "cifar") == "imagenet" and getattr(cfg, "preload", True):
         raise RecipeError(
             "key 'data.augment': imagenet (RandomResizedCrop) needs the full-resolution images: set data.preload=false"
         )
@@ -913,8 +913,8 @@ def _check_not_streamed(cfg: Any) -> None:
 
 def _override_normalisation(cfg: Any, stats: DataStats) -> DataStats:
     """``data.mean`` / ``data.std`` from the recipe, when set, replace the data set's statistics."""
-    mean = tuple(float(v) for v in cfg.mean) if cfg.get("mean") is not None else stats.mean
-    std = tuple(float(v) for v in cfg.std) if cfg.get("std") is not None else stats.std
+    mean = tuple(float(v) for v in cfg.mean) if getattr(cfg, "mean", None) is not None else stats.mean
+    std = tuple(float(v) for v in cfg.std) if getattr(cfg, "std", None) is not None else stats.std
     return DataStats(stats.class_names, mean, std, stats.image_size)
 
 

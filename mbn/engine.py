@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from mbn.budget import matched_epochs
 from mbn.builders import build_model
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
 from mbn.config import DomainSpec, RecipeError, save_recipe
+from mbn.convert import convert_sync_batchnorm
 from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
 from mbn.domain_checks import check_domain_output
@@ -40,7 +41,7 @@ from mbn.gradnorm import SHARED, SampleMeanGradients
 from mbn.heads import forward_heads
 from mbn.init_from import init_from_state
 from mbn.meter import NonFiniteError, StepMeter, TrainClock
-from mbn.norm import convert_sync_batchnorm
+from mbn.models import weights_normalisation
 from mbn.objective import CLASSES
 from mbn.optim import build_optimizer, build_scheduler
 from mbn.plan import RunPlan, plan_run
@@ -152,6 +153,9 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        expected = weights_normalisation(cfg.model)  # pretrained weights expect their own input statistics
+        if expected is not None and cfg.data.mean is None and cfg.data.std is None:
+            self.data.stats = replace(self.data.stats, mean=expected[0], std=expected[1])  # and the checkpoint
         self.model = build_model(
             cfg, self.data.num_classes, self.data.mean, self.data.std, self.sources, heads=self.heads
         )

@@ -10,8 +10,11 @@ is a plain ``BatchNorm2d``; :func:`mbn.convert_model` turns them into multi-sour
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torchvision
@@ -167,10 +170,7 @@ def check_model_config(cfg: ModelCfg) -> None:
             raise ModelConfigError("name", f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
         return
     if name.startswith("timm."):
-        import timm  # imports slowly; only for timm names
-
-        if not timm.list_models(name.removeprefix("timm.")):
-            raise ModelConfigError("name", f"unknown timm model {name!r} (see timm.list_models())")
+        _check_timm_name(name.removeprefix("timm."))
         return
     if _cifar_depth(name) is None:
         hint = " (depth: expected 6n+2, e.g. 8, 20, 56, or 18/34)" if name.startswith("cifar_resnet") else ""
@@ -209,9 +209,57 @@ def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> nn.Module
     return net
 
 
+def _check_timm_name(name: str) -> None:
+    """``<arch>`` or ``<arch>.<tag>`` as timm spells them (``tf_efficientnet_b0.ap_in1k``: AdvProp's weights)."""
+    import timm  # imports slowly; only for timm names
+
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        raise ModelConfigError("name", f"unknown timm model 'timm.{arch}' (see timm.list_models())")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        raise ModelConfigError("name", f"timm model {arch!r} has no weights tagged {tag!r}; tags: {tags}")
+
+
+def _timm_weights_cached(name: str) -> bool:
+    """Whether timm finds ``name``'s pretrained weights locally (Hugging Face cache or torch hub folder)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
+                return True
+    if isinstance(cfg.url, str) and cfg.url:
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file()
+    return False
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """One quick connection attempt (False under ``HF_HUB_OFFLINE=1``): offline machines fail fast, not retry."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _timm_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     import timm
 
+    if pretrained and not _timm_weights_cached(name) and not hub_reachable():
+        raise ModelConfigError(
+            "pretrained",
+            f"weights for 'timm.{name}' are not in the local cache and huggingface.co cannot be reached (offline?); "
+            "download them once where there is a network (HF_HOME names the cache) or set model.pretrained=false",
+        )
     try:
         return timm.create_model(name, num_classes=num_classes, pretrained=pretrained)
     except Exception as err:
@@ -219,6 +267,28 @@ def _timm_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
             raise
         hint = "offline? pre-populate the Hugging Face cache or set model.pretrained=false"
         raise _download_error("timm", name, err, hint) from None
+
+
+def weights_normalisation(cfg: ModelCfg) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input mean and std (0-1 units) that ``cfg``'s pretrained weights expect; None without pretrained weights.
+
+    AdvProp's released EfficientNets (``timm.tf_efficientnet_b*.ap_in1k``) expect inputs in [-1, 1]
+    (mean 0.5, std 0.5); torchvision's and most timm weights ImageNet's statistics. Read from the weights'
+    metadata, nothing is downloaded.
+    """
+    if not cfg.pretrained:
+        return None
+    if cfg.name.startswith("timm."):
+        from timm.models import get_pretrained_cfg
+
+        pretrained = get_pretrained_cfg(cfg.name.removeprefix("timm."))
+        if pretrained is None:
+            return None
+        return tuple(float(v) for v in pretrained.mean), tuple(float(v) for v in pretrained.std)
+    if cfg.name.startswith("torchvision."):
+        transforms = torchvision.models.get_model_weights(cfg.name.removeprefix("torchvision.")).DEFAULT.transforms()
+        return tuple(float(v) for v in transforms.mean), tuple(float(v) for v in transforms.std)
+    return None
 
 
 def build_network(cfg: ModelCfg, num_classes: int) -> nn.Module:

@@ -172,16 +172,3 @@ def _batch_norm_frozen_stats(bn: _BatchNorm, x: Tensor) -> Tensor:
             if tracked is not None:
                 bn.num_batches_tracked.copy_(tracked)  # type: ignore[union-attr]
     return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-
-
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Every BatchNorm of ``model`` as a SyncBatchNorm, each source's inside a :class:`MultiSourceBatchNorm` too.
-
-    Each source keeps its own module, so under torchrun every source's batch statistics are computed over that
-    source's images on all ranks (a per-source SyncBN; timm's split BN shares one). Parameters and running
-    statistics are the same tensors (shared affine pairs or statistics stay shared); state-dict keys do not change.
-    timm's ``BatchNormAct2d`` keeps its fused activation (``SyncBatchNormAct``).
-    """
-    from timm.layers import convert_sync_batchnorm as convert
-
-    return convert(model)

@@ -16,7 +16,8 @@ import torch
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import RecipeError, load_recipe
-from mbn.norm import MultiSourceBatchNorm, convert_sync_batchnorm
+from mbn.convert import convert_sync_batchnorm
+from mbn.norm import MultiSourceBatchNorm
 from mbn.plan import plan_run
 from tests.runs import TINY
 
