@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--steps-per-block", type=int, default=8)
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default="overhead", help="results file benchmarks/results/<name>.json")
     args = parser.parse_args()
     runs = [{r: measure(r, args.steps_per_block, args.blocks) for r in ("vanilla", "advprop")}
             for _ in range(args.repeats)]  # fmt: skip
@@ -130,7 +131,7 @@ def main() -> None:
         print(f"{recipe}: engine/hand = {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f} "
               f"over {len(ratios)} runs; {ms['engine']:.1f} ms vs {ms['hand']:.1f} ms per step)")  # fmt: skip
     payload = {"machine": machine_info(torch.device("cpu")), "settings": OVERRIDES, "results": results}
-    print(f"written {write_json('overhead', payload)}")
+    print(f"written {write_json(args.name, payload)}")
 
 
 if __name__ == "__main__":

@@ -845,6 +845,8 @@ def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
     if cfg.name in ("cifar10", "cifar100"):
         loaded, _ = _load_cifar(cfg, splits=("test",))
         return _limit(loaded["test"], cfg.test_limit, "data.test_limit")
+    if cfg.name == "imagefolder" and not getattr(cfg, "preload", True):
+        return _decode_streamed_test_split(cfg, stats)
     if cfg.name == "imagefolder":
         return load_image_folder_split(cfg.root, "test", stats.class_names, stats.image_size, cfg.test_limit)
     if cfg.name == "synthetic":
@@ -852,6 +854,20 @@ def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
         test = ArraySplit(*generate_synthetic(cfg.synthetic_test_size, cfg.image_size, seed=1))
         return _limit(test, cfg.test_limit, "data.test_limit")
     raise _unknown_dataset(cfg)
+
+
+def _decode_streamed_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
+    """A streamed run's test split, decoded in workers with its evaluation transform (``crop_fraction``)."""
+    from mbn.streaming import StreamEvalLoader, StreamingImageFolder
+
+    samples = folder_samples(Path(cfg.root), "test", stats.class_names, cfg.test_limit, check_files=False)
+    dataset = StreamingImageFolder(
+        samples, stats.image_size, train=False, augment=cfg.augment, crop_fraction=cfg.crop_fraction,
+        min_image_side=cfg.min_image_side,
+    )  # fmt: skip
+    batches = list(StreamEvalLoader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory=False))
+    images = torch.cat([b[0] for b in batches]).permute(0, 2, 3, 1).contiguous().numpy()
+    return ArraySplit(images, np.concatenate([b[1].numpy() for b in batches]))
 
 
 def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1) -> DataBundle:

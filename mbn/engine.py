@@ -212,7 +212,7 @@ class Trainer:
         self._stop_signal: int | None = None  # agreed by every rank (a single process: the signal received)
         self._generator = torch.Generator(self.device)  # the domains' randomness, re-seeded every step
         self.meter = StepMeter([spec.name for spec in self.specs], self.device)
-        self.clock = TrainClock(self.device)
+        self.clock = TrainClock(self.device, self.dist.world_size)  # images of every rank
         self._wall_at_save = 0.0
         self._checked_domains: set[str] = set()
         self.last_window: dict[str, float] = {}

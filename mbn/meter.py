@@ -113,12 +113,13 @@ class TrainClock:
 
     A timing window opens when training steps start and closes at a logging step, before an evaluation and
     before a checkpoint; the device is synchronised when it closes, so queued GPU work is counted. Images of
-    every domain count (an adversarial batch is images the model trained on). The first window of each session
+    every domain count (an adversarial batch is images the model trained on), on every rank under torchrun
+    (``world_size`` x this rank's, as the ranks train equal batches). The first window of each session
     (compilation, allocator and kernel warm-up) is left out of the throughput but counted in ``train_time``.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, world_size: int = 1) -> None:
+        self.device, self.world_size = device, world_size
         self.train_time = 0.0
         self.images: dict[str, int] = {}  # every trained image, per domain, over the whole run
         self._timed_time = 0.0
@@ -134,9 +135,9 @@ class TrainClock:
             self._tic = time.perf_counter()
 
     def count(self, images: Mapping[str, int]) -> None:
-        """Images each domain trained on in one step."""
+        """Images each domain trained on in one step (on every rank: ranks train equal batches)."""
         for name, n in images.items():
-            self._window[name] = self._window.get(name, 0) + n
+            self._window[name] = self._window.get(name, 0) + n * self.world_size
 
     def lap(self) -> None:
         """Close the window (synchronising the device) and open the next."""

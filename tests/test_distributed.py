@@ -64,6 +64,7 @@ def test_one_run_directory_written_once(two_ranks):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["steps"] == 8  # 2 epochs x 64 / (8 x 2)
+    assert metrics["images_seen"] == {"clean": 128, "adv": 128}  # both ranks' images
     assert proc.stdout.count("mbn-train: done") == 1  # rank 0 reports; the other rank is silent
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.json", "tb"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

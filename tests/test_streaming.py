@@ -13,7 +13,7 @@ from PIL import Image
 
 from mbn.cli.train import main as train_main
 from mbn.config import DataCfg, RecipeError
-from mbn.data import build_data
+from mbn.data import build_data, load_test_split
 from mbn.streaming import StreamingImageFolder, random_resized_crop_box
 from tests.runs import TINY
 
@@ -56,6 +56,24 @@ def test_streamed_test_split_equals_the_preloaded_one(tmp_path, monkeypatch, siz
     np.testing.assert_array_equal(streamed.train.dataset.labels, preloaded.train_split.labels)
     assert streamed.class_names == preloaded.class_names == list(CLASSES)
     assert len(streamed.train) == len(preloaded.train)
+
+
+def test_evaluation_decodes_a_streamed_test_split_with_its_crop(tmp_path, monkeypatch, capsys):
+    root = make_tree(tmp_path / "tree", (48, 40), fmt="png")
+    cfg = data_cfg(root, preload=False, augment="imagenet", crop_fraction=0.8, num_workers=1)
+    bundle = build_data(cfg, seed=0, device="cpu")
+    split = load_test_split(cfg, bundle.stats)
+    images, labels = streamed_test(bundle)
+    np.testing.assert_array_equal(split.images, images)  # resize 40, centre crop 32: what training evaluated
+    np.testing.assert_array_equal(split.labels, labels)
+    from mbn.cli.eval import main as eval_main
+
+    run = tmp_path / "run"
+    assert train_streamed(root, run, "data.augment=imagenet", "data.crop_fraction=0.8", "trainer.max_steps=2") == 0
+    assert eval_main([str(run)]) == 0
+    trained = json.loads((run / "metrics.json").read_text())["test_acc"]["clean"]
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert abs(evaluated["clean_acc"] - trained) < 1e-9, evaluated
 
 
 def test_random_resized_crop_sizes_and_determinism(tmp_path):
