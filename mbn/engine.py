@@ -96,7 +96,7 @@ class _HeadsForward(nn.Module):
     def __init__(self, model: nn.Module, forward_model: Any) -> None:
         super().__init__()
         self.model = model
-        self._forward_model = forward_model  # the (compiled) model; not a submodule: its parameters are model's
+        self._forward_model = forward_model  # model itself or its compiled wrapper: the same parameters, counted once
 
     def forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
         if heads == (CLASSES,):
