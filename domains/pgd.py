@@ -17,9 +17,9 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
+from mbn_domains.rotation import NUM_ROTATIONS, ROTATION_HEAD, draw_rotations, rotate_quarters
 from torch import Tensor
 
-from domains.rotation import NUM_ROTATIONS, ROTATION_HEAD, draw_rotations, rotate_quarters
 from mbn import attacks
 from mbn.domain import ATTACK_BN_MODES, Domain, DomainContext
 from mbn.objective import Objective

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from mbn.config import DomainSpec, RecipeError, domain_specs, load_recipe
 from mbn.domain import Domain
-
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+from mbn.shipped import shipped_recipes
 
 
 def step_cost(specs: Sequence[DomainSpec], domains: Mapping[str, Domain]) -> float:
@@ -35,7 +34,7 @@ def baseline_path(name: str) -> Path:
     """A shipped recipe's name (``vanilla``) or a recipe file."""
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
-        path = RECIPES_DIR / f"{name}.yaml"
+        path = shipped_recipes().get(name, path)
     if not path.is_file():
         raise RecipeError(f"key 'trainer.budget_of': no recipe {name!r} (a shipped recipe name or a YAML file)")
     return path

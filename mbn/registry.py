@@ -1,16 +1,16 @@
 """Domain registry: decorator registration plus lazily loaded ``mbn.domains`` entry points.
 
 Strict like torchvision's model registry (a duplicate name raises, naming both origins) with timm's
-query API (``create_domain``, ``available_domains``). Built-in plugins in the top-level ``domains``
-package register with the same decorator; third-party packages declare
-``[project.entry-points."mbn.domains"] name = "pkg.module:Class"`` and are imported on first use of
-that name, like torch's compiler-backend registry.
+query API (``create_domain``, ``available_domains``). Every plugin package, the built-in ``mbn_domains``
+(the repository's ``domains/`` folder) included, declares ``[project.entry-points."mbn.domains"]
+name = "pkg.module:Class"``; a plugin's module is imported on first use of its name, like torch's
+compiler-backend registry, and its class carries the ``register_domain`` decorator. The core names no plugin
+package: a ``domains.py`` in the working directory changes nothing.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
@@ -59,7 +59,8 @@ def register_domain(name: str) -> Callable[[D], D]:
         ep = _ENTRY_POINTS.get(name)
         if ep is not None and ep.value.replace(":", ".") != _origin_of(cls).replace(":", "."):
             raise ValueError(f"domain {name!r} registered twice: by entry point {ep.value} and by {_origin_of(cls)}")
-        _claim(name, _origin_of(cls))
+        if ep is None:  # the entry point naming this very class keeps its origin
+            _claim(name, _origin_of(cls))
         cls.name = name
         _DOMAINS[name] = cls
         return cls
@@ -68,12 +69,11 @@ def register_domain(name: str) -> Callable[[D], D]:
 
 
 def _discover() -> None:
-    """Import the built-in plugins and index third-party entry points (once)."""
+    """Index the ``mbn.domains`` entry points, built-ins (``mbn_domains``) and third parties alike (once)."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    importlib.import_module("domains")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         origin = f"entry point {ep.value}" + (f" ({dist.name})" if dist is not None else "")

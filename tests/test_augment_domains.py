@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from mbn_domains.autoaug import AUTOAUGMENT_POLICIES, OPS
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
 
 import mbn
-from domains.autoaug import AUTOAUGMENT_POLICIES, OPS
 from mbn.domain import DomainContext
 
 AUGMENT_DOMAINS = ["clean", "gaussian_noise", "autoaugment", "randaugment", "trivialaugment"]

@@ -24,8 +24,10 @@ from mbn.config import RecipeError, load_recipe
 from mbn.errors import STOP_SIGNALS, DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError, one_line
 from mbn.fileio import WriteError
 from mbn.rundir import RunDirError, RunLock
+from mbn.shipped import recipe_purpose, recipes_dir, resolve_recipe, shipped_recipes
 
 EPILOG = """examples:
+  mbn-train quickstart                                    # a shipped recipe, by name, from any directory
   mbn-train recipes/advprop.yaml domains.adv.steps=5 domains.adv.eps=4
   mbn-train recipes/quickstart.yaml trainer.out_dir=runs/demo
   mbn-train --resume runs/demo trainer.epochs=10
@@ -41,10 +43,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("recipe", nargs="?", help="recipe YAML file (omit with --resume)")
+    parser.add_argument(
+        "recipe",
+        nargs="?",
+        help="recipe YAML file or a shipped recipe's name (--list-recipes); omit with --resume",
+    )
     parser.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. trainer.epochs=5")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    parser.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     args = parser.parse_args(argv)
+    if args.list_recipes:
+        return args
     if args.resume and args.recipe:
         # With --resume the first positional is an override, not a recipe.
         args.overrides.insert(0, args.recipe)
@@ -77,7 +86,10 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
             raise RecipeError(f"key 'trainer.out_dir': cannot be set with --resume (the run directory is {run_dir})")
         cfg.trainer.out_dir = str(run_dir)
         return cfg, run_dir, True
-    cfg = load_recipe(args.recipe, args.overrides)
+    recipe = resolve_recipe(args.recipe)
+    if not recipe.exists() and not recipe.suffix and len(recipe.parts) == 1:
+        raise RecipeError(f"{args.recipe}: no such recipe file or shipped recipe (mbn-train --list-recipes lists them)")
+    cfg = load_recipe(recipe, args.overrides)
     main = distributed.init_from_env(str(cfg.trainer.device)).is_main
     if cfg.trainer.out_dir is None:  # rank 0 claims it; the other ranks take rank 0's choice
         stem = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -102,6 +114,8 @@ def claim_run_dir(stem: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status: 2 bad input, 1 failure, 128 + signal number when stopped by one."""
     args = parse_args(argv)
+    if args.list_recipes:
+        return list_recipes()
     started: list[Any] = []  # the trainer, once built
     with _signals_raise():
         try:
@@ -174,6 +188,16 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
         f"mbn-train: done, {metrics['steps']} steps, test accuracy (main BN) {acc:.4f}; "
         f"metrics in {run_dir}/metrics.json"
     )
+    return 0
+
+
+def list_recipes() -> int:
+    """Print every shipped recipe's name and purpose (``mbn-train --list-recipes``)."""
+    recipes = shipped_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_purpose(path)}")
+    print(f"\n(in {recipes_dir()}; run one from anywhere with: mbn-train NAME [key=value ...])")
     return 0
 
 

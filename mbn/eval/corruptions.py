@@ -54,6 +54,7 @@ from skimage.filters import gaussian
 from skimage.util import random_noise
 from tqdm.auto import tqdm
 
+from mbn.extras import require
 from mbn.fileio import atomic_write
 
 __all__ = [
@@ -355,11 +356,9 @@ def _plasma_fractal(n: int, mapsize: int, decay: float, rng: np.random.Generator
 
 def _frost_dir() -> Path:
     # find_spec locates the package without importing it (its import pulls in the deprecated pkg_resources)
+    require("imagecorruptions", "the frost corruption (its textures)")
     spec = importlib.util.find_spec("imagecorruptions")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "frost needs the frost textures of the 'imagecorruptions' package: pip install imagecorruptions"
-        )
+    assert spec is not None and spec.submodule_search_locations
     return Path(next(iter(spec.submodule_search_locations))) / "frost"
 
 

@@ -39,6 +39,7 @@ from mbn.data import ArraySplit, EvalLoader, default_cache_dir
 from mbn.eval.accuracy import accuracy
 from mbn.eval.corruptions import CORRUPTIONS, SEVERITIES, images_fingerprint, load_or_generate
 from mbn.eval.metrics import mce, mean_corruption_accuracy, per_corruption_ce, per_corruption_mean
+from mbn.extras import require
 from mbn.routing import eval_mode, use_source
 
 __all__ = [
@@ -261,6 +262,7 @@ def autoattack_accuracy(
     """
     if num_classes < 4:
         raise ValueError(f"num_classes must be >= 4 for AutoAttack (its DLR loss uses 4 logits), got {num_classes}")
+    require("torchattacks", "AutoAttack (mbn-eval --autoattack)")
     import torchattacks  # heavy; only needed behind --autoattack
 
     routed = RoutedModel(model, source)
