@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mbn.config import DomainSpec, RecipeError
-from mbn.convert import convert_model
+from mbn.convert import convert_model, has_batchnorm, no_batchnorm_message
 from mbn.domain import Domain
 from mbn.heads import attach_heads
 from mbn.models import ModelConfigError, check_model_config, create_model
@@ -51,10 +51,12 @@ def build_model(
     except ModelConfigError as err:
         raise RecipeError(f"key 'model.{err.field}': {err}") from None
     attach_heads(model, dict(heads or {}))
+    if not has_batchnorm(model):
+        raise RecipeError(f"key 'model.name': {cfg.model.name}: {no_batchnorm_message(model)}")
     try:
         return convert_model(model, sources, share_affine=cfg.model.share_affine, share_stats=cfg.model.share_stats)
-    except ValueError as err:
-        raise RecipeError(f"key 'model.name': {cfg.model.name}: {err}") from None
+    except ValueError as err:  # the sources are the domains' bn values
+        raise RecipeError(f"key 'domains': BN sources {list(sources)}: {err}") from None
 
 
 def build_domains(specs: Sequence[DomainSpec]) -> dict[str, Domain]:

@@ -295,6 +295,8 @@ def validate_recipe(cfg: DictConfig) -> None:
         values = OmegaConf.select(cfg, key)
         if values is not None and (len(values) != count or not all(float(v) >= low for v in values)):
             raise RecipeError(f"key '{key}': expected {count} per-channel values in 0-1 units, got {list(values)}")
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise RecipeError("keys 'data.mean' and 'data.std': set both (the input normalisation) or neither")
     if cfg.data.std is not None and min(float(v) for v in cfg.data.std) == 0:
         raise RecipeError(f"key 'data.std': expected positive values, got {list(cfg.data.std)}")
     domain_specs(cfg)

@@ -51,12 +51,22 @@ def convert_model(
     names = validate_source_names(sources)
     if multi_source_norms(model):
         raise ValueError("model is already converted (it has MultiSourceBatchNorm layers); export it first")
-    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
-        raise ValueError(
-            f"{type(model).__name__} has no BatchNorm layer to give one BN per source (LayerNorm/GroupNorm "
-            "networks such as ConvNeXt or ViT cannot be trained with N BNs); choose a BatchNorm network"
-        )
+    if not has_batchnorm(model):
+        raise ValueError(no_batchnorm_message(model))
     return _convert(model, names, share_affine, share_stats)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer to convert."""
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def no_batchnorm_message(model: nn.Module) -> str:
+    """Why a model without BatchNorm cannot be converted, in one line."""
+    return (
+        f"{type(model).__name__} has no BatchNorm layer to give one BN per source (LayerNorm/GroupNorm "
+        "networks such as ConvNeXt or ViT cannot be trained with N BNs); choose a BatchNorm network"
+    )
 
 
 def _convert(model: nn.Module, names: tuple[str, ...], share_affine: bool, share_stats: bool) -> nn.Module:

@@ -12,12 +12,14 @@ them into float images in [0, 1] on the training device, where the domains run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import signal
 import stat
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,9 +470,11 @@ def worker_init_fn(worker_id: int) -> None:
     """
     # A scheduler's SIGTERM/SIGHUP (or Ctrl-C's SIGINT) reaches the whole process group: the main process saves
     # a checkpoint and then shuts the workers down, so they must not die first (the main process would fail).
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    stops = {getattr(signal, name) for name in _STOP_NAMES if hasattr(signal, name)}
+    for sig in stops:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # forked with them blocked (closing_workers): pending ones are dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -563,13 +567,35 @@ class TrainLoader(ResumableBatches):
         yield from closing_workers(loader)
 
 
+_STOP_NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold stop signals while DataLoader workers are forked (delivered to this process when the block ends).
+
+    A scheduler's SIGTERM to the process group could otherwise reach a worker between its fork and
+    :func:`worker_init_fn`, kill it, and fail the run instead of saving it.
+    """
+    stops = {getattr(signal, n) for n in _STOP_NAMES if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def closing_workers(loader: DataLoader) -> Iterator[Batch]:
     """Iterate ``loader`` and shut its workers down however the iteration ends.
 
     Workers ignore stop signals (:func:`worker_init_fn`), so a worker left running by an error or an abandoned
     epoch would block the interpreter's exit, which joins its children.
     """
-    iterator = iter(loader)
+    with _stop_signals_blocked():  # forked workers start with them blocked, until they ignore them
+        iterator = iter(loader)
     try:
         yield from iterator
     finally:

@@ -11,7 +11,9 @@ Rank 0 alone writes the run directory; every rank trains on its own shard of the
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,3 +156,32 @@ def broadcast_buffers(module: nn.Module) -> None:
         dist.broadcast(flat, src=0)
         for tensor, value in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
             tensor.copy_(value)
+
+
+def add_mean_over_ranks(grads: dict[Tensor, Tensor]) -> None:
+    """Add each ``{parameter: gradient}`` entry, averaged over the ranks, to the parameter's ``.grad``.
+
+    For gradients computed outside DistributedDataParallel's backward (Fast AdvProp's reused attack gradients): one
+    flat all-reduce. Every rank holds the same parameters in the same order (the same domains ran on every rank).
+    """
+    ctx = current()
+    params = list(grads)
+    values = [grads[p] for p in params]
+    if ctx.enabled and values:
+        flat = _flatten_dense_tensors(values)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= ctx.world_size
+        values = list(_unflatten_dense_tensors(flat, values))
+    for p, g in zip(params, values, strict=True):
+        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (a data set download, a decoded-image cache), the other ranks after it."""
+    ctx = current()
+    if ctx.enabled and not ctx.is_main:
+        barrier()
+    yield
+    if ctx.enabled and ctx.is_main:
+        barrier()

@@ -146,15 +146,19 @@ class Trainer:
         self.sources = plan.sources
         self.domains, self.objectives, self.heads = plan.domains, plan.objectives, plan.heads
         torch.manual_seed(cfg.trainer.seed)  # model initialisation
-        self.data = build_data(
-            cfg.data,
-            seed=cfg.trainer.seed,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        with distributed.main_first():  # a download or a decoded-image cache is written once, by rank 0
+            self.data = build_data(
+                cfg.data,
+                seed=cfg.trainer.seed,
+                device=self.device,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
         expected = weights_normalisation(cfg.model)  # pretrained weights expect their own input statistics
-        if expected is not None and cfg.data.mean is None and cfg.data.std is None:
+        saved = resume_ckpt.get("data") if resume_ckpt is not None else None
+        if expected is not None and isinstance(saved, dict) and "mean" in saved and "std" in saved:
+            expected = (tuple(saved["mean"]), tuple(saved["std"]))  # a resume keeps what the run was trained with
+        if expected is not None and cfg.data.mean is None:
             self.data.stats = replace(self.data.stats, mean=expected[0], std=expected[1])  # and the checkpoint
         self.model = build_model(
             cfg, self.data.num_classes, self.data.mean, self.data.std, self.sources, heads=self.heads
@@ -215,6 +219,7 @@ class Trainer:
         self.clock = TrainClock(self.device, self.dist.world_size)  # images of every rank
         self._wall_at_save = 0.0
         self._checked_domains: set[str] = set()
+        self._reused: dict[Tensor, Tensor] = {}
         self.last_window: dict[str, float] = {}
         self._wall_before = 0.0  # wall time of earlier sessions of a resumed run
         if getattr(self, "progress_note", None):
@@ -272,6 +277,7 @@ class Trainer:
             if self.ddp is not None:
                 distributed.broadcast_buffers(self.model)  # every rank attacks with rank 0's BN statistics
             self._counts = {SHARED: 0.0}  # weighted samples per parameter owner (grad_normalization=sample_mean)
+            self._reused = {}  # attack gradients kept for the update (under DDP; see _reuse_attack_gradient)
             images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
             outputs = self.generate(images, labels)  # domain -> (x, y)
             losses, accs = self._forward_losses_or_blame(outputs)  # domain -> scalar tensors, on the device
@@ -361,6 +367,12 @@ class Trainer:
         if len(self.sources) == 1:  # nothing to route
             per_bn = {bn: self._forward(x, heads) for bn, x in chunks.items()}
         elif (self.cfg.trainer.split_batch or self.ddp is not None) and len(chunks) > 1:
+            shapes = {bn: tuple(x.shape[1:]) for bn, x in chunks.items()}
+            if self.ddp is not None and len(set(shapes.values())) > 1:
+                raise DomainError(
+                    f"under torchrun the batches of every BN go through one forward, so they need one image size; "
+                    f"got {shapes}"
+                )
             sizes = {bn: x.shape[0] for bn, x in chunks.items()}
             with split_sources(self.model, sizes):
                 joined = self._forward(torch.cat(list(chunks.values())), heads)  # head -> (sum of sizes, K)
@@ -408,6 +420,8 @@ class Trainer:
         for term in terms[1:]:
             total = total + term
         self.scaler.scale(total).backward()
+        if self._reused:
+            distributed.add_mean_over_ranks(self._reused)
         if self.normalizer is not None:
             self.normalizer.divide(self._counts)
         if self.cfg.optim.grad_clip:
@@ -613,8 +627,15 @@ class Trainer:
         scaled = loss * (weight * n if self.normalizer is not None else weight)
         params = self._trainable
         grads = torch.autograd.grad(self.scaler.scale(scaled), [images, *params], allow_unused=True)
+        # under DDP they are kept aside and averaged over the ranks after the backward (a parameter the training
+        # forward does not reach would otherwise keep its rank's own gradient)
+        into = self._reused if self.ddp is not None else None
         for p, g in zip(params, grads[1:], strict=True):
-            if g is not None:
+            if g is None:
+                continue
+            if into is not None:
+                into[p] = g if p not in into else into[p].add_(g)
+            else:
                 p.grad = g if p.grad is None else p.grad.add_(g)
         if self.normalizer is not None:
             self._counts[SHARED] += weight * n
@@ -720,8 +741,12 @@ class Trainer:
 
         def request_stop(signum: int, frame: object) -> None:
             self._signal_received = signum
-            if not self.dist.enabled:  # under torchrun the ranks agree after the step (_agree_stop)
-                self._stop_signal = signum
+            if self.dist.enabled:
+                # under torchrun the ranks agree after the step (_agree_stop); the same preemption reaches a rank
+                # twice (SLURM signals every process, the torchrun agent forwards it again): repeats are not an
+                # abort, the agent's own kill after its shutdown timeout is
+                return
+            self._stop_signal = signum
             for sig, handler in previous.items():  # a second signal acts as it would without mbn
                 signal.signal(sig, handler)
 

@@ -241,9 +241,15 @@ def _timm_weights_cached(name: str) -> bool:
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """One quick connection attempt (False under ``HF_HUB_OFFLINE=1``): offline machines fail fast, not retry."""
+    """Whether a download can be tried: False under ``HF_HUB_OFFLINE=1`` or when one quick direct connection fails.
+
+    Behind a proxy (``HTTPS_PROXY``) or with a mirror (``HF_ENDPOINT``) a direct connection proves nothing, so the
+    download is tried (and a failure reported in one line all the same).
+    """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")):
+        return True
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mbn.config import DOMAIN_RESERVED_KEYS, DomainSpec, RecipeError
+from mbn.config import DOMAIN_RESERVED_KEYS, DomainSpec, RecipeCfg, RecipeError
 
 #: Exact keys, or prefixes ending in ``.``, that a resume may change.
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -86,6 +86,17 @@ def with_domain_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_schema_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """``recipe`` on top of the schema's defaults, so keys newer than a stored recipe read as their defaults."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RecipeCfg), OmegaConf.create(dict(recipe)))
+        full = OmegaConf.to_container(merged, resolve=True)
+    except Exception:  # a recipe the schema no longer accepts: compared as stored, so the change is named
+        return dict(recipe)
+    assert isinstance(full, dict)
+    return {str(k): v for k, v in full.items()}
+
+
 def check_resume_config(trained: Mapping[str, Any], cfg: DictConfig) -> list[str]:
     """Refuse a resume whose recipe changes what was trained; returns the (allowed) keys that changed.
 
@@ -98,6 +109,7 @@ def check_resume_config(trained: Mapping[str, Any], cfg: DictConfig) -> list[str
     """
     now = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(now, dict)
+    trained = with_schema_defaults(trained)  # a key added to mbn after the run started keeps its default
     changes = changed_keys(with_domain_defaults(trained), with_domain_defaults({str(k): v for k, v in now.items()}))
     refused = [(k, a, b) for k, a, b in changes if not resumable(k)]
     if list(trained.get("domains") or {}) != list(now.get("domains") or {}):  # order sets the BN sources

@@ -168,7 +168,10 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
         while not (run / "checkpoints" / "last.pt").exists() or not (rec / "rank1.pid").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "training did not reach its first checkpoint"
             time.sleep(0.2)
-        os.kill(int((rec / "rank1.pid").read_text()), signal.SIGTERM)  # rank 1 alone
+        rank1 = int((rec / "rank1.pid").read_text())
+        os.kill(rank1, signal.SIGTERM)  # rank 1 alone ...
+        time.sleep(0.05)
+        os.kill(rank1, signal.SIGTERM)  # ... twice, as a SLURM preemption reaching it directly and through torchrun
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -181,14 +184,25 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == step + 2
 
 
-def test_gradient_reuse_is_averaged_over_ranks(tmp_path):
-    """Fast AdvProp adds the attack's gradients before the DDP backward: they must be all-reduced too."""
+# An attacked domain that, after half of training, only feeds another domain: its BN's parameters get reused attack
+# gradients but no gradient from the training forward (DDP leaves such parameters alone).
+ATTACK_ONLY_BN = ["domains.adv.type=pgd", "domains.adv.bn=aux", "domains.adv.reuse_grad=0.5", "domains.adv.eps=1",
+                  "domains.adv.steps=1", "domains.adv.step_size=1", "domains.adv.targeted=false", "domains.adv.end=0.5",
+                  "domains.rot.type=rotation", "domains.rot.input=adv", "domains.rot.bn=clean"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra"), [("fast_advprop", []), ("vanilla", ATTACK_ONLY_BN)], ids=["fast_advprop", "attack-only-bn"]
+)
+def test_gradient_reuse_is_averaged_over_ranks(tmp_path, recipe, extra):
+    """Fast AdvProp's reused attack gradients are averaged over the ranks, also where no training forward reaches."""
     run = tmp_path / "run"
     proc = torchrun(
-        str(REPO / "recipes" / "fast_advprop.yaml"),
+        str(REPO / "recipes" / f"{recipe}.yaml"),
         *SETTINGS,
         f"trainer.out_dir={run}",
-        "trainer.max_steps=3",
+        "trainer.max_steps=6",
+        *extra,
         record=tmp_path / "rec",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -90,3 +90,16 @@ def test_a_network_without_batchnorm_is_refused_in_one_line(tmp_path, capsys, na
     assert len(err.splitlines()) == 1, err
     assert f"key 'model.name': {name}:" in err and "has no BatchNorm layer" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["data.mean=[0.5,0.5,0.5]"], "keys 'data.mean' and 'data.std': set both"),
+        (["domains.adv.bn=keys"], "key 'domains': BN sources ['clean', 'keys']: invalid source name 'keys'"),
+    ],
+)
+def test_normalisation_and_source_errors_name_their_keys(tmp_path, capsys, extra, message):
+    assert run(tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

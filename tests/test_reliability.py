@@ -746,3 +746,16 @@ def test_hard_linked_lock_file_is_refused(tmp_path, capsys):
     assert train(VANILLA, run, "trainer.max_steps=1") == 2
     assert "lock file is not a plain file" in one_line_error(capsys)
     assert victim.read_text() == "precious"
+
+
+def test_resume_of_a_run_saved_before_newer_recipe_keys(tmp_path):
+    """A key mbn gained after a run started reads as its default on resume, not as a change."""
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.max_steps=2") == 0
+    path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for section, key in (("data", "preload"), ("data", "augment"), ("data", "mean"), ("trainer", "sync_bn")):
+        del ckpt["config"][section][key]
+    torch.save(ckpt, path)
+    assert train_main(["--resume", str(run), "trainer.max_steps=3"]) == 0
+    assert load_checkpoint(path)["state"]["step"] == 3
