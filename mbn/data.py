@@ -283,9 +283,21 @@ def load_image_folder(
     Raises:
         RecipeError: missing folders, no images, or test classes absent from train.
     """
+    root = Path(root)
+    classes = folder_classes(root)  # before decoding anything
+    train = load_image_folder_split(root, "train", classes, image_size, train_limit, cache_dir)
+    test = load_image_folder_split(root, "test", classes, image_size, test_limit, cache_dir)
+    return train, test, classes
+
+
+def folder_classes(root: Path) -> list[str]:
+    """The class names of ``<root>/train`` (sorted folder names); ``<root>/test`` may hold only some of them.
+
+    Raises:
+        RecipeError: a missing ``train``/``test`` folder, or test classes absent from train.
+    """
     from torchvision.datasets.folder import find_classes
 
-    root = Path(root)
     for split in ("train", "test"):
         _require_folder(root, split)
     try:
@@ -293,10 +305,8 @@ def load_image_folder(
         test_classes, _ = find_classes(str(root / "test"))
     except FileNotFoundError as err:
         raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {err}") from None
-    _check_classes(root, "test", test_classes, classes)  # before decoding anything
-    train = load_image_folder_split(root, "train", classes, image_size, train_limit, cache_dir)
-    test = load_image_folder_split(root, "test", classes, image_size, test_limit, cache_dir)
-    return train, test, classes
+    _check_classes(root, "test", test_classes, classes)
+    return list(classes)
 
 
 def _folder_layout(root: Path) -> str:
@@ -966,19 +976,10 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     The normalisation is ``data.mean`` / ``data.std``, else ImageNet's (a streamed set is never decoded as a whole
     to measure its own).
     """
-    from torchvision.datasets.folder import find_classes
-
     from mbn.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamEvalLoader, StreamingImageFolder
 
     root = Path(cfg.root)
-    for split in ("train", "test"):
-        _require_folder(root, split)
-    try:
-        classes, _ = find_classes(str(root / "train"))
-        test_classes, _ = find_classes(str(root / "test"))
-    except FileNotFoundError as err:
-        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {err}") from None
-    _check_classes(root, "test", test_classes, classes)
+    classes = folder_classes(root)
     train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)
     test = folder_samples(root, "test", classes, cfg.test_limit, check_files=False)
     if len(train) < cfg.batch_size * world_size:
