@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import random
 import signal
@@ -125,10 +126,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mbn"
 
 
+def decode_image_file(path: str, data: Any = None) -> torch.Tensor:
+    """One image file (or its bytes, ``data``) as uint8 RGB (3, H, W); a :class:`RecipeError` names a bad file."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    data = _read_image_file(path) if data is None else data
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        return _decode_with_pil(path, err)
+
+
+def resize_centre_crop(image: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
+    """Shorter side to ``size / crop_fraction`` (antialiased), then the central ``size`` x ``size`` crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    resize = math.floor(size / crop_fraction) if crop_fraction < 1.0 else size
+    if min(image.shape[-2:]) != resize:
+        image = TF.resize(image, resize, antialias=True)
+    if image.shape[-2:] != (size, size):
+        image = TF.center_crop(image, [size, size])
+    return image
+
+
 def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
     """Decode image files to uint8 (N, S, S, 3); other sizes get a shorter-side resize and a centre crop."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     for lo in range(0, len(paths), _DECODE_CHUNK):
@@ -139,16 +162,9 @@ def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
                 raise ValueError("not all JPEG")
             images = decode_jpeg(datas, mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError):
-            images = []
-            for path, data in zip(chunk, datas, strict=True):
-                try:
-                    images.append(decode_image(data, mode=ImageReadMode.RGB))
-                except RuntimeError as err:
-                    images.append(_decode_with_pil(path, err))
+            images = [decode_image_file(path, data) for path, data in zip(chunk, datas, strict=True)]
         for i, img in enumerate(images):
-            if img.shape[-2:] != (image_size, image_size):
-                img = TF.center_crop(TF.resize(img, image_size, antialias=True), [image_size, image_size])
-            out[lo + i] = img.permute(1, 2, 0).numpy()
+            out[lo + i] = resize_centre_crop(img, image_size).permute(1, 2, 0).numpy()
     return out
 
 
@@ -926,12 +942,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
     _check_not_streamed(cfg)
     train, test, stats = load_arrays(cfg)
     stats = _override_normalisation(cfg, stats)
-    if len(train) < cfg.batch_size * world_size:
-        per = f" x {world_size} processes" if world_size > 1 else ""
-        raise RecipeError(
-            f"key 'data.batch_size': {cfg.batch_size}{per} exceeds the {len(train)} training images "
-            "(batches drop the last)"
-        )
+    _check_batch_size(cfg, len(train), world_size)
     shard = {"rank": rank, "world_size": world_size}
     if cfg.on_device:
         train_loader: ResumableBatches = DeviceTrainLoader(
@@ -952,6 +963,16 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
         train_split=train,
         test_split=test,
     )
+
+
+def _check_batch_size(cfg: Any, num_train: int, world_size: int) -> None:
+    """One step takes ``batch_size`` images per process; the training set must hold at least that many."""
+    if num_train < cfg.batch_size * world_size:
+        per = f" x {world_size} processes" if world_size > 1 else ""
+        raise RecipeError(
+            f"key 'data.batch_size': {cfg.batch_size}{per} exceeds the {num_train} training images "
+            "(batches drop the last)"
+        )
 
 
 def _check_not_streamed(cfg: Any) -> None:
@@ -982,11 +1003,7 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     classes = folder_classes(root)
     train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)
     test = folder_samples(root, "test", classes, cfg.test_limit, check_files=False)
-    if len(train) < cfg.batch_size * world_size:
-        raise RecipeError(
-            f"key 'data.batch_size': {cfg.batch_size} x {world_size} processes exceeds the {len(train)} training "
-            "images (batches drop the last)"
-        )
+    _check_batch_size(cfg, len(train), world_size)
     common = {"augment": cfg.augment, "seed": seed, "crop_fraction": cfg.crop_fraction,
               "crop_padding": cfg.crop_padding, "hflip": cfg.hflip, "min_image_side": cfg.min_image_side}  # fmt: skip
     pin = device.type == "cuda"

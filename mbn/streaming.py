@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mbn.config import RecipeError
+from mbn.data import closing_workers, collate_batch, decode_image_file, resize_centre_crop, sample_seeds, worker_init_fn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,19 +38,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 #: ImageNet statistics in [0, 1] units: the normalisation a streamed set uses unless data.mean/std say otherwise.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def decode_image_file(path: str) -> torch.Tensor:
-    """One image file as uint8 RGB (3, H, W); a :class:`RecipeError` names the file it cannot read or decode."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    from mbn.data import _decode_with_pil, _read_image_file
-
-    data = _read_image_file(path)
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        return _decode_with_pil(path, err)
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -71,18 +59,6 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator) -
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-def resize_centre_crop(image: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
-    """Shorter side to ``size / crop_fraction`` (antialiased), then the central ``size`` x ``size`` crop."""
-    from torchvision.transforms.v2 import functional as TF
-
-    resize = math.floor(size / crop_fraction) if crop_fraction < 1.0 else size
-    if min(image.shape[-2:]) != resize:
-        image = TF.resize(image, resize, antialias=True)
-    if image.shape[-2:] != (size, size):
-        image = TF.center_crop(image, [size, size])
-    return image
 
 
 class StreamingImageFolder(Dataset):
@@ -141,8 +117,6 @@ class StreamingImageFolder(Dataset):
             )
         if not self.train:
             return resize_centre_crop(image, self.image_size, self.crop_fraction if self.augment == "imagenet" else 1.0)
-        from mbn.data import sample_seeds
-
         rng = np.random.default_rng(int(sample_seeds(self.seed, epoch or 0, [index])[0]))
         if self.augment == "imagenet":
             from torchvision.transforms.v2 import functional as TF
@@ -177,8 +151,6 @@ class StreamEvalLoader:
         return -(-len(self.dataset) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        from mbn.data import closing_workers, collate_batch, worker_init_fn
-
         n = len(self.dataset)
         batches = [list(range(lo, min(lo + self.batch_size, n))) for lo in range(0, n, self.batch_size)]
         loader = DataLoader(
