@@ -49,7 +49,7 @@ def stepper(trainer: Trainer):
         sync(trainer.device)
         tic = time.perf_counter()
         while trainer.state.step < trainer.cfg.trainer.max_steps:
-            if trainer.state.batch >= trainer.steps_per_epoch:
+            if trainer.epoch_done:
                 trainer.state.epoch, trainer.state.batch = trainer.state.epoch + 1, 0
             trainer.train_one_epoch(trainer.state.epoch)
         sync(trainer.device)

@@ -89,7 +89,7 @@ def engine_loop(trainer: Trainer):
         trainer.cfg.trainer.max_steps = trainer.state.step + n
         tic = time.perf_counter()
         while trainer.state.step < trainer.cfg.trainer.max_steps:
-            if trainer.state.batch >= trainer.steps_per_epoch:
+            if trainer.epoch_done:
                 trainer.state.epoch, trainer.state.batch = trainer.state.epoch + 1, 0
             trainer.train_one_epoch(trainer.state.epoch)
         return time.perf_counter() - tic

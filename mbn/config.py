@@ -80,6 +80,10 @@ class OptimCfg:
     # domain_mean: the loss is sum(weight * mean loss of each domain). sample_mean (Fast AdvProp): every
     # parameter's gradient is the weighted mean over the samples that reached it (see docs/recipes.md)
     grad_normalization: str = "domain_mean"
+    grad_accum_steps: int = 1  # optimiser step every k batches: k x data.batch_size images per step (BN sees each)
+    # false: no weight decay on 1-d parameters (BN weights and biases) and biases (timm's param_groups_weight_decay);
+    # true: decay every parameter, as mbn did before 0.3 (runs saved without this key keep that on resume)
+    decay_norm_and_bias: bool = False
 
 
 @dataclass
@@ -129,6 +133,14 @@ class EvalCfg:
 
 
 @dataclass
+class EmaCfg:
+    """Exponential moving average of the weights (and BN statistics), evaluated beside the trained weights."""
+
+    decay: float = 0.0  # ema = decay * ema + (1 - decay) * weights after every optimiser step; 0: off
+    warmup: bool = False  # timm's warm-up: the decay grows as 1 - (1 + step) ** -2/3 up to `decay`
+
+
+@dataclass
 class LoggingCfg:
     """TensorBoard output."""
 
@@ -149,6 +161,7 @@ class RecipeCfg:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
     logging: LoggingCfg = field(default_factory=LoggingCfg)
 
 
@@ -165,6 +178,21 @@ class DomainSpec:
     end: float = 1.0  # fraction of training after which it stops
     params: dict[str, Any] = field(default_factory=dict)
     fraction: float = 1.0  # share of its input batch the domain gets (a seeded choice per step)
+
+
+#: Keys whose default changed after runs were saved with them absent: a saved run's recipe without the key reads
+#: this value, so it resumes (and is compared) as it was trained. New recipes get the schema default.
+LEGACY_VALUES: dict[str, Any] = {"optim.decay_norm_and_bias": True}
+
+
+def with_legacy_values(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved run's ``recipe`` (nested dicts) with :data:`LEGACY_VALUES` filled in where absent."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in recipe.items()}
+    for dotted, value in LEGACY_VALUES.items():
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
+    return out
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -199,8 +227,10 @@ def _friendly(err: Exception) -> str:
     return f"key '{key}': {msg}" if key else msg
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, saved_run: bool = False) -> DictConfig:
     """Merge schema defaults, the recipe (and its bases) and ``key=value`` overrides, then validate.
+
+    ``saved_run``: ``path`` is a run's ``config.yaml``; keys it lacks read as :data:`LEGACY_VALUES`.
 
     Raises:
         RecipeError: missing file, unknown key, wrong type or bad value; the message names it.
@@ -208,7 +238,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     schema = OmegaConf.structured(RecipeCfg)
     layers: list[Any] = [schema]
     if path is not None:
-        layers.append(_read_with_bases(Path(path)))
+        recipe = _read_with_bases(Path(path))
+        if saved_run:
+            plain = OmegaConf.to_container(recipe)
+            assert isinstance(plain, dict)
+            recipe = OmegaConf.create(with_legacy_values({str(k): v for k, v in plain.items()}))
+        layers.append(recipe)
     for item in overrides or []:
         if "=" not in item:
             raise RecipeError(f"override {item!r}: expected dotted.key=value")
@@ -264,6 +299,8 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.label_smoothing": {"low": 0, "high": 1, "high_open": True},
     "optim.grad_clip": _POSITIVE,
+    "optim.grad_accum_steps": {"low": 1},
+    "ema.decay": {"low": 0, "high": 1, "high_open": True},
     "schedule.warmup_epochs": _NON_NEGATIVE,
     "schedule.gamma": _POSITIVE,
     "schedule.min_lr": _NON_NEGATIVE,

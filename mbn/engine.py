@@ -11,6 +11,7 @@ depend only on ``(trainer.seed, epoch, index)``, so a resumed run is bit-identic
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import signal
 import sys
@@ -34,6 +35,7 @@ from mbn.convert import convert_sync_batchnorm
 from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
 from mbn.domain_checks import check_domain_output
+from mbn.ema import WeightEma
 from mbn.errors import STOP_SIGNALS, DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
 from mbn.eval.accuracy import accuracy
 from mbn.fileio import atomic_torch_save, atomic_write_text
@@ -67,6 +69,7 @@ class TrainState:
     batch: int = 0  # next batch index inside ``epoch``
     best_acc: float = -1.0
     test_acc: dict[str, float] = field(default_factory=dict)
+    test_acc_ema: dict[str, float] = field(default_factory=dict)  # the weight average's (ema.decay > 0)
     evaluated_step: int = -1  # the step test_acc belongs to
 
     def check(self, steps_per_epoch: int) -> None:
@@ -77,7 +80,9 @@ class TrainState:
                 raise ValueError(f"state.{name} = {value!r} is not a position")
         if self.batch > steps_per_epoch:
             raise ValueError(f"state.batch = {self.batch} is past the {steps_per_epoch} batches of an epoch")
-        if not isinstance(self.test_acc, dict) or not isinstance(self.best_acc, (int, float)):
+        if not isinstance(self.test_acc, dict) or not isinstance(self.test_acc_ema, dict):
+            raise ValueError("state.test_acc / state.test_acc_ema are not accuracies")
+        if not isinstance(self.best_acc, (int, float)):
             raise ValueError("state.test_acc / state.best_acc are not accuracies")
 
 
@@ -188,7 +193,15 @@ class Trainer:
             )
             for s in self.specs
         }
-        self.steps_per_epoch = len(self.data.train)
+        self.accum_steps = int(cfg.optim.grad_accum_steps)
+        self.steps_per_epoch = len(self.data.train) // self.accum_steps  # optimisation steps
+        if self.steps_per_epoch == 0:
+            raise RecipeError(
+                f"key 'optim.grad_accum_steps': {self.accum_steps} batches per optimisation step, but an epoch has "
+                f"{len(self.data.train)}; lower it or data.batch_size"
+            )
+        self.batches_per_epoch = self.steps_per_epoch * self.accum_steps  # a last incomplete group is dropped
+        self._micro = 0  # the micro-batch of the step in progress (gradient accumulation)
         self.data_fingerprint = self.data.fingerprint()
         self.epochs = cfg.trainer.epochs  # trainer.budget_of: the epochs costing what the baseline's would
         if cfg.trainer.budget_of:
@@ -199,7 +212,7 @@ class Trainer:
                 f"trainer.budget_of={cfg.trainer.budget_of}: {self.epochs} epochs cost what {cfg.trainer.epochs} "
                 f"of {cfg.trainer.budget_of} would"
             )
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)  # backbone and every head
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # backbone and every head
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.normalizer = SampleMeanGradients(self.model) if cfg.optim.grad_normalization == "sample_mean" else None
         self.by_name = {s.name: s for s in self.specs}
@@ -228,6 +241,11 @@ class Trainer:
             self._restore(resume_ckpt, self.ckpt_dir / "last.pt")
         elif plan.init_checkpoint is not None:
             self._init_from(plan.init_path, plan.init_checkpoint)
+        self.ema: WeightEma | None = None  # ema.decay: the average starts from the weights training starts from
+        if cfg.ema.decay > 0:
+            self.ema = WeightEma(self.model, cfg.ema.decay, cfg.ema.warmup)
+            if resume_ckpt is not None:
+                self._restore_ema(resume_ckpt, self.ckpt_dir / "last.pt")
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -239,7 +257,7 @@ class Trainer:
             with self._signals_save_checkpoint():
                 while self.state.epoch < self.epochs and not self._done() and not self._stopping:
                     self.train_one_epoch(self.state.epoch)
-                    if self.state.batch >= self.steps_per_epoch:  # the epoch completed
+                    if self.epoch_done:
                         self.state.epoch, self.state.batch = self.state.epoch + 1, 0
                         if self._eval_due():
                             self.evaluate()
@@ -268,30 +286,60 @@ class Trainer:
         self.close()
 
     def train_one_epoch(self, epoch: int) -> None:
-        """Train on ``epoch``'s batches from ``state.batch`` on; returns early at max_steps or Ctrl-C."""
+        """Train on ``epoch``'s batches from ``state.batch`` on; returns early at max_steps or Ctrl-C.
+
+        Each optimisation step takes ``optim.grad_accum_steps`` batches (micro-batches): every one is generated,
+        forwarded (BN statistics per micro-batch) and back-propagated on its own, and the step applies their
+        summed gradients, scaled to the mean over all of them. An epoch's last incomplete group is dropped.
+        """
         self.model.train()
         self.clock.start()
-        for batch in self.data.train.epoch_batches(epoch, self.state.batch):
-            self._seed_step()
+        k = self.accum_steps
+        batches = self.data.train.epoch_batches(epoch, self.state.batch)
+        group: list[Batch] = []
+        for batch in itertools.islice(batches, max(0, self.batches_per_epoch - self.state.batch)):
+            group.append(batch)
+            if len(group) < k:
+                continue
             self.optimizer.zero_grad(set_to_none=True)  # before the domains: an attack may add reused gradients
-            if self.ddp is not None:
-                distributed.broadcast_buffers(self.model)  # every rank attacks with rank 0's BN statistics
             self._counts = {SHARED: 0.0}  # weighted samples per parameter owner (grad_normalization=sample_mean)
             self._reused = {}  # attack gradients kept for the update (under DDP; see _reuse_attack_gradient)
-            images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
-            outputs = self.generate(images, labels)  # domain -> (x, y)
-            losses, accs = self._forward_losses_or_blame(outputs)  # domain -> scalar tensors, on the device
-            sizes = {name: outputs[name][0].shape[0] for name in losses}
-            self.optimize(losses, sizes)
-            finite = torch.stack([torch.isfinite(outputs[name][0]).all() for name in losses])
-            self.meter.add(self.state.step, losses, accs, finite)
-            self.clock.count(sizes)
+            for micro, micro_batch in enumerate(group):
+                last = micro == k - 1
+                with self._no_gradient_sync() if not last else contextlib.nullcontext():
+                    outputs, images = self._micro_step(micro_batch, micro)
+            group = []
+            self.optimizer_step()
             self.state.step += 1
-            self.state.batch += 1
+            self.state.batch += k
             self._after_step(outputs, images)
             self._agree_stop()
             if self._done() or self._stopping:
                 return
+
+    def _micro_step(self, batch: Batch, micro: int) -> tuple[dict[str, Batch], Tensor]:
+        """Generate, forward and back-propagate one (micro-)batch; its gradients add to ``.grad``."""
+        self._seed_step(micro)
+        if self.ddp is not None:
+            distributed.broadcast_buffers(self.model)  # every rank attacks with rank 0's BN statistics
+        images, labels = to_device(batch, self.device, self.cfg.trainer.channels_last)  # (B, C, H, W) in [0, 1]
+        outputs = self.generate(images, labels)  # domain -> (x, y)
+        losses, accs = self._forward_losses_or_blame(outputs)  # domain -> scalar tensors, on the device
+        sizes = {name: outputs[name][0].shape[0] for name in losses}
+        self.backward(losses, sizes)
+        finite = torch.stack([torch.isfinite(outputs[name][0]).all() for name in losses])
+        self.meter.add(self.state.step, losses, accs, finite)
+        self.clock.count(sizes)
+        return outputs, images
+
+    def _no_gradient_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, a micro-batch before the last of a step keeps its gradients local (one all-reduce a step)."""
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+
+    @property
+    def epoch_done(self) -> bool:
+        """Every optimisation step of the current epoch is done."""
+        return self.state.batch >= self.batches_per_epoch
 
     # ----------------------------------------------------------------------------------------- step
     def generate(self, images: Tensor, labels: Tensor) -> dict[str, Batch]:
@@ -299,7 +347,8 @@ class Trainer:
         needed = self._needed_domains()
         outputs: dict[str, Batch] = {}
         shares: dict[str, tuple[Tensor, int]] = {}  # input -> (this step's permutation, images handed out)
-        generator = self._generator.manual_seed(step_seed(self.cfg.trainer.seed, self.state.step, self.dist.rank))
+        draw = self._draw_index(self._micro)
+        generator = self._generator.manual_seed(step_seed(self.cfg.trainer.seed, draw, self.dist.rank))
         for spec in self.specs:
             if spec.name not in needed:
                 continue
@@ -401,10 +450,15 @@ class Trainer:
             return forward_heads(self.forward_model, x, heads)  # type: ignore[arg-type]
 
     def optimize(self, losses: dict[str, Tensor], sizes: dict[str, int] | None = None) -> None:
-        """One optimiser step on ``sum(weight * loss)``, with grad scaling and clipping.
+        """One optimiser step on ``sum(weight * loss)``: :meth:`backward` then :meth:`optimizer_step`."""
+        self.backward(losses, sizes)
+        self.optimizer_step()
+
+    def backward(self, losses: dict[str, Tensor], sizes: dict[str, int] | None = None) -> None:
+        """Add the gradients of ``sum(weight * loss)`` (over ``optim.grad_accum_steps``) to ``.grad``.
 
         Gradients reused from attacks this step are already in ``.grad`` (the step zeroes them first). With
-        ``optim.grad_normalization=sample_mean`` the sum is over samples and each parameter's gradient is then
+        ``optim.grad_normalization=sample_mean`` the sum is over samples and each parameter's gradient is later
         divided by the weighted count of samples that reached it (:mod:`mbn.gradnorm`); ``sizes`` gives each
         domain's batch size.
         """
@@ -412,7 +466,7 @@ class Trainer:
         per_sample = self.normalizer is not None and sizes is not None
         terms = []
         for name, loss in losses.items():
-            weight = weights[name] * (sizes[name] if per_sample and sizes else 1)
+            weight = weights[name] * (sizes[name] if per_sample and sizes else 1.0 / self.accum_steps)
             terms.append(weight * loss)
             if per_sample and sizes:
                 self._count(name, weights[name] * sizes[name])
@@ -420,6 +474,9 @@ class Trainer:
         for term in terms[1:]:
             total = total + term
         self.scaler.scale(total).backward()
+
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradients: DDP's reused-gradient mean, normalisation, clipping, step, EMA."""
         if self._reused:
             distributed.add_mean_over_ranks(self._reused)
         if self.normalizer is not None:
@@ -430,6 +487,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.state.step + 1)
 
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -438,13 +497,18 @@ class Trainer:
         sources = self.sources if self.cfg.trainer.eval_all_bns else self.sources[:1]
         move = lambda b: to_device(b, self.device, self.cfg.trainer.channels_last)  # noqa: E731
         acc: dict[str, float] = {}
+        ema: dict[str, float] = {}
         if self.dist.is_main:  # rank 0 evaluates; every rank keeps its result
             acc = {bn: accuracy(self.model, self.data.test, bn, move, self._autocast) for bn in sources}
-        acc = distributed.broadcast_object(acc)
-        self.state.test_acc, self.state.evaluated_step = acc, self.state.step
+            if self.ema is not None:
+                ema = {bn: accuracy(self.ema.module, self.data.test, bn, move, self._autocast) for bn in sources}
+        acc, ema = distributed.broadcast_object((acc, ema))
+        self.state.test_acc, self.state.test_acc_ema, self.state.evaluated_step = acc, ema, self.state.step
         self.state.best_acc = max(self.state.best_acc, acc[self.sources[0]])
-        self.tb.scalars({f"test_acc/{bn}": a for bn, a in acc.items()}, self.state.step)
-        self.progress.log(f"epoch {self.state.epoch} step {self.state.step}: " + _fmt(acc, "test_acc"))
+        logged = {f"test_acc/{bn}": a for bn, a in acc.items()} | {f"test_acc/{bn}_ema": a for bn, a in ema.items()}
+        self.tb.scalars(logged, self.state.step)
+        line = _fmt(acc, "test_acc") + (" " + _fmt(ema, "test_acc_ema") if ema else "")
+        self.progress.log(f"epoch {self.state.epoch} step {self.state.step}: " + line)
         return acc
 
     # --------------------------------------------------------------------------------- checkpoints
@@ -479,6 +543,8 @@ class Trainer:
             "meter": meter,  # the open logging window: a resumed run logs the same means
             "world_size": self.dist.world_size,
         }
+        if self.ema is not None:
+            ckpt["ema"] = self.ema.state_dict_for_checkpoint()
         atomic_torch_save(ckpt, self.ckpt_dir / "last.pt")
         main = self.state.test_acc.get(self.sources[0])
         if main is not None and main >= self.state.best_acc:
@@ -528,7 +594,7 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.state = TrainState(**ckpt["state"])
-            self.state.check(self.steps_per_epoch)
+            self.state.check(self.batches_per_epoch)
             self.clock.load_state_dict(ckpt.get("clock", {"train_time": ckpt.get("train_time", 0.0)}))
             self._wall_before = self._wall_at_save = float(ckpt.get("wall_time", 0.0))
             self.last_window = {str(k): float(v) for k, v in ckpt.get("last_window", {}).items()}
@@ -537,6 +603,18 @@ class Trainer:
             detail = first_line(err)
             raise CheckpointError(f"{path}: optimiser or training state does not fit this run ({detail})") from None
         self._note_schedule_change(ckpt)
+
+    def _restore_ema(self, ckpt: dict[str, Any], path: Path) -> None:
+        """The weight average a resumed run continues; a run saved without one starts it from its weights."""
+        assert self.ema is not None
+        state = ckpt.get("ema")
+        if state is None:
+            self.progress.log(f"{path} holds no weight average: ema starts from the weights at step {self.state.step}")
+            return
+        try:
+            self.ema.load(state)
+        except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: its 'ema' entry does not fit this model ({first_line(err)})") from None
 
     def _check_same_data(self, saved: Any, path: Path) -> None:
         """A resume trains on the data it started with: same classes, same normalisation statistics."""
@@ -569,9 +647,14 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------- helpers
-    def _seed_step(self) -> None:
+    def _draw_index(self, micro: int = 0) -> int:
+        """Which draw a (micro-)batch's randomness is: the step itself without gradient accumulation."""
+        return self.state.step * self.accum_steps + micro
+
+    def _seed_step(self, micro: int = 0) -> None:
         # Only the generators in use: torch.manual_seed also walks every accelerator backend (~1.5 ms).
-        seed = step_seed(self.cfg.trainer.seed, self.state.step, self.dist.rank)
+        self._micro = micro
+        seed = step_seed(self.cfg.trainer.seed, self._draw_index(micro), self.dist.rank)
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.default_generators[
@@ -624,7 +707,7 @@ class Trainer:
     def _reuse_attack_gradient(self, loss: Tensor, images: Tensor, weight: float, bn: str) -> Tensor:
         """An attack step's ``d loss / d images``; ``weight`` x its parameter gradients join this step's update."""
         n = images.shape[0]
-        scaled = loss * (weight * n if self.normalizer is not None else weight)
+        scaled = loss * (weight * n if self.normalizer is not None else weight / self.accum_steps)
         params = self._trainable
         grads = torch.autograd.grad(self.scaler.scale(scaled), [images, *params], allow_unused=True)
         # under DDP they are kept aside and averaged over the ranks after the backward (a parameter the training
@@ -693,7 +776,7 @@ class Trainer:
         if log.divergence_every and step % log.divergence_every == 0 and len(self.sources) > 1:
             self.tb.divergence(self.model, step)
         every = self.cfg.trainer.checkpoint_every_steps
-        if every and step % every == 0 and self.state.batch < self.steps_per_epoch:
+        if every and step % every == 0 and not self.epoch_done:
             self.save_checkpoint()
 
     def _wall_time(self) -> float:
@@ -722,6 +805,7 @@ class Trainer:
             },
             "test_acc": self.state.test_acc,
             "test_acc_main": self.state.test_acc.get(self.sources[0]),
+            "test_acc_ema": self.state.test_acc_ema if self.ema is not None else None,
             "sources": list(self.sources),
             "heads": {CLASSES: self.data.num_classes, **self.heads},
             "init_from": getattr(self, "init_report", None),

@@ -7,16 +7,31 @@ so a run stopped early and resumed follows exactly the same learning rates.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 
-def build_optimizer(params: Iterable[nn.Parameter], optim: DictConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov by default) or AdamW from the ``optim`` section."""
-    params = list(params)
+def param_groups(model: nn.Module, optim: DictConfig) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: weight decay on every trainable parameter, or not on BN and biases.
+
+    With ``optim.decay_norm_and_bias=false`` (the default) 1-d parameters (every BN's weight and bias, every
+    bias) and any ``*.bias`` get no weight decay, as in timm and the torchvision references
+    (``timm.optim.param_groups_weight_decay``); the first group is the undecayed one.
+    """
+    if optim.decay_norm_and_bias or not optim.weight_decay:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    from timm.optim import param_groups_weight_decay
+
+    groups: list[dict[str, Any]] = param_groups_weight_decay(model, optim.weight_decay)
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, optim: DictConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov by default) or AdamW from the ``optim`` section, over :func:`param_groups`."""
+    params = param_groups(model, optim)
     if optim.name == "sgd":
         return torch.optim.SGD(
             params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=optim.weight_decay

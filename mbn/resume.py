@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mbn.config import DOMAIN_RESERVED_KEYS, DomainSpec, RecipeCfg, RecipeError
+from mbn.config import DOMAIN_RESERVED_KEYS, DomainSpec, RecipeCfg, RecipeError, with_legacy_values
 
 #: Exact keys, or prefixes ending in ``.``, that a resume may change.
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -89,7 +89,8 @@ def with_domain_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
 def with_schema_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """``recipe`` on top of the schema's defaults, so keys newer than a stored recipe read as their defaults."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RecipeCfg), OmegaConf.create(dict(recipe)))
+        stored = with_legacy_values(dict(recipe))  # a key whose default changed reads as the run had it
+        merged = OmegaConf.merge(OmegaConf.structured(RecipeCfg), OmegaConf.create(stored))
         full = OmegaConf.to_container(merged, resolve=True)
     except Exception:  # a recipe the schema no longer accepts: compared as stored, so the change is named
         return dict(recipe)

@@ -58,6 +58,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     opt.add_argument(
+        "--weights",
+        choices=("model", "ema"),
+        default="model",
+        help="the trained weights, or their moving average (ema.decay > 0; report in RUN/ema/ by default)",
+    )
+    opt.add_argument(
         "--batch-size", type=int, metavar="B", help="evaluation batch size (default: data.eval_batch_size)"
     )
     opt.add_argument("--pgd-steps", type=int, metavar="K", help="PGD steps (step size 2.5 * eps / K)")
@@ -115,6 +121,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         severities=args.severities,
         cache_dir=args.cache_dir,
         seed=args.seed,
+        weights=args.weights,
     )
 
 

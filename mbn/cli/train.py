@@ -73,7 +73,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise RecipeError(f"{run_dir}: not a run directory (no config.yaml) to resume")
-        cfg = load_recipe(run_dir / "config.yaml", args.overrides)
+        cfg = load_recipe(run_dir / "config.yaml", args.overrides, saved_run=True)
         main = distributed.init_from_env(str(cfg.trainer.device)).is_main
         if main:
             RunLock(run_dir).acquire().release()  # in use? say so before anything else

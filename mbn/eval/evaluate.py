@@ -20,6 +20,7 @@ from mbn.validators import ValueCheckError, check_int, check_number
 SECTIONS = ("clean", "per_bn", "corruptions", "adversarial", "divergence")
 SCHEMA_KEYS = (
     "checkpoint",
+    "weights",
     "run_dir",
     "limit",
     "num_images",
@@ -52,6 +53,8 @@ class EvalOptions:
         corruption_types, severities, cache_dir: as the ``mbn-eval`` options of the same names.
         seed: seed of PGD random starts, AutoAttack and corruptions.
         progress: show progress bars on a terminal.
+        weights: ``model`` (trained weights) or ``ema`` (their moving average); ``ema`` writes to ``RUN/ema/``
+            by default so the two reports never merge.
     """
 
     sections: set[str] = field(default_factory=lambda: {"clean", "per_bn"})
@@ -71,6 +74,7 @@ class EvalOptions:
     cache_dir: Path | None = None
     seed: int = 0
     progress: bool = True
+    weights: str = "model"
 
 
 def _option(name: str, check: Any, value: Any, **bounds: Any) -> Any:
@@ -123,6 +127,7 @@ def load_previous(path: Path, current: dict[str, Any], checkpoint: Path) -> dict
         print(f"mbn-eval: note: ignoring unreadable {path} ({err})", file=sys.stderr)
         return {}
     same = all(previous.get(k) == current[k] for k in ("checkpoint", "limit", "num_images"))
+    same = same and previous.get("weights", "model") == current.get("weights", "model")
     if not same:
         print(f"mbn-eval: note: {path} was for another checkpoint or image subset; replacing it", file=sys.stderr)
         return {}
@@ -175,7 +180,7 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
 
     check_options(options)
     args, sections = options, options.sections | {"clean"}
-    run = load_run(Path(path), args.device, data_root=args.data_root)
+    run = load_run(Path(path), args.device, data_root=args.data_root, weights=args.weights)
     ecfg = run.cfg.eval
     main = run.sources[0]
     autoattack = "adversarial" in sections and (args.autoattack or bool(ecfg.autoattack))
@@ -210,16 +215,17 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
             )
         reference = (str(ref_path.resolve()), ref_table)
 
-    out_dir = args.out_dir if args.out_dir is not None else run.run_dir
+    out_dir = args.out_dir if args.out_dir is not None else run.run_dir / ("ema" if args.weights == "ema" else "")
     result: dict[str, Any] = {
         "checkpoint": str(run.checkpoint.resolve()),
+        "weights": args.weights,
         "run_dir": str(run.run_dir.resolve()),
         "limit": limit,
         "num_images": len(labels),
         "sources": list(run.sources),
     }
     previous = load_previous(out_dir / "eval.json", result, run.checkpoint)
-    result.update({key: previous.get(key) for key in SCHEMA_KEYS[5:]})
+    result.update({key: previous.get(key) for key in SCHEMA_KEYS[SCHEMA_KEYS.index("clean_acc") :]})
 
     result["clean_acc"] = accuracy(run.model, loader, main, move)
     if "per_bn" in sections:

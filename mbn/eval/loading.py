@@ -30,7 +30,11 @@ class LoadedRun:
 
 
 def load_run(
-    path: Path, device: str = "auto", overrides: list[str] | None = None, data_root: str | Path | None = None
+    path: Path,
+    device: str = "auto",
+    overrides: list[str] | None = None,
+    data_root: str | Path | None = None,
+    weights: str = "model",
 ) -> LoadedRun:
     """Load the model of a run (its ``last.pt``) or of a checkpoint file, with the recipe stored inside.
 
@@ -43,6 +47,7 @@ def load_run(
         overrides: dotlist overrides of the stored recipe, e.g. ``["data.test_limit=500"]``.
         data_root: evaluate on the dataset here instead of the recipe's ``data.root`` (a moved copy,
             or a relative root resolved from another working directory).
+        weights: ``model`` (the trained weights) or ``ema`` (their moving average, runs with ``ema.decay > 0``).
 
     Raises:
         CheckpointError: bad path, unreadable file, or a checkpoint from an incompatible model.
@@ -70,8 +75,10 @@ def load_run(
         raise RecipeError(f"{ckpt_path}: cannot load the run's test data: {err}") from None
     sources = tuple(ckpt["sources"])
     model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources, heads=ckpt.get("heads"))
+    if weights == "ema" and not isinstance(ckpt.get("ema"), dict):
+        raise CheckpointError(f"{ckpt_path}: holds no weight average (trained with ema.decay=0); use --weights model")
     try:
-        load_model_state(model, ckpt["model"], ckpt_path)
+        load_model_state(model, ckpt["ema" if weights == "ema" else "model"], ckpt_path)
     except RuntimeError as err:  # shape mismatches
         raise CheckpointError(
             f"{ckpt_path}: checkpoint does not match the model ({str(err).splitlines()[-1].strip()})"
