@@ -192,7 +192,9 @@ ATTACK_ONLY_BN = ["domains.adv.type=pgd", "domains.adv.bn=aux", "domains.adv.reu
 
 
 @pytest.mark.parametrize(
-    ("recipe", "extra"), [("fast_advprop", []), ("vanilla", ATTACK_ONLY_BN)], ids=["fast_advprop", "attack-only-bn"]
+    ("recipe", "extra"),
+    [("fast_advprop", []), ("vanilla", ATTACK_ONLY_BN), ("fast_advprop", ["optim.grad_accum_steps=2", "ema.decay=0.9"])],
+    ids=["fast_advprop", "attack-only-bn", "accumulation-ema"],
 )
 def test_gradient_reuse_is_averaged_over_ranks(tmp_path, recipe, extra):
     """Fast AdvProp's reused attack gradients are averaged over the ranks, also where no training forward reaches."""
