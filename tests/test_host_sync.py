@@ -40,16 +40,20 @@ def host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     real_seed = Trainer._seed_step
 
-    def seed_step(self):
+    def seed_step(self, micro=0):
         step[0] = self.state.step
-        real_seed(self)
+        real_seed(self, micro)
 
     monkeypatch.setattr(Trainer, "_seed_step", seed_step)
     return reads
 
 
-@pytest.mark.parametrize("recipe", ["vanilla", "advprop", "advprop_ssl"])
-def test_no_host_sync_outside_logging_steps(recipe, tmp_path, host_reads):
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [("vanilla", []), ("advprop", []), ("advprop_ssl", []), ("advprop", ["ema.decay=0.9", "optim.grad_accum_steps=2"])],
+    ids=["vanilla", "advprop", "advprop_ssl", "advprop-ema-accumulation"],
+)
+def test_no_host_sync_outside_logging_steps(recipe, extra, tmp_path, host_reads):
     from mbn.config import load_recipe
 
     steps, log_every = 7, 4
@@ -57,6 +61,7 @@ def test_no_host_sync_outside_logging_steps(recipe, tmp_path, host_reads):
                  "logging.divergence_every=0"]  # fmt: skip
     if recipe != "vanilla":
         overrides.append("domains.adv.steps=2")
+    overrides += [*extra, "data.synthetic_train_size=256"] if extra else []  # 7 steps of 2 batches: one epoch
     cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides)
     Trainer(cfg, tmp_path / "run").fit()
     logging_steps = {s - 1 for s in range(1, steps + 1) if s % log_every == 0 or s == steps}
