@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import DataCfg, RecipeError
 from mbn.data import build_data, load_test_split
@@ -127,6 +128,20 @@ def test_training_streams_an_imagefolder_tree(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 3
     assert not (tmp_path / "cache").exists()  # nothing decoded into a cache
+
+
+def test_a_streamed_run_resumes_bit_identically(tmp_path, monkeypatch):
+    """RandomResizedCrop seeded by (seed, epoch, index) and the worker-decoded order: a resume repeats them exactly."""
+    monkeypatch.setenv("MBN_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_tree(tmp_path / "tree", (40, 36), fmt="jpg")
+    extra = ("data.augment=imagenet", "data.image_size=32")  # 18 images, 4 per batch: 4 steps per epoch
+    assert train_streamed(root, tmp_path / "full", *extra, "trainer.max_steps=6") == 0
+    assert train_streamed(root, tmp_path / "part", *extra, "trainer.max_steps=3") == 0
+    assert train_main(["--resume", str(tmp_path / "part"), "trainer.max_steps=6"]) == 0
+    full, resumed = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    assert resumed["state"]["step"] == 6 and resumed["state"]["epoch"] == 1
+    torch.testing.assert_close(resumed["model"], full["model"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed["optimizer"]["state"], full["optimizer"]["state"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
