@@ -3,7 +3,8 @@
 With ``MBN_TEST_RECORD=DIR`` every rank writes ``DIR/rank<R>.pt``: the sample indices it trained on per epoch,
 the seed of its domains' generator per step, a digest of each step's adversarial batch, and its final model
 state, and ``DIR/rank<R>.pid`` when it starts. ``MBN_TEST_NAN_RANK``/``MBN_TEST_NAN_STEP`` make that rank's
-clean loss NaN at that step.
+clean loss NaN at that step. ``MBN_TEST_BN_FREE=1`` trains :func:`tests.nets.bn_free_classifier` instead of the
+recipe's network.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def recorded_fit(self):
             state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             torch.save({**log, "model": state}, Path(RECORD) / f"rank{RANK}.pt")
 
+
+if os.environ.get("MBN_TEST_BN_FREE"):
+    import mbn.builders
+    from tests.nets import bn_free_classifier
+
+    mbn.builders.create_model = bn_free_classifier  # type: ignore[assignment]
 
 ResumableBatches.batch_indices = recorded_batch_indices
 Trainer.generate = recorded_generate

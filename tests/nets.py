@@ -27,3 +27,26 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body((x - self.mean) / self.std)
+
+
+class BNFreeLinear(nn.Module):
+    """A linear classifier on 3x32x32 images whose BN is never used: batch statistics cannot tell batches apart.
+
+    The unused BN lets it through mbn's N-BatchNorm conversion (a model without any BN is refused).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, num_classes)
+        self.unused = nn.BatchNorm1d(1, affine=False)  # no parameters: DDP finds none unused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def bn_free_classifier(cfg, num_classes, mean, std):  # the signature of mbn.models.create_model
+    """A drop-in for ``mbn.builders.create_model`` building :class:`BNFreeLinear` (seeded: same weights each call)."""
+    from mbn.models import ImageClassifier
+
+    torch.manual_seed(0)
+    return ImageClassifier(BNFreeLinear(num_classes), mean, std)

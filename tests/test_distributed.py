@@ -19,6 +19,7 @@ from mbn.config import RecipeError, load_recipe
 from mbn.convert import convert_sync_batchnorm
 from mbn.norm import MultiSourceBatchNorm
 from mbn.plan import plan_run
+from tests.nets import bn_free_classifier
 from tests.runs import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,11 @@ ATTACK_ONLY_BN = ["domains.adv.type=pgd", "domains.adv.bn=aux", "domains.adv.reu
 
 @pytest.mark.parametrize(
     ("recipe", "extra"),
-    [("fast_advprop", []), ("vanilla", ATTACK_ONLY_BN), ("fast_advprop", ["optim.grad_accum_steps=2", "ema.decay=0.9"])],
+    [
+        ("fast_advprop", []),
+        ("vanilla", ATTACK_ONLY_BN),
+        ("fast_advprop", ["optim.grad_accum_steps=2", "ema.decay=0.9"]),
+    ],
     ids=["fast_advprop", "attack-only-bn", "accumulation-ema"],
 )
 def test_gradient_reuse_is_averaged_over_ranks(tmp_path, recipe, extra):
@@ -212,6 +217,21 @@ def test_gradient_reuse_is_averaged_over_ranks(tmp_path, recipe, extra):
     for key, value in r0["model"].items():
         if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             torch.testing.assert_close(r1["model"][key], value, rtol=0, atol=0)
+
+
+def test_two_ranks_equal_one_process_on_their_combined_batch(tmp_path):
+    """DDP averages the ranks' gradients: on a BN-free model 2 x 8 images per step train as one process's 16."""
+    settings = [*SETTINGS, "trainer.max_steps=3", "optim.weight_decay=0.01"]
+    proc = torchrun(str(REPO / "recipes" / "vanilla.yaml"), *settings, f"trainer.out_dir={tmp_path / 'ddp'}",
+                    env={"MBN_TEST_BN_FREE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mbn.builders.create_model", bn_free_classifier)
+        single = [*settings, "data.batch_size=16", f"trainer.out_dir={tmp_path / 'one'}"]
+        assert train_main([str(REPO / "recipes" / "vanilla.yaml"), *single]) == 0
+    ddp, one = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt")["model"] for r in ("ddp", "one"))
+    assert not torch.equal(ddp["net.fc.weight"], bn_free_classifier(None, 10, [0.5] * 3, [0.5] * 3).net.fc.weight)
+    torch.testing.assert_close(ddp, one, rtol=1e-5, atol=1e-6)
 
 
 def test_sync_bn_gives_every_source_its_own_syncbn():

@@ -16,8 +16,8 @@ from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
 from mbn.ema import WeightEma
 from mbn.engine import Trainer
-from mbn.models import ImageClassifier
 from mbn.optim import param_groups
+from tests.nets import bn_free_classifier
 from tests.runs import TINY, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,25 +129,9 @@ def test_exception_resume_cannot_turn_ema_on(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------- accumulation
-class _BNFree(nn.Module):
-    """A linear classifier; its BN is never used, so batch statistics cannot tell micro-batches apart."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3 * 32 * 32, 10)
-        self.unused = nn.BatchNorm1d(1)  # lets the model through the N-BatchNorm conversion
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
-
-
 @pytest.fixture
 def bn_free_model(monkeypatch):
-    def create(cfg, num_classes, mean, std):
-        torch.manual_seed(0)
-        return ImageClassifier(_BNFree(), mean, std)
-
-    monkeypatch.setattr("mbn.builders.create_model", create)
+    monkeypatch.setattr("mbn.builders.create_model", bn_free_classifier)
 
 
 @pytest.mark.parametrize("normalization", ["domain_mean", "sample_mean"])
