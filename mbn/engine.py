@@ -32,6 +32,7 @@ from mbn.builders import build_model
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, require_entries
 from mbn.config import DomainSpec, RecipeError, save_recipe
 from mbn.convert import convert_sync_batchnorm
+from mbn.csvlog import CsvScalarLog
 from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
 from mbn.domain_checks import check_domain_output
@@ -223,7 +224,10 @@ class Trainer:
         self.state = TrainState()
         main = self.dist.is_main  # the other ranks write nothing and print nothing
         self.tb = TensorBoardLogger(
-            self.run_dir / "tb", cfg.logging.tensorboard and main, cfg.logging.perturbation_gain
+            self.run_dir / "tb",
+            cfg.logging.tensorboard and main,
+            cfg.logging.perturbation_gain,
+            csv=CsvScalarLog(self.run_dir / "scalars.csv", enabled=main),  # every logged scalar, also without TB
         )
         self.progress = Progress(cfg.trainer.progress if main else "none", total=self._planned_steps())
         self._stop_signal: int | None = None  # agreed by every rank (a single process: the signal received)
@@ -253,6 +257,11 @@ class Trainer:
         try:
             if self.dist.is_main:
                 save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
+                if self.tb.csv is not None:
+                    self.tb.csv.truncate_after(self.state.step)  # a resume logs the steps after its checkpoint again
+                divergence = bool(self.cfg.logging.divergence_every) and not self.cfg.model.share_stats
+                self.tb.layout([s.name for s in self.specs], list(self.sources), divergence=divergence)
+                self.tb.recipe(OmegaConf.to_yaml(self.cfg, resolve=True))
             self._wall_start = time.perf_counter()
             with self._signals_save_checkpoint():
                 while self.state.epoch < self.epochs and not self._done() and not self._stopping:

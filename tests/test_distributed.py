@@ -17,6 +17,7 @@ from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import RecipeError, load_recipe
 from mbn.convert import convert_sync_batchnorm
+from mbn.csvlog import read_scalars
 from mbn.norm import MultiSourceBatchNorm
 from mbn.plan import plan_run
 from tests.nets import bn_free_classifier
@@ -67,7 +68,10 @@ def test_one_run_directory_written_once(two_ranks):
     assert metrics["steps"] == 8  # 2 epochs x 64 / (8 x 2)
     assert metrics["images_seen"] == {"clean": 128, "adv": 128}  # both ranks' images
     assert proc.stdout.count("mbn-train: done") == 1  # rank 0 reports; the other rank is silent
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.json", "tb"]
+    names = sorted(p.name for p in run.iterdir())
+    assert names == [".lock", "checkpoints", "config.yaml", "metrics.json", "scalars.csv", "tb"]
+    csv_steps = [step for step, tag, _ in read_scalars(run / "scalars.csv") if tag == "loss/clean"]
+    assert csv_steps == list(range(1, 9))  # written by rank 0 alone
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = list((run / "tb").iterdir())

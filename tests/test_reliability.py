@@ -174,7 +174,7 @@ def test_lock_in_process_refuses_second_trainer(tmp_path, capsys):
     assert train(VANILLA, run, "trainer.max_steps=1") == 0  # released
 
 
-@pytest.mark.parametrize("leftover", ["config.yaml", "tb", "metrics.json"])
+@pytest.mark.parametrize("leftover", ["config.yaml", "tb", "metrics.json", "scalars.csv"])
 def test_half_written_run_directory_is_not_overwritten(leftover, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -187,7 +187,7 @@ def test_half_written_run_directory_is_not_overwritten(leftover, tmp_path, capsy
 def test_stale_temporary_files_are_removed_on_resume(tmp_path):
     run = tmp_path / "run"
     assert train(VANILLA, run, "trainer.max_steps=2") == 0
-    stale = [run / "checkpoints" / ".last.pt.k9x.tmp", run / ".config.yaml.abc.tmp"]
+    stale = [run / "checkpoints" / ".last.pt.k9x.tmp", run / ".config.yaml.abc.tmp", run / ".scalars.csv.q1w.tmp"]
     for path in stale:
         path.write_bytes(b"partial")
     assert train_main(["--resume", str(run), "trainer.max_steps=3"]) == 0

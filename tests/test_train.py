@@ -16,6 +16,7 @@ import mbn
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
+from mbn.tblog import divergence_image_tag, divergence_tag
 from tests.plugin_env import install_plugin
 from tests.runs import TINY, train, weights
 
@@ -52,8 +53,10 @@ def test_feature_tensorboard_has_per_domain_curves(tmp_path):
         assert {f"loss/{domain}", f"acc/{domain}"} <= scalars
         assert f"images/{domain}" in images
     assert {"loss/total", "lr", "throughput/images_per_s", "test_acc/clean"} <= scalars
-    assert "perturbation/adv" in images
-    assert "bn_divergence/adv/mean" in scalars
+    assert "perturbation/adv" in images and "perturbation/clean" not in images  # the clean domain changes nothing
+    assert {divergence_tag("autoaug"), divergence_tag("adv")} <= scalars  # one summary per auxiliary BN
+    assert {divergence_image_tag("autoaug"), divergence_image_tag("adv")} <= images  # its layers in one plot
+    assert not [tag for tag in scalars if "divergence" in tag and tag.split("/")[-1] not in ("autoaug", "adv")]
     assert len(acc.Scalars("loss/adv")) == 4
 
 

@@ -224,3 +224,30 @@ def test_mbn_eval_scores_the_weight_average(tmp_path, capsys):
     assert eval_main([str(plain), "--weights", "ema"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ema.decay" in err[0]
+
+
+# ------------------------------------------------------------------------------------------- CSV log
+def test_csv_log_holds_every_logged_scalar_once_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mbn.csvlog import read_scalars
+
+    assert train(ADVPROP, tmp_path / "full", "trainer.max_steps=6", "ema.decay=0.9") == 0
+    assert train(ADVPROP, tmp_path / "part", "trainer.max_steps=3", "ema.decay=0.9") == 0
+    with (tmp_path / "part" / "scalars.csv").open("a") as f:
+        f.write("4,loss/clean,9.0\n5,loss/cl")  # logged after the checkpoint, then killed mid-line
+    assert train_main(["--resume", str(tmp_path / "part"), "trainer.max_steps=6"]) == 0
+    full, part = (read_scalars(tmp_path / r / "scalars.csv") for r in ("full", "part"))
+    training = ("loss/", "acc/", "lr")  # throughput is wall-clock; the stopped run also evaluated at its stop
+    assert [r for r in part if r[1].startswith(training)] == [r for r in full if r[1].startswith(training)]
+    assert [r[0] for r in part if r[1] == "loss/clean"] == list(range(1, 7))  # once each, the killed rows gone
+    assert {r for r in full if r[1].startswith("test_acc/")} <= set(part)
+    events = EventAccumulator(str(tmp_path / "full" / "tb"))
+    events.Reload()
+    tags = {tag for _, tag, _ in full}
+    assert tags == set(events.Tags()["scalars"])
+    assert {"loss/total", "lr", "test_acc/clean", "test_acc/clean_ema"} <= tags
+    for step, tag, value in full:
+        if tag == "loss/adv":
+            logged = {e.step: e.value for e in events.Scalars(tag)}
+            assert logged[step] == pytest.approx(value, rel=1e-6)  # TensorBoard keeps float32
