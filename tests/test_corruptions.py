@@ -1,4 +1,4 @@
-"""Tests for mbn.eval.corruptions: CIFAR-10-C constants, shapes, determinism and the on-disk cache."""
+"""Tests for mbn.eval.corruptions: CIFAR-10-C / ImageNet-C constants, shapes, determinism and the on-disk cache."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from mbn.eval.corruptions import (
     EXTRA_CORRUPTIONS,
     SEVERITIES,
     CacheMismatchError,
+    constant_table,
     corrupt,
     corruption_params,
     generate_corrupted,
@@ -112,15 +113,15 @@ def test_params_table_and_scaling():
     assert corruption_params("motion_blur", 4) == {"radius": 8, "sigma": 2}
     assert corruption_params("glass_blur", 5) == {"sigma": 0.4, "max_delta": 1, "iterations": 2}
     assert corruption_params("fog", 2) == {"strength": 0.5, "decay": 3, "mapsize": 32}
-    # 64x64 doubles every pixel-measured constant and nothing else
-    assert corruption_params("motion_blur", 4, 64, 64) == {"radius": 16.0, "sigma": 4.0}
-    assert corruption_params("glass_blur", 5, 64, 64) == {"sigma": 0.8, "max_delta": 2, "iterations": 2}
-    assert corruption_params("gaussian_noise", 3, 64, 64) == {"sigma": 0.08}
-    assert corruption_params("fog", 2, 64, 40) == {"strength": 0.5, "decay": 3, "mapsize": 64}
-    assert corruption_params("spatter", 2, 64, 64)["level"] == 0.5  # water intensity
-    assert corruption_params("spatter", 4, 64, 64)["level"] == pytest.approx(1.2)  # mud blur sigma
-    elastic = corruption_params("elastic_transform", 2, 96, 128)  # scale = min side / 32 = 3
-    assert elastic == pytest.approx({"alpha": 96 * 0.05, "sigma": 96 * 0.2, "affine": 96 * 0.07})
+    # 48x48 (still the CIFAR table) multiplies every pixel-measured constant by 1.5 and nothing else
+    assert corruption_params("motion_blur", 4, 48, 48) == {"radius": 12.0, "sigma": 3.0}
+    assert corruption_params("glass_blur", 5, 48, 48) == pytest.approx({"sigma": 0.6, "max_delta": 2, "iterations": 2})
+    assert corruption_params("gaussian_noise", 3, 48, 48) == {"sigma": 0.08}
+    assert corruption_params("fog", 2, 48, 40) == {"strength": 0.5, "decay": 3, "mapsize": 64}
+    assert corruption_params("spatter", 2, 48, 48)["level"] == 0.5  # water intensity
+    assert corruption_params("spatter", 4, 48, 48)["level"] == pytest.approx(0.9)  # mud blur sigma
+    elastic = corruption_params("elastic_transform", 2, 40, 56)  # scale = min side / 32 = 1.25
+    assert elastic == pytest.approx({"alpha": 40 * 0.05, "sigma": 40 * 0.2, "affine": 40 * 0.07})
 
 
 @pytest.mark.parametrize(
@@ -128,6 +129,198 @@ def test_params_table_and_scaling():
 )
 def test_severity_monotone(name):
     clean = _smooth_images(8, seed=1)
+    diffs = [np.abs(generate_corrupted(clean, name, s).astype(float) - clean).mean() for s in SEVERITIES]
+    assert all(a < b for a, b in itertools.pairwise(diffs)), diffs
+
+
+# ------------------------------------------------------------------------------- table choice, ImageNet-C constants
+
+_SNOW = ["loc", "scale", "zoom", "threshold", "blur_radius", "blur_sigma", "blend"]
+_SPATTER = ["loc", "scale", "sigma", "threshold", "level", "mud"]
+
+# CIFAR-10-C constants, hendrycks/robustness ImageNet-C/create_c/make_cifar_c.py (severity 1 and 5 rows)
+CIFAR_C_PARAMS = {
+    "gaussian_noise": ({"sigma": 0.04}, {"sigma": 0.10}),
+    "shot_noise": ({"photons": 500}, {"photons": 50}),
+    "impulse_noise": ({"amount": 0.01}, {"amount": 0.07}),
+    "defocus_blur": ({"radius": 0.3, "alias_blur": 0.4}, {"radius": 1.5, "alias_blur": 0.1}),
+    "glass_blur": ({"sigma": 0.05, "max_delta": 1, "iterations": 1}, {"sigma": 0.4, "max_delta": 1, "iterations": 2}),
+    "motion_blur": ({"radius": 6, "sigma": 1}, {"radius": 9, "sigma": 2.5}),
+    "zoom_blur": ({"zoom_stop": 1.06}, {"zoom_stop": 1.26}),
+    "snow": (
+        dict(zip(_SNOW, [0.1, 0.2, 1, 0.6, 8, 3, 0.95], strict=True)),
+        dict(zip(_SNOW, [0.3, 0.3, 1.25, 0.65, 14, 12, 0.8], strict=True)),
+    ),
+    "frost": (
+        {"image_weight": 1, "frost_weight": 0.2, "texture_scale": 0.2},
+        {"image_weight": 0.75, "frost_weight": 0.45, "texture_scale": 0.2},
+    ),
+    "fog": ({"strength": 0.2, "decay": 3, "mapsize": 32}, {"strength": 1.5, "decay": 1.75, "mapsize": 32}),
+    "brightness": ({"delta": 0.05}, {"delta": 0.3}),
+    "contrast": ({"factor": 0.75}, {"factor": 0.15}),
+    "elastic_transform": (
+        {"alpha": 32 * 0.0, "sigma": 32 * 0.0, "affine": 32 * 0.08},
+        {"alpha": 32 * 0.1, "sigma": 32 * 0.03, "affine": 32 * 0.03},
+    ),
+    "pixelate": ({"fraction": 0.95}, {"fraction": 0.65}),
+    "jpeg_compression": ({"quality": 80}, {"quality": 40}),
+}
+
+# ImageNet-C constants, hendrycks/robustness ImageNet-C/create_c/make_imagenet_c.py (severity 1 and 5 rows)
+IMAGENET_C_PARAMS = {
+    "gaussian_noise": ({"sigma": 0.08}, {"sigma": 0.38}),
+    "shot_noise": ({"photons": 60}, {"photons": 3}),
+    "impulse_noise": ({"amount": 0.03}, {"amount": 0.27}),
+    "defocus_blur": ({"radius": 3, "alias_blur": 0.1}, {"radius": 10, "alias_blur": 0.5}),
+    "glass_blur": ({"sigma": 0.7, "max_delta": 1, "iterations": 2}, {"sigma": 1.5, "max_delta": 4, "iterations": 2}),
+    "motion_blur": ({"radius": 10, "sigma": 3}, {"radius": 20, "sigma": 15}),
+    # np.arange(1, 1.11, 0.01) and np.arange(1, 1.31, 0.03)
+    "zoom_blur": ({"zoom_stop": 1.11, "zoom_step": 0.01}, {"zoom_stop": 1.31, "zoom_step": 0.03}),
+    "snow": (
+        dict(zip(_SNOW, [0.1, 0.3, 3, 0.5, 10, 4, 0.8], strict=True)),
+        dict(zip(_SNOW, [0.55, 0.3, 2.5, 0.85, 12, 12, 0.55], strict=True)),
+    ),
+    # the textures are cropped at their stored size (no resize)
+    "frost": (
+        {"image_weight": 1, "frost_weight": 0.4, "texture_scale": 1},
+        {"image_weight": 0.6, "frost_weight": 0.75, "texture_scale": 1},
+    ),
+    # plasma_fractal(mapsize=256)[:224, :224]
+    "fog": ({"strength": 1.5, "decay": 2, "mapsize": 256}, {"strength": 3, "decay": 1.4, "mapsize": 256}),
+    "brightness": ({"delta": 0.1}, {"delta": 0.5}),
+    "contrast": ({"factor": 0.4}, {"factor": 0.05}),
+    "elastic_transform": (
+        {"alpha": 244 * 2, "sigma": 244 * 0.7, "affine": 244 * 0.1},
+        {"alpha": 244 * 0.12, "sigma": 244 * 0.01, "affine": 244 * 0.02},
+    ),
+    "pixelate": ({"fraction": 0.6}, {"fraction": 0.25}),
+    "jpeg_compression": ({"quality": 25}, {"quality": 7}),
+    "speckle_noise": ({"sigma": 0.15}, {"sigma": 0.6}),
+    "gaussian_blur": ({"sigma": 1}, {"sigma": 6}),
+    "spatter": (
+        dict(zip(_SPATTER, [0.65, 0.3, 4, 0.69, 0.6, 0], strict=True)),
+        dict(zip(_SPATTER, [0.67, 0.4, 1, 0.65, 1.5, 1], strict=True)),
+    ),
+    "saturate": ({"factor": 0.3, "offset": 0}, {"factor": 20, "offset": 0.2}),
+}
+
+
+def test_constant_table_rule():
+    assert C.IMAGENET_C_MIN_SIDE == 64
+    for size in [(16, 16), (32, 32), (48, 40), (63, 500), (500, 63)]:
+        assert constant_table(*size) == "CIFAR-10-C", size
+    for size in [(64, 64), (96, 128), (224, 224), (64, 1000), (512, 384)]:
+        assert constant_table(*size) == "ImageNet-C", size
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_cifar_constants_at_32(name):
+    mild, strong = CIFAR_C_PARAMS[name]
+    assert corruption_params(name, 1) == mild
+    assert corruption_params(name, 5, 32, 32) == strong
+
+
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_imagenet_c_constants_at_224(name):
+    mild, strong = IMAGENET_C_PARAMS[name]
+    # exact: at 224x224 the reference's numbers are returned unscaled
+    assert corruption_params(name, 1, 224, 224) == mild
+    assert corruption_params(name, 5, 224, 224) == strong
+
+
+def test_imagenet_c_scaling():
+    # pixel-measured constants follow min side / 224; ratios do not
+    assert corruption_params("motion_blur", 5, 448, 600) == {"radius": 40.0, "sigma": 30.0}
+    assert corruption_params("defocus_blur", 5, 448, 448) == {"radius": 20.0, "alias_blur": 1.0}
+    assert corruption_params("gaussian_noise", 5, 448, 448) == {"sigma": 0.38}
+    assert corruption_params("jpeg_compression", 1, 96, 128) == {"quality": 25}
+    assert corruption_params("zoom_blur", 3, 96, 128) == {"zoom_stop": 1.21, "zoom_step": 0.02}
+    scale = 96 / 224
+    glass = corruption_params("glass_blur", 5, 96, 128)
+    assert glass == pytest.approx({"sigma": 1.5 * scale, "max_delta": 2, "iterations": 2})  # round(4 * 0.43)
+    assert corruption_params("glass_blur", 1, 64, 64)["max_delta"] == 1  # at least 1
+    elastic = corruption_params("elastic_transform", 3, 96, 128)
+    assert elastic == pytest.approx(
+        {"alpha": 244 * 0.05 * scale, "sigma": 244 * 0.01 * scale, "affine": 244 * 0.02 * scale}
+    )
+    snow = corruption_params("snow", 4, 96, 128)
+    assert snow["zoom"] == 4.5 and snow["blur_radius"] == pytest.approx(12 * scale)
+    assert corruption_params("frost", 2, 112, 112)["texture_scale"] == 0.5
+    assert corruption_params("spatter", 5, 112, 112)["level"] == pytest.approx(0.75)  # mud blur sigma 1.5
+    assert corruption_params("spatter", 1, 112, 112)["level"] == 0.6  # water intensity
+    assert corruption_params("fog", 1, 96, 128)["mapsize"] == 128
+
+
+def test_zoom_blur_imagenet_c_factors():
+    # make_imagenet_c.py's np.arange ranges, float quirks included
+    stops = [corruption_params("zoom_blur", s, 224, 224) for s in SEVERITIES]
+    assert [len(np.arange(1, p["zoom_stop"], p["zoom_step"])) for p in stops] == [12, 16, 11, 13, 11]
+    image = _smooth_images(1, size=(224, 224))
+    x = image.astype(np.float32) / 255
+    zooms = np.arange(1, 1.21, 0.02)
+    expected = (x[0] + sum(_scipy_clipped_zoom(x[0], float(z)) for z in zooms)) / (len(zooms) + 1) * 255
+    got = C._zoom_blur(image, corruption_params("zoom_blur", 3, 224, 224), np.random.default_rng(0))[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["defocus_blur", "contrast", "brightness", "saturate"])
+def test_imagenet_c_deterministic_match_imagecorruptions(name):
+    """imagecorruptions ports make_imagenet_c.py's constants; its deterministic corruptions must agree at 224."""
+    _, ic = _ic()
+    images = _smooth_images(1, size=(224, 224), seed=2)
+    for severity in SEVERITIES:
+        params = corruption_params(name, severity, 224, 224)
+        got = C._FUNCTIONS[name](images, params, np.random.default_rng(0))[0]
+        np.testing.assert_allclose(got, getattr(ic, name)(images[0], severity), rtol=0, atol=1e-6)
+
+
+def test_imagenet_c_pixelate_and_jpeg_reference():
+    image = _smooth_images(1, size=(224, 224), seed=3)[0]
+    pil = Image.fromarray(image)
+    for severity, fraction in zip(SEVERITIES, [0.6, 0.5, 0.4, 0.3, 0.25], strict=True):
+        small = pil.resize((int(224 * fraction), int(224 * fraction)), Image.Resampling.BOX)
+        expected = np.asarray(small.resize((224, 224), Image.Resampling.BOX))
+        np.testing.assert_array_equal(corrupt(image, "pixelate", severity, np.random.default_rng(0)), expected)
+    for severity, quality in zip(SEVERITIES, [25, 18, 15, 10, 7], strict=True):
+        buffer = io.BytesIO()
+        pil.save(buffer, "JPEG", quality=quality)
+        expected = np.asarray(Image.open(buffer))
+        np.testing.assert_array_equal(corrupt(image, "jpeg_compression", severity, np.random.default_rng(0)), expected)
+
+
+def test_imagenet_c_frost_textures_unresized():
+    # make_imagenet_c.py crops 224x224 straight out of the stored textures
+    textures = C._frost_textures(1, 224, 224)
+    for texture, filename in zip(
+        textures, ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"], strict=True
+    ):
+        np.testing.assert_array_equal(texture, cv2.imread(str(C._frost_dir() / filename))[..., ::-1])
+
+
+@pytest.fixture(scope="module")
+def large_batches() -> dict[tuple[int, int], np.ndarray]:
+    return {size: _smooth_images(2, size=size, seed=4) for size in [(224, 224), (96, 128)]}
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 128)], ids=["224x224", "96x128"])
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_large_images_every_corruption(large_batches, name, size):
+    images = large_batches[size]
+    severity = 2 if name == "glass_blur" else 5  # glass_blur's sequential loop: one pass at severity 2
+    np.random.seed(1)
+    out = generate_corrupted(images, name, severity, seed=7)
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    assert np.abs(out.astype(int) - images).mean() > 0.5
+    np.random.seed(2)  # a global RNG in the path would show up here
+    np.testing.assert_array_equal(generate_corrupted(images, name, severity, seed=7), out)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur", "gaussian_blur", "motion_blur"],
+)
+def test_severity_monotone_imagenet_c(large_batches, name):
+    clean = large_batches[(224, 224)]
     diffs = [np.abs(generate_corrupted(clean, name, s).astype(float) - clean).mean() for s in SEVERITIES]
     assert all(a < b for a, b in itertools.pairwise(diffs)), diffs
 
@@ -151,19 +344,24 @@ def test_disk_matches_reference(radius, alias):
     np.testing.assert_allclose(C.disk_kernel(radius, alias), _ic()[1].disk(radius, alias), rtol=0, atol=1e-7)
 
 
-def test_glass_shuffle_matches_reference_loop():
-    """The batched loop equals make_cifar_c.py's per-pixel loop (whose tuple "swap" on views is a copy)."""
-    base = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+@pytest.mark.parametrize(("height", "width", "max_delta", "iterations"), [(32, 32, 1, 2), (24, 40, 3, 1)])
+def test_glass_shuffle_matches_reference_loop(height, width, max_delta, iterations):
+    """The batched loop equals the reference's per-pixel loop (whose tuple "swap" on views is a copy).
+
+    make_cifar_c.py / make_imagenet_c.py loop over range(32 or 224 - d, d, -1) for both axes; with the image's own
+    height and width, and one randint((2,)) per pixel.
+    """
+    base = np.random.default_rng(3).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     ref = base.copy()
     rng = np.random.default_rng(7)
-    for _ in range(2):
-        for h in range(32 - 1, 1, -1):
-            for w in range(32 - 1, 1, -1):
-                dx, dy = rng.integers(-1, 1, size=(2,))
+    for _ in range(iterations):
+        for h in range(height - max_delta, max_delta, -1):
+            for w in range(width - max_delta, max_delta, -1):
+                dx, dy = rng.integers(-max_delta, max_delta, size=(2,))
                 h_prime, w_prime = h + dy, w + dx
                 ref[h, w], ref[h_prime, w_prime] = ref[h_prime, w_prime], ref[h, w]
     ours = base[None].copy()
-    C._glass_shuffle(ours, max_delta=1, iterations=2, rng=np.random.default_rng(7))
+    C._glass_shuffle(ours, max_delta=max_delta, iterations=iterations, rng=np.random.default_rng(7))
     np.testing.assert_array_equal(ours[0], ref)
 
 
@@ -317,6 +515,33 @@ def test_cache_mismatch_raises_or_regenerates(images, tmp_path):
     assert manifest["images_sha256"] == C.images_fingerprint(other)
     assert list(manifest["entries"]) == ["contrast/1"]
     assert not (tmp_path / "toy" / "gaussian_noise-1.npy").exists()
+
+
+def test_cache_version_1_reused_only_where_outputs_unchanged(tmp_path):
+    """Generator version 2 changed only images of 64 px and up: older caches of smaller images stay valid."""
+    for size, reused in [((32, 32), True), ((64, 64), False)]:
+        images = _smooth_images(2, size=size)
+        labels = np.zeros(2, dtype=np.int64)
+        root = tmp_path / f"{size[0]}"
+        _load(images, labels, root, corruptions=("contrast",), severities=(1,))
+        path = root / "toy" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        expected_table = "CIFAR-10-C" if reused else "ImageNet-C"
+        assert manifest["generator_version"] == C.GENERATOR_VERSION == 2
+        assert manifest["constants"] == expected_table and manifest["reference"].endswith(
+            "make_cifar_c.py" if reused else "make_imagenet_c.py"
+        )
+        manifest["generator_version"] = 1
+        path.write_text(json.dumps(manifest))
+        if reused:
+            _load(images, labels, root, corruptions=("contrast",), severities=(1,))
+        else:
+            with pytest.raises(CacheMismatchError, match="generator_version"):
+                _load(images, labels, root, corruptions=("contrast",), severities=(1,))
+        manifest["generator_version"] = 3  # a newer generator's cache is never taken for ours
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(CacheMismatchError, match="generator_version"):
+            _load(images, labels, root, corruptions=("contrast",), severities=(1,))
 
 
 def test_cache_bad_arguments(images, tmp_path):
