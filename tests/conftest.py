@@ -50,5 +50,7 @@ def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Domains registered during the test are forgotten afterwards."""
     from mbn import registry
 
+    registry.available_domains()  # entry points indexed into the real registry first, not only into the copies
     monkeypatch.setattr(registry, "_DOMAINS", dict(registry._DOMAINS))
     monkeypatch.setattr(registry, "_ORIGINS", dict(registry._ORIGINS))
+    monkeypatch.setattr(registry, "_ENTRY_POINTS", dict(registry._ENTRY_POINTS))
