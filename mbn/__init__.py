@@ -1,5 +1,7 @@
 """mbn: multi-domain N-BatchNorm training (AdvProp, Xie et al., CVPR 2020, generalised to N sources)."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from mbn import attacks
 from mbn.convert import convert_model, convert_sync_batchnorm, export_model
 from mbn.domain import Domain, DomainContext
@@ -9,7 +11,10 @@ from mbn.objective import Objective
 from mbn.registry import available_domains, create_domain, get_domain_class, register_domain
 from mbn.routing import eval_mode, frozen_stats, model_sources, multi_source_norms, split_sources, use_source
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("mbn-advprop")  # one source of truth: pyproject.toml
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Domain",

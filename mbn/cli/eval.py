@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sel.add_argument("--all", action="store_true", help="everything below (AutoAttack only with --autoattack)")
     sel.add_argument("--clean", action="store_true", help="accuracy through the main BN")
     sel.add_argument("--per-bn", action="store_true", help="accuracy through every BN source")
-    sel.add_argument("--corruptions", action="store_true", help="CIFAR-10-C / ImageNet-C style corruptions (generated, cached)")
+    sel.add_argument("--corruptions", action="store_true", help="CIFAR-10-C / ImageNet-C corruptions (cached)")
     sel.add_argument("--adversarial", action="store_true", help="PGD-k robust accuracy over L-inf and L2 radii")
     sel.add_argument("--divergence", action="store_true", help="per-layer divergence of aux BN statistics")
     sel.add_argument(
