@@ -17,7 +17,8 @@ to type in the tag filter. :meth:`TensorBoardLogger.layout` also writes a Custom
 SCALARS tab) in reading order: losses (every domain's and the total on one chart), accuracies (train per domain;
 test per BN with its EMA), learning rate and throughput, BN divergence.
 
-Images: ``images/<domain>``; ``perturbation/<domain>``, the change a domain made to its input, amplified by
+Images: ``samples/<domain>`` and ``samples_perturbation/<domain>`` (groups named to sort after ``acc``, ``loss``
+and ``lr``), the latter the change a domain made to its input, amplified by
 ``logging.perturbation_gain`` around mid-grey so adversarial noise is visible, written only when there is a
 change (never for the clean domain, whose output is its input); ``x_diagnostics/bn_divergence_per_layer/<source>``,
 a bar plot of the per-layer divergence (log scale when it spans orders of magnitude) instead of one card per layer.
@@ -92,7 +93,7 @@ class TensorBoardLogger:
     Args:
         log_dir: The event files' directory (``RUN_DIR/tb``).
         enabled: False: write no event file (``logging.tensorboard=false``, the other ranks).
-        perturbation_gain: Amplification of the ``perturbation/<domain>`` images around mid-grey.
+        perturbation_gain: Amplification of the ``samples_perturbation/<domain>`` images around mid-grey.
         csv: Where every scalar also goes, TensorBoard enabled or not; the logger closes it.
     """
 
@@ -192,14 +193,14 @@ class TensorBoardLogger:
             return
         shown = images[:n].detach().float().clamp(0, 1).cpu()
         with self._guard():
-            self.writer.add_image(f"images/{domain}", make_grid(shown, nrow=8), step)
+            self.writer.add_image(f"samples/{domain}", make_grid(shown, nrow=8), step)
             if source is None or source.shape != images.shape or _same_tensor(images, source):
                 return
             delta = (images[:n].detach().float() - source[:n].detach().float()).cpu()
             if not bool(delta.any()):
                 return
             grid = make_grid((0.5 + self.gain * delta).clamp(0, 1))
-            self.writer.add_image(f"perturbation/{domain}", grid, step)
+            self.writer.add_image(f"samples_perturbation/{domain}", grid, step)
 
     def divergence(self, model: nn.Module, step: int) -> None:
         """Each auxiliary source's BN divergence: one log10 scalar (mean over layers) and a per-layer plot."""

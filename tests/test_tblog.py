@@ -124,8 +124,8 @@ def test_perturbation_only_where_a_domain_changed_its_input(tmp_path):
     logger.images("rot", torch.rot90(clean, 1, (2, 3)), None, 1)  # no source given
     logger.close()
     images = set(_events(tmp_path / "tb").Tags()["images"])
-    assert {f"images/{d}" for d in ("clean", "view", "copy", "adv", "rot")} <= images
-    assert {tag for tag in images if tag.startswith("perturbation/")} == {"perturbation/adv"}
+    assert {f"samples/{d}" for d in ("clean", "view", "copy", "adv", "rot")} <= images
+    assert {tag for tag in images if tag.startswith("samples_perturbation/")} == {"samples_perturbation/adv"}
 
 
 # ----------------------------------------------------------------------------------------------- recipe

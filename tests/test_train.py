@@ -51,9 +51,10 @@ def test_feature_tensorboard_has_per_domain_curves(tmp_path):
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
     for domain in ("clean", "autoaug", "adv"):
         assert {f"loss/{domain}", f"acc/{domain}"} <= scalars
-        assert f"images/{domain}" in images
+        assert f"samples/{domain}" in images
     assert {"loss/total", "lr", "throughput/images_per_s", "test_acc/clean"} <= scalars
-    assert "perturbation/adv" in images and "perturbation/clean" not in images  # the clean domain changes nothing
+    assert "samples_perturbation/adv" in images
+    assert "samples_perturbation/clean" not in images  # the clean domain changes nothing
     assert {divergence_tag("autoaug"), divergence_tag("adv")} <= scalars  # one summary per auxiliary BN
     assert {divergence_image_tag("autoaug"), divergence_image_tag("adv")} <= images  # its layers in one plot
     assert not [tag for tag in scalars if "divergence" in tag and tag.split("/")[-1] not in ("autoaug", "adv")]
