@@ -7,8 +7,11 @@ the unpasted area), which the trainer scores with cross-entropy against probabil
 references' (mixup 0.2, cutmix 1.0).
 
 The mixing is torchvision's :class:`~torchvision.transforms.v2.MixUp` / :class:`~torchvision.transforms.v2.CutMix`.
-They draw from torch's global CPU generator; here that generator is forked and seeded from ``ctx.generator``, so a
-batch depends only on the step's seed (a resume repeats it) and the global RNG is left as it was.
+They draw from torch's global CPU generator; here that generator is forked and seeded from ``ctx.seed`` (the
+trainer's host-side seed of this domain and step; outside the trainer, a draw from ``ctx.generator``), so a batch
+depends only on the step's seed (a resume repeats it), no step waits on the device, and the global RNG is left as
+it was. torchvision's rather than timm's ``Mixup``: timm's draws from NumPy's global generator and needs an even
+batch, where a domain's share of a batch (``fraction``) may be odd.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ class _MixingDomain(Domain):
                 f"{self.name} needs class indices (N,) or probabilities (N, K) as labels, got {tuple(labels.shape)} "
                 f"{labels.dtype}"
             )
-        generator = ctx.generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else None))
+        seed = ctx.seed  # the trainer's host-side seed: reading a CUDA generator here would sync every step
+        if seed is None:
+            device = ctx.generator.device if ctx.generator is not None else None
+            seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=device))
         mix = self.transform(alpha=self.alpha, num_classes=ctx.num_classes)
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: lam and the box are drawn there
             torch.default_generator.manual_seed(seed)

@@ -57,6 +57,7 @@ class DataCfg:
     augment: str = "cifar"  # cifar: pad-crop-flip at native size | imagenet: RandomResizedCrop + flip (streamed)
     crop_fraction: float = 0.875  # imagenet evaluation: resize to image_size / crop_fraction, centre crop
     min_image_side: int = 8  # streamed images with a shorter side below this are refused, naming the file
+    decode: str = "workers"  # streamed: workers decode and crop | device: workers read, the training device decodes
     mean: list[float] | None = None  # input normalisation (0-1 units); None: the data set's (or the weights')
     std: list[float] | None = None
     train_limit: int | None = None  # use the first N training images (after a fixed seeded shuffle)
@@ -270,6 +271,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, 
 _CHOICES = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
     "data.augment": ("cifar", "imagenet"),
+    "data.decode": ("workers", "device"),
     "optim.name": ("sgd", "adamw"),
     "optim.grad_normalization": ("domain_mean", "sample_mean"),
     "schedule.name": ("cosine", "step", "constant"),

@@ -130,7 +130,7 @@ def decode_image_file(path: str, data: Any = None) -> torch.Tensor:
     """One image file (or its bytes, ``data``) as uint8 RGB (3, H, W); a :class:`RecipeError` names a bad file."""
     from torchvision.io import ImageReadMode, decode_image
 
-    data = _read_image_file(path) if data is None else data
+    data = read_image_file(path) if data is None else data
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
@@ -156,7 +156,7 @@ def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     for lo in range(0, len(paths), _DECODE_CHUNK):
         chunk = paths[lo : lo + _DECODE_CHUNK]
-        datas = [_read_image_file(p) for p in chunk]
+        datas = [read_image_file(p) for p in chunk]
         try:  # libjpeg-turbo on a whole list is ~4x faster than PIL file by file
             if not all(p.lower().endswith((".jpg", ".jpeg")) for p in chunk):
                 raise ValueError("not all JPEG")
@@ -179,7 +179,8 @@ def _decode_with_pil(path: str, first_error: Exception) -> torch.Tensor:
         raise RecipeError(f"key 'data.root': cannot decode image {path} ({first_line(first_error)})") from None
 
 
-def _read_image_file(path: str) -> Any:
+def read_image_file(path: str) -> Any:
+    """The bytes of an image file as a uint8 tensor; a :class:`RecipeError` names a file that cannot be read."""
     from torchvision.io import read_file
 
     try:
@@ -976,6 +977,8 @@ def _check_batch_size(cfg: Any, num_train: int, world_size: int) -> None:
 
 
 def _check_not_streamed(cfg: Any) -> None:
+    if getattr(cfg, "decode", "workers") == "device" and getattr(cfg, "preload", True):
+        raise RecipeError("key 'data.decode': device decoding is for streamed trees: set data.preload=false")
     if not getattr(cfg, "preload", True) and cfg.name != "imagefolder":
         raise RecipeError(f"key 'data.preload': only imagefolder trees stream (data.preload=false), not {cfg.name}")
     if getattr(cfg, "augment", "cifar") == "imagenet" and getattr(cfg, "preload", True):
@@ -997,7 +1000,13 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     The normalisation is ``data.mean`` / ``data.std``, else ImageNet's (a streamed set is never decoded as a whole
     to measure its own).
     """
-    from mbn.streaming import IMAGENET_MEAN, IMAGENET_STD, StreamEvalLoader, StreamingImageFolder
+    from mbn.streaming import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        DeviceDecodedTrainLoader,
+        StreamEvalLoader,
+        StreamingImageFolder,
+    )
 
     root = Path(cfg.root)
     classes = folder_classes(root)
@@ -1007,15 +1016,13 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     common = {"augment": cfg.augment, "seed": seed, "crop_fraction": cfg.crop_fraction,
               "crop_padding": cfg.crop_padding, "hflip": cfg.hflip, "min_image_side": cfg.min_image_side}  # fmt: skip
     pin = device.type == "cuda"
-    train_set = StreamingImageFolder(train, cfg.image_size, train=True, **common)
-    loader = TrainLoader(
-        train_set,
-        cfg.batch_size,
-        seed=seed,
-        num_workers=cfg.num_workers,
-        pin_memory=pin,
-        rank=rank,
-        world_size=world_size,
+    on_device = getattr(cfg, "decode", "workers") == "device"
+    train_set = StreamingImageFolder(train, cfg.image_size, train=True, decode_on_device=on_device, **common)
+    kwargs = {"seed": seed, "num_workers": cfg.num_workers, "rank": rank, "world_size": world_size}
+    loader: TrainLoader = (
+        DeviceDecodedTrainLoader(train_set, cfg.batch_size, device=torch.device(device), **kwargs)
+        if on_device
+        else TrainLoader(train_set, cfg.batch_size, pin_memory=pin, **kwargs)
     )
     test_loader = StreamEvalLoader(
         StreamingImageFolder(test, cfg.image_size, train=False, **common), cfg.eval_batch_size, cfg.num_workers, pin

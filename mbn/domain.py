@@ -35,6 +35,8 @@ class DomainContext:
         step: global optimisation step.
         epoch: current epoch.
         generator: seeded RNG on the training device; draw all randomness from it.
+        seed: set by the trainer: a host integer unique to this domain and step, for libraries that draw from
+            torch's global CPU generator (seed a forked one with it; reading ``generator`` on CUDA would sync).
         num_classes: number of classes of the task.
         objective: how the trainer scores this domain's batch (head and loss); an attack maximises it.
         accumulate: set by the trainer: ``(loss, images, weight, bn) -> d loss / d images`` that also adds
@@ -46,6 +48,7 @@ class DomainContext:
     step: int = 0
     epoch: int = 0
     generator: torch.Generator | None = None
+    seed: int | None = None
     num_classes: int = 10
     objective: Objective = field(default_factory=Objective)
     accumulate: Callable[[Tensor, Tensor, float, str], Tensor] | None = None

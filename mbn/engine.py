@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -237,6 +238,7 @@ class Trainer:
         self._wall_at_save = 0.0
         self._checked_domains: set[str] = set()
         self._reused: dict[Tensor, Tensor] = {}
+        self._inputs: dict[str, Tensor] = {}  # each domain's input this step (its share with `fraction`)
         self.last_window: dict[str, float] = {}
         self._wall_before = 0.0  # wall time of earlier sessions of a resumed run
         if getattr(self, "progress_note", None):
@@ -257,11 +259,11 @@ class Trainer:
         try:
             if self.dist.is_main:
                 save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
-                if self.tb.csv is not None:
-                    self.tb.csv.truncate_after(self.state.step)  # a resume logs the steps after its checkpoint again
+                self.tb.resume_at(self.state.step)  # a resume logs the steps after its checkpoint again
                 divergence = bool(self.cfg.logging.divergence_every) and not self.cfg.model.share_stats
                 self.tb.layout([s.name for s in self.specs], list(self.sources), divergence=divergence)
-                self.tb.recipe(OmegaConf.to_yaml(self.cfg, resolve=True))
+                if self.state.step == 0:
+                    self.tb.recipe(OmegaConf.to_yaml(self.cfg, resolve=True))
             self._wall_start = time.perf_counter()
             with self._signals_save_checkpoint():
                 while self.state.epoch < self.epochs and not self._done() and not self._stopping:
@@ -303,10 +305,18 @@ class Trainer:
         """
         self.model.train()
         self.clock.start()
-        k = self.accum_steps
         batches = self.data.train.epoch_batches(epoch, self.state.batch)
+        stack = contextlib.ExitStack()
+        if hasattr(batches, "close"):  # the loader's workers stop when the step count is reached or on a return
+            stack.callback(batches.close)
+        with stack:
+            self._train_groups(itertools.islice(batches, max(0, self.batches_per_epoch - self.state.batch)))
+
+    def _train_groups(self, batches: Iterator[Batch]) -> None:
+        """Optimisation steps over ``batches``, ``optim.grad_accum_steps`` at a time."""
+        k = self.accum_steps
         group: list[Batch] = []
-        for batch in itertools.islice(batches, max(0, self.batches_per_epoch - self.state.batch)):
+        for batch in batches:
             group.append(batch)
             if len(group) < k:
                 continue
@@ -355,6 +365,7 @@ class Trainer:
         """Run every domain needed this step, each on its ``input`` domain's output or the clean batch."""
         needed = self._needed_domains()
         outputs: dict[str, Batch] = {}
+        self._inputs = {}
         shares: dict[str, tuple[Tensor, int]] = {}  # input -> (this step's permutation, images handed out)
         draw = self._draw_index(self._micro)
         generator = self._generator.manual_seed(step_seed(self.cfg.trainer.seed, draw, self.dist.rank))
@@ -366,6 +377,7 @@ class Trainer:
                 src_x, src_y = self._share(spec, src_x, src_y, generator, shares)
             ctx = self.contexts[spec.name]
             ctx.step, ctx.epoch, ctx.generator = self.state.step, self.state.epoch, generator
+            ctx.seed = (generator.initial_seed() + zlib.crc32(spec.name.encode())) % 2**63  # host-side: no sync
             version = src_x._version  # in-place writes bump it: the input is shared with other domains
             try:
                 with self._autocast(attack=True):
@@ -377,6 +389,7 @@ class Trainer:
                     f"domain {spec.name!r} (type {spec.type!r}) failed at step {self.state.step}: "
                     f"{type(err).__name__}: {first_line(err)}"
                 ) from err
+            self._inputs[spec.name] = src_x  # what the domain changed (its share), for the perturbation images
             if src_x._version != version:
                 raise DomainError(
                     f"domain {spec.name!r} changed its input images in place; other domains share them: return a "
@@ -458,11 +471,6 @@ class Trainer:
                 return {CLASSES: self.forward_model(x)}
             return forward_heads(self.forward_model, x, heads)  # type: ignore[arg-type]
 
-    def optimize(self, losses: dict[str, Tensor], sizes: dict[str, int] | None = None) -> None:
-        """One optimiser step on ``sum(weight * loss)``: :meth:`backward` then :meth:`optimizer_step`."""
-        self.backward(losses, sizes)
-        self.optimizer_step()
-
     def backward(self, losses: dict[str, Tensor], sizes: dict[str, int] | None = None) -> None:
         """Add the gradients of ``sum(weight * loss)`` (over ``optim.grad_accum_steps``) to ``.grad``.
 
@@ -514,7 +522,7 @@ class Trainer:
         acc, ema = distributed.broadcast_object((acc, ema))
         self.state.test_acc, self.state.test_acc_ema, self.state.evaluated_step = acc, ema, self.state.step
         self.state.best_acc = max(self.state.best_acc, acc[self.sources[0]])
-        logged = {f"test_acc/{bn}": a for bn, a in acc.items()} | {f"test_acc/{bn}_ema": a for bn, a in ema.items()}
+        logged = {f"acc/test_{bn}": a for bn, a in acc.items()} | {f"acc/test_{bn}_ema": a for bn, a in ema.items()}
         self.tb.scalars(logged, self.state.step)
         line = _fmt(acc, "test_acc") + (" " + _fmt(ema, "test_acc_ema") if ema else "")
         self.progress.log(f"epoch {self.state.epoch} step {self.state.step}: " + line)
@@ -778,10 +786,8 @@ class Trainer:
             self.progress.show({k[5:]: v for k, v in means.items() if k.startswith("loss/")})
             self.last_window = means
         if log.image_every and (step % log.image_every == 0 or step == 1):
-            by_name = {s.name: s for s in self.specs}
             for name, (x, _) in outputs.items():
-                src = by_name[name].input
-                self.tb.images(name, x, outputs[src][0] if src else images, step)
+                self.tb.images(name, x, self._inputs.get(name, images), step)
         if log.divergence_every and step % log.divergence_every == 0 and len(self.sources) > 1:
             self.tb.divergence(self.model, step)
         every = self.cfg.trainer.checkpoint_every_steps

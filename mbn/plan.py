@@ -60,6 +60,15 @@ def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
             raise RecipeError(
                 f"key 'domains.{name}': scored by head {objective.head!r}, which no domain declares in heads()"
             )
+    for spec in specs:  # a domain gets its input domain's targets as labels: they must be for its own head
+        if spec.input is None:
+            continue
+        given, wanted = objectives[spec.input].head, objectives[spec.name].head
+        if given != CLASSES and wanted == CLASSES:
+            raise RecipeError(
+                f"key 'domains.{spec.name}.input': {spec.input!r} produces targets for head {given!r}, but "
+                f"{spec.name!r} is scored by the class labels; take its input from a class-labelled domain"
+            )
     check_model(cfg)
     init_path, init_checkpoint = None, None
     if cfg.model.get("init_from") and not resume:

@@ -20,8 +20,10 @@ cannot be read or decoded, or that is smaller than ``data.min_image_side`` (or, 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,9 +32,32 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mbn.config import RecipeError
-from mbn.data import closing_workers, collate_batch, decode_image_file, resize_centre_crop, sample_seeds, worker_init_fn
+from mbn.data import (
+    TrainLoader,
+    closing_workers,
+    collate_batch,
+    decode_image_file,
+    read_image_file,
+    resize_centre_crop,
+    sample_seeds,
+    worker_init_fn,
+)
+from mbn.errors import first_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+#: A sample's drawn transform: ``(op, arguments, flip)`` with op ``centre``, ``resized_crop``, ``pad_crop`` or ``none``.
+Transform = tuple[str, tuple[int, ...], bool]
+
+
+@dataclass
+class EncodedBatch:
+    """A training batch read from disk but not decoded: file bytes, paths, drawn transforms and labels."""
+
+    files: list[torch.Tensor]  # uint8 (file length,)
+    paths: list[str]
+    transforms: list[Transform]
+    labels: torch.Tensor  # int64 (N,)
+
 
 #: torchvision's RandomResizedCrop defaults (Inception-style crops).
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
@@ -77,6 +102,8 @@ class StreamingImageFolder(Dataset):
         crop_padding: zero padding of the random crop (``cifar``).
         hflip: random horizontal flips in training.
         min_image_side: shorter sides below this are refused.
+        decode_on_device: workers only read the files and draw the transforms; :meth:`decode_batch` decodes and
+            transforms a batch on the training device (``data.decode=device``).
     """
 
     def __init__(
@@ -91,21 +118,28 @@ class StreamingImageFolder(Dataset):
         crop_padding: int = 4,
         hflip: bool = True,
         min_image_side: int = 8,
+        decode_on_device: bool = False,
     ) -> None:
         self.paths = [p for p, _ in samples]
         self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
         self.image_size, self.train, self.augment, self.seed = image_size, train, augment, seed
         self.crop_fraction, self.crop_padding, self.hflip = crop_fraction, crop_padding, hflip
         self.min_image_side = min_image_side
+        self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, index: int, epoch: int | None = None) -> torch.Tensor:
         """Sample ``index`` as uint8 (3, S, S): augmented for ``epoch`` in training, else resized and cropped."""
-        path = self.paths[index]
-        image = decode_image_file(path)
+        image = decode_image_file(self.paths[index])
         h, w = image.shape[-2:]
+        return self.transform(image, self.draw(index, epoch, (int(h), int(w))))
+
+    def draw(self, index: int, epoch: int | None, size: tuple[int, int]) -> Transform:
+        """Check sample ``index``'s size ``(h, w)`` and draw its transform (seeded by ``(seed, epoch, index)``)."""
+        path = self.paths[index]
+        h, w = size
         if min(h, w) < self.min_image_side:
             raise RecipeError(
                 f"key 'data.root': image {path} is {w}x{h}, smaller than data.min_image_side={self.min_image_side}"
@@ -116,18 +150,31 @@ class StreamingImageFolder(Dataset):
                 f"{self.image_size}x{self.image_size} (use data.augment=imagenet to resize)"
             )
         if not self.train:
-            return resize_centre_crop(image, self.image_size, self.crop_fraction if self.augment == "imagenet" else 1.0)
+            return ("centre", (), False)
         rng = np.random.default_rng(int(sample_seeds(self.seed, epoch or 0, [index])[0]))
+        args: tuple[int, ...]
         if self.augment == "imagenet":
+            op, args = "resized_crop", random_resized_crop_box(h, w, rng)
+        elif self.crop_padding > 0:
+            op, args = "pad_crop", tuple(int(v) for v in rng.integers(0, 2 * self.crop_padding + 1, size=2))
+        else:
+            op, args = "none", ()
+        return (op, args, bool(self.hflip and rng.random() < 0.5))
+
+    def transform(self, image: torch.Tensor, drawn: Transform) -> torch.Tensor:
+        """Apply a :meth:`draw` to a decoded uint8 (3, H, W) image, on whatever device it is."""
+        op, args, flip = drawn
+        if op == "centre":
+            return resize_centre_crop(image, self.image_size, self.crop_fraction if self.augment == "imagenet" else 1.0)
+        if op == "resized_crop":
             from torchvision.transforms.v2 import functional as TF
 
-            top, left, ch, cw = random_resized_crop_box(h, w, rng)
+            top, left, ch, cw = args
             image = TF.resized_crop(image, top, left, ch, cw, [self.image_size, self.image_size], antialias=True)
-        elif self.crop_padding > 0:
-            p = self.crop_padding
-            oy, ox = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
+        elif op == "pad_crop":
+            p, (oy, ox) = self.crop_padding, args
             image = F.pad(image, (p, p, p, p))[:, oy : oy + self.image_size, ox : ox + self.image_size]
-        if self.hflip and rng.random() < 0.5:
+        if flip:
             image = image.flip(-1)
         return image.contiguous()
 
@@ -135,9 +182,58 @@ class StreamingImageFolder(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         return self.load(int(index), epoch), int(self.labels[int(index)])
 
-    def __getitems__(self, keys: list[Any]) -> Batch:
+    def __getitems__(self, keys: list[Any]) -> Batch | EncodedBatch:
+        if self.decode_on_device:
+            return self.encoded(keys)
         items = [self[key] for key in keys]
         return torch.stack([image for image, _ in items]), torch.as_tensor([label for _, label in items])
+
+    def encoded(self, keys: list[Any]) -> EncodedBatch:
+        """The files of ``keys`` read but not decoded, with their drawn transforms (``data.decode=device``).
+
+        The size a transform needs is read from the file's header (PIL opens images lazily).
+        """
+        from PIL import Image
+
+        files, drawn = [], []
+        for key in keys:
+            index, epoch = key if isinstance(key, tuple) else (key, None)
+            path = self.paths[int(index)]
+            data = read_image_file(path)
+            try:
+                with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                    w, h = img.size
+            except Exception as err:
+                raise RecipeError(f"key 'data.root': cannot decode image {path} ({first_line(err)})") from None
+            files.append(data)
+            drawn.append(self.draw(int(index), epoch, (h, w)))
+        labels = torch.as_tensor([int(self.labels[int(k[0] if isinstance(k, tuple) else k)]) for k in keys])
+        return EncodedBatch(files, [self.paths[int(k[0] if isinstance(k, tuple) else k)] for k in keys], drawn, labels)
+
+    def decode_batch(self, batch: EncodedBatch, device: torch.device) -> Batch:
+        """Decode an :class:`EncodedBatch` on ``device`` and apply its transforms: ``(uint8 N3SS, labels)``.
+
+        JPEGs go through :func:`torchvision.io.decode_jpeg` as one list (nvJPEG on CUDA); other formats, or a
+        JPEG the batched decoder rejects, are decoded on the CPU (naming a bad file) and moved to ``device``.
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images: list[torch.Tensor | None] = [None] * len(batch.files)
+        jpegs = [i for i, data in enumerate(batch.files) if data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8]
+        if jpegs:
+            try:
+                decoded = decode_jpeg([batch.files[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+                for i, image in zip(jpegs, decoded, strict=True):
+                    images[i] = image
+            except RuntimeError:
+                pass  # decoded one by one below, so the bad file is named
+        out = []
+        for i, drawn in enumerate(batch.transforms):
+            image = images[i]
+            if image is None:
+                image = decode_image_file(batch.paths[i], batch.files[i]).to(device)
+            out.append(self.transform(image, drawn))
+        return torch.stack(out), batch.labels.to(device)
 
 
 class StreamEvalLoader:
@@ -162,3 +258,22 @@ class StreamEvalLoader:
             worker_init_fn=worker_init_fn,
         )
         yield from closing_workers(loader)
+
+
+class DeviceDecodedTrainLoader(TrainLoader):
+    """:class:`~mbn.data.TrainLoader` whose workers read files and draw crops; batches are decoded on ``device``.
+
+    ``data.decode=device``: on CUDA the JPEG decoding (nvJPEG) and the crops run on the GPU, leaving the CPU
+    workers only file reads; the batches equal the worker-decoded ones up to the device's resize arithmetic
+    (identical on the CPU).
+    """
+
+    def __init__(self, dataset: StreamingImageFolder, batch_size: int, *, device: torch.device, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size, **kwargs)
+        self.device = device
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches ``start_batch..`` of ``epoch``, decoded on the training device."""
+        assert isinstance(self.dataset, StreamingImageFolder)
+        for encoded in super().epoch_batches(epoch, start_batch):
+            yield self.dataset.decode_batch(encoded, self.device)  # type: ignore[arg-type]

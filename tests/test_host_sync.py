@@ -50,8 +50,14 @@ def host_reads(monkeypatch):
 
 @pytest.mark.parametrize(
     ("recipe", "extra"),
-    [("vanilla", []), ("advprop", []), ("advprop_ssl", []), ("advprop", ["ema.decay=0.9", "optim.grad_accum_steps=2"])],
-    ids=["vanilla", "advprop", "advprop_ssl", "advprop-ema-accumulation"],
+    [
+        ("vanilla", []),
+        ("advprop", []),
+        ("advprop_ssl", []),
+        ("advprop", ["ema.decay=0.9", "optim.grad_accum_steps=2"]),
+        ("mixup_cutmix", []),
+    ],
+    ids=["vanilla", "advprop", "advprop_ssl", "advprop-ema-accumulation", "mixup_cutmix"],
 )
 def test_no_host_sync_outside_logging_steps(recipe, extra, tmp_path, host_reads):
     from mbn.config import load_recipe
@@ -59,7 +65,7 @@ def test_no_host_sync_outside_logging_steps(recipe, extra, tmp_path, host_reads)
     steps, log_every = 7, 4
     overrides = [*TINY, f"trainer.log_every={log_every}", f"trainer.max_steps={steps}", "logging.image_every=0",
                  "logging.divergence_every=0"]  # fmt: skip
-    if recipe != "vanilla":
+    if recipe in ("advprop", "advprop_ssl"):
         overrides.append("domains.adv.steps=2")
     overrides += [*extra, "data.synthetic_train_size=256"] if extra else []  # 7 steps of 2 batches: one epoch
     cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides)

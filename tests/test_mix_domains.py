@@ -109,6 +109,12 @@ def test_shipped_recipe_trains_with_soft_targets(tmp_path):
         loss = metrics["train"][domain]["loss"]
         assert loss is not None and loss == loss and 0 < loss < 10
     assert metrics["images_seen"]["mixup"] == metrics["images_seen"]["cutmix"] == 4 * 8  # halves of 16
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    perturbations = {t for t in events.Tags()["images"] if t.startswith("samples_perturbation/")}
+    assert perturbations == {"samples_perturbation/mixup", "samples_perturbation/cutmix"}  # each against its half
 
 
 def test_mixup_on_the_main_bn_trains_and_resumes_exactly(tmp_path):
@@ -122,3 +128,10 @@ def test_mixup_on_the_main_bn_trains_and_resumes_exactly(tmp_path):
     assert train_main(["--resume", str(tmp_path / "part"), "trainer.max_steps=6"]) == 0
     full, part = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
     torch.testing.assert_close(part["model"], full["model"], rtol=0, atol=0)
+
+
+def test_exception_a_mixing_domain_after_another_heads_targets(tmp_path, capsys):
+    recipe = REPO / "recipes" / "advprop_ssl.yaml"
+    assert train(recipe, tmp_path / "run", "domains.mixr={type: mixup, input: rot, bn: rot}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "domains.mixr.input" in err[0] and "'rotation'" in err[0]

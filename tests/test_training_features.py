@@ -105,7 +105,7 @@ def test_ema_survives_resume_bit_identically_and_is_reported(tmp_path):
     assert metrics["test_acc_ema"]["clean"] == full["state"]["test_acc_ema"]["clean"]
     events = EventAccumulator(str(tmp_path / "full" / "tb"))
     events.Reload()
-    assert "test_acc/clean_ema" in events.Tags()["scalars"]
+    assert "acc/test_clean_ema" in events.Tags()["scalars"]
 
 
 def test_ema_off_by_default_changes_nothing(tmp_path):
@@ -238,16 +238,43 @@ def test_csv_log_holds_every_logged_scalar_once_across_a_resume(tmp_path):
         f.write("4,loss/clean,9.0\n5,loss/cl")  # logged after the checkpoint, then killed mid-line
     assert train_main(["--resume", str(tmp_path / "part"), "trainer.max_steps=6"]) == 0
     full, part = (read_scalars(tmp_path / r / "scalars.csv") for r in ("full", "part"))
-    training = ("loss/", "acc/", "lr")  # throughput is wall-clock; the stopped run also evaluated at its stop
-    assert [r for r in part if r[1].startswith(training)] == [r for r in full if r[1].startswith(training)]
+    def training(rows):  # throughput is wall-clock; the stopped run also evaluated at its stop
+        return [r for r in rows if r[1].startswith(("loss/", "acc/", "lr")) and not r[1].startswith("acc/test_")]
+
+    assert training(part) == training(full)
     assert [r[0] for r in part if r[1] == "loss/clean"] == list(range(1, 7))  # once each, the killed rows gone
-    assert {r for r in full if r[1].startswith("test_acc/")} <= set(part)
+    assert {r for r in full if r[1].startswith("acc/test_")} <= set(part)
     events = EventAccumulator(str(tmp_path / "full" / "tb"))
     events.Reload()
     tags = {tag for _, tag, _ in full}
     assert tags == set(events.Tags()["scalars"])
-    assert {"loss/total", "lr", "test_acc/clean", "test_acc/clean_ema"} <= tags
+    assert {"loss/total", "lr", "acc/test_clean", "acc/test_clean_ema"} <= tags
     for step, tag, value in full:
         if tag == "loss/adv":
             logged = {e.step: e.value for e in events.Scalars(tag)}
             assert logged[step] == pytest.approx(value, rel=1e-6)  # TensorBoard keeps float32
+
+
+def test_a_resume_after_a_crash_leaves_each_step_once_in_tensorboard_and_the_csv(tmp_path):
+    """Steps logged after the last checkpoint are trained and logged again: TensorBoard purges the old ones."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mbn.csvlog import read_scalars
+
+    run = tmp_path / "run"
+    assert train(ADVPROP, run, "trainer.max_steps=2") == 0
+    ckpt = run / "checkpoints" / "last.pt"
+    shutil.copy(ckpt, tmp_path / "step2.pt")
+    assert train_main(["--resume", str(run), "trainer.max_steps=4"]) == 0
+    shutil.copy(tmp_path / "step2.pt", ckpt)  # as if killed before the checkpoint at step 4 was written
+    assert train_main(["--resume", str(run), "trainer.max_steps=5"]) == 0
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    for tag in ("loss/clean", "acc/adv", "lr"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4, 5], tag
+    csv_rows = {(step, tag) for step, tag, _ in read_scalars(run / "scalars.csv")}
+    tb_rows = {(e.step, tag) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    assert csv_rows == tb_rows
+    assert len(events.Tensors("recipe/text_summary")) == 1  # the recipe once, not once per session

@@ -51,7 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     opt.add_argument(
         "--limit", type=int, metavar="N", help="use N test images (a fixed seeded subset, as data.test_limit)"
     )
-    opt.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: the run directory)")
+    opt.add_argument(
+        "--out", type=Path, metavar="DIR", help="output directory (default: the run, or RUN/ema with --weights ema)"
+    )
     opt.add_argument("--reference", metavar="EVAL", help="eval.json or run directory for corruption CE / mCE")
     opt.add_argument(
         "--data-root", type=Path, metavar="DIR", help="dataset root to evaluate on (default: the recipe's data.root)"
