@@ -53,7 +53,7 @@ Transform = tuple[str, tuple[int, ...], bool]
 class EncodedBatch:
     """A training batch read from disk but not decoded: file bytes, paths, drawn transforms and labels."""
 
-    files: list[torch.Tensor]  # uint8 (file length,)
+    files: list[bytes]  # bytes, not tensors: one shared-memory handle per file would exhaust the workers' fds
     paths: list[str]
     transforms: list[Transform]
     labels: torch.Tensor  # int64 (N,)
@@ -199,12 +199,13 @@ class StreamingImageFolder(Dataset):
         for key in keys:
             index, epoch = key if isinstance(key, tuple) else (key, None)
             path = self.paths[int(index)]
-            data = read_image_file(path)
+            data = read_image_file(path).numpy().tobytes()
             try:
-                with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                with Image.open(io.BytesIO(data)) as img:
                     w, h = img.size
-            except Exception as err:
-                raise RecipeError(f"key 'data.root': cannot decode image {path} ({first_line(err)})") from None
+            except Exception as err:  # PIL's message names its BytesIO, not the file
+                detail = "unknown format or damaged header" if "cannot identify" in str(err) else first_line(err)
+                raise RecipeError(f"key 'data.root': cannot decode image {path} ({detail})") from None
             files.append(data)
             drawn.append(self.draw(int(index), epoch, (h, w)))
         labels = torch.as_tensor([int(self.labels[int(k[0] if isinstance(k, tuple) else k)]) for k in keys])
@@ -218,11 +219,12 @@ class StreamingImageFolder(Dataset):
         """
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        images: list[torch.Tensor | None] = [None] * len(batch.files)
-        jpegs = [i for i, data in enumerate(batch.files) if data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8]
+        files = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in batch.files]
+        images: list[torch.Tensor | None] = [None] * len(files)
+        jpegs = [i for i, data in enumerate(batch.files) if data[:2] == b"\xff\xd8"]
         if jpegs:
             try:
-                decoded = decode_jpeg([batch.files[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+                decoded = decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
                 for i, image in zip(jpegs, decoded, strict=True):
                     images[i] = image
             except RuntimeError:
@@ -231,7 +233,7 @@ class StreamingImageFolder(Dataset):
         for i, drawn in enumerate(batch.transforms):
             image = images[i]
             if image is None:
-                image = decode_image_file(batch.paths[i], batch.files[i]).to(device)
+                image = decode_image_file(batch.paths[i], files[i]).to(device)
             out.append(self.transform(image, drawn))
         return torch.stack(out), batch.labels.to(device)
 

@@ -153,11 +153,12 @@ def test_a_streamed_run_resumes_bit_identically(tmp_path, monkeypatch):
     ],
     ids=["garbage", "too-small", "wrong-size-for-cifar"],
 )
-def test_bad_files_are_named_in_one_line(tmp_path, capsys, damage, extra, message):
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_bad_files_are_named_in_one_line(tmp_path, capsys, damage, extra, message, decode):
     root = make_tree(tmp_path / "tree", (32, 32))
     bad = root / "train" / "dog" / "002.png"
     damage(bad)
-    assert train_streamed(root, tmp_path / "run", "trainer.epochs=1", *extra) == 2
+    assert train_streamed(root, tmp_path / "run", "trainer.epochs=1", f"data.decode={decode}", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert str(bad) in err and message in err
@@ -168,6 +169,7 @@ def test_bad_files_are_named_in_one_line(tmp_path, capsys, damage, extra, messag
     [
         ({"augment": "imagenet"}, "key 'data.augment': imagenet (RandomResizedCrop) needs"),
         ({"name": "synthetic", "preload": False}, "key 'data.preload': only imagefolder trees stream"),
+        ({"decode": "device"}, "key 'data.decode': device decoding is for streamed trees"),
     ],
 )
 def test_streaming_options_are_checked(tmp_path, overrides, message):
@@ -175,3 +177,54 @@ def test_streaming_options_are_checked(tmp_path, overrides, message):
     with pytest.raises(RecipeError) as err:
         build_data(data_cfg(root, **overrides), seed=0, device="cpu")
     assert message in str(err.value)
+
+
+def _epoch(bundle, epoch=0):
+    return [(x.clone(), y.clone()) for x, y in bundle.train.epoch_batches(epoch)]
+
+
+@pytest.mark.parametrize(
+    ("size", "fmt", "extra"),
+    [((40, 36), "jpg", {"augment": "imagenet", "image_size": 24}), ((32, 32), "png", {}), ((32, 32), "jpg", {})],
+    ids=["jpeg-imagenet", "png-cifar", "jpeg-cifar"],
+)
+def test_decoding_on_the_device_gives_the_workers_batches(tmp_path, size, fmt, extra):
+    """data.decode=device: the same crops and flips, decoded in the main process; on the CPU the same bytes."""
+    root = make_tree(tmp_path / "tree", size, fmt=fmt)
+    workers = build_data(data_cfg(root, preload=False, num_workers=1, **extra), seed=3, device="cpu")
+    device = build_data(data_cfg(root, preload=False, decode="device", num_workers=1, **extra), seed=3, device="cpu")
+    for epoch in (0, 1):
+        a, b = _epoch(workers, epoch), _epoch(device, epoch)
+        assert len(a) == len(b) == 4
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert xb.dtype == torch.uint8 and xb.shape == xa.shape
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    resumed = [x for x, _ in device.train.epoch_batches(1, 2)]
+    assert torch.equal(resumed[0], _epoch(device, 1)[2][0])  # a resume mid-epoch decodes the same batch
+
+
+def test_training_decodes_on_the_device_and_resumes_exactly(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "tree", (40, 36), fmt="jpg")
+    extra = ("data.augment=imagenet", "data.image_size=32", "data.decode=device")
+    assert train_streamed(root, tmp_path / "full", *extra, "trainer.max_steps=6") == 0
+    assert train_streamed(root, tmp_path / "part", *extra, "trainer.max_steps=3") == 0
+    assert train_main(["--resume", str(tmp_path / "part"), "trainer.max_steps=6"]) == 0
+    full, resumed = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    torch.testing.assert_close(resumed["model"], full["model"], rtol=0, atol=0)
+    assert train_streamed(root, tmp_path / "workers", "data.augment=imagenet", "data.image_size=32",
+                          "trainer.max_steps=6") == 0  # fmt: skip
+    workers = load_checkpoint(tmp_path / "workers" / "checkpoints" / "last.pt")
+    torch.testing.assert_close(workers["model"], full["model"], rtol=0, atol=0)  # the same training
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_jpegs_decode_on_the_gpu_close_to_the_cpu(tmp_path):
+    root = make_tree(tmp_path / "tree", (64, 48), fmt="jpg")
+    cfg = data_cfg(root, preload=False, decode="device", augment="imagenet", image_size=32)
+    cpu = _epoch(build_data(cfg, seed=0, device="cpu"))
+    gpu = _epoch(build_data(cfg, seed=0, device="cuda"))
+    for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
+        assert xg.is_cuda and torch.equal(yc, yg.cpu())
+        diff = (xc.float() - xg.cpu().float()).abs()
+        assert diff.mean() < 3 and diff.max() <= 64  # nvJPEG's IDCT and the GPU resize round differently

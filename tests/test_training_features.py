@@ -238,6 +238,7 @@ def test_csv_log_holds_every_logged_scalar_once_across_a_resume(tmp_path):
         f.write("4,loss/clean,9.0\n5,loss/cl")  # logged after the checkpoint, then killed mid-line
     assert train_main(["--resume", str(tmp_path / "part"), "trainer.max_steps=6"]) == 0
     full, part = (read_scalars(tmp_path / r / "scalars.csv") for r in ("full", "part"))
+
     def training(rows):  # throughput is wall-clock; the stopped run also evaluated at its stop
         return [r for r in rows if r[1].startswith(("loss/", "acc/", "lr")) and not r[1].startswith("acc/test_")]
 
