@@ -132,9 +132,14 @@ def decode_image_file(path: str, data: Any = None) -> torch.Tensor:
 
     data = read_image_file(path) if data is None else data
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
         return _decode_with_pil(path, err)
+    if image.ndim == 4:  # an animated image (GIF): its first frame, as torchvision's ImageFolder (PIL) reads it
+        image = image[0]
+    if image.dtype == torch.uint16:  # a 16-bit PNG: its top 8 bits, as PIL's conversion to RGB keeps them
+        image = image.to(torch.int32).div(256, rounding_mode="floor").to(torch.uint8)
+    return image
 
 
 def resize_centre_crop(image: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.Tensor:

@@ -145,6 +145,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = distributed.rank_device(plan.device, self.dist)
         resume_ckpt = self._read_resume_checkpoint(self.ckpt_dir / "last.pt") if resume else None
+        self.resumed = resume_ckpt is not None
         if self.dist.is_main:
             if not resume:
                 check_new_run_dir(self.run_dir)
@@ -262,7 +263,7 @@ class Trainer:
                 self.tb.resume_at(self.state.step)  # a resume logs the steps after its checkpoint again
                 divergence = bool(self.cfg.logging.divergence_every) and not self.cfg.model.share_stats
                 self.tb.layout([s.name for s in self.specs], list(self.sources), divergence=divergence)
-                if self.state.step == 0:
+                if not self.resumed:  # once per run, not once per session
                     self.tb.recipe(OmegaConf.to_yaml(self.cfg, resolve=True))
             self._wall_start = time.perf_counter()
             with self._signals_save_checkpoint():
@@ -522,7 +523,7 @@ class Trainer:
         acc, ema = distributed.broadcast_object((acc, ema))
         self.state.test_acc, self.state.test_acc_ema, self.state.evaluated_step = acc, ema, self.state.step
         self.state.best_acc = max(self.state.best_acc, acc[self.sources[0]])
-        logged = {f"acc/test_{bn}": a for bn, a in acc.items()} | {f"acc/test_{bn}_ema": a for bn, a in ema.items()}
+        logged = {f"acc_test/{bn}": a for bn, a in acc.items()} | {f"acc_test_ema/{bn}": a for bn, a in ema.items()}
         self.tb.scalars(logged, self.state.step)
         line = _fmt(acc, "test_acc") + (" " + _fmt(ema, "test_acc_ema") if ema else "")
         self.progress.log(f"epoch {self.state.epoch} step {self.state.step}: " + line)

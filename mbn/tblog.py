@@ -2,7 +2,7 @@
 
 Scalars (also appended to ``scalars.csv`` by a :class:`~mbn.csvlog.CsvScalarLog` given as ``csv``):
 
-- ``loss/<domain>``, ``loss/total``, ``acc/<domain>``, ``acc/test_<bn>`` and ``acc/test_<bn>_ema``, ``lr``,
+- ``loss/<domain>``, ``loss/total``, ``acc/<domain>``, ``acc_test/<bn>`` and ``acc_test_ema/<bn>``, ``lr``,
   ``throughput/images_per_s`` and ``throughput/<domain>``: whatever the engine passes to :meth:`scalars`.
 - ``x_diagnostics/bn_divergence_log10/<source>``: one per auxiliary BN source, the log10 of the symmetric KL
   between its running statistics and the main BN's, averaged over layers (:mod:`mbn.eval.divergence`). The
@@ -10,12 +10,13 @@ Scalars (also appended to ``scalars.csv`` by a :class:`~mbn.csvlog.CsvScalarLog`
   ``10 ** value`` recovers it. A divergence of 0 is floored at ``1e-12`` (log10 -12).
 
 Order. TensorBoard's default (Time Series) view sorts tag groups, the part before the first ``/``,
-alphabetically: ``acc`` (training and test accuracies), ``loss``, ``lr``, ``samples``, ``samples_perturbation``,
-``throughput``. The diagnostics group is named ``x_diagnostics`` so that it sorts after all of them: ``x`` comes
-after ``t``, and a word reads as what it is, where a ``_`` prefix would sort first and a symbol such as ``~`` is
-awkward to read and to type in the tag filter. :meth:`TensorBoardLogger.layout` also writes a Custom Scalars
-layout (the CUSTOM SCALARS tab) in reading order: losses (every domain's and the total on one chart),
-accuracies (train per domain; test per BN with its EMA), learning rate and throughput, BN divergence.
+alphabetically: ``acc`` (training), ``acc_test``, ``acc_test_ema``, ``loss``, ``lr``, ``samples``,
+``samples_perturbation``, ``throughput``. The diagnostics group is named ``x_diagnostics`` so that it sorts
+after all of them: ``x`` comes after ``t``, and a word reads as what it is, where a ``_`` prefix would sort
+first and a symbol such as ``~`` is awkward to read and to type in the tag filter. Test accuracies have groups
+of their own, so no domain or BN name can make two curves share a tag. :meth:`TensorBoardLogger.layout` also
+writes a Custom Scalars layout (the CUSTOM SCALARS tab) in reading order: losses (every domain's and the total on
+one chart), accuracies (train per domain; test per BN with its EMA), learning rate and throughput, BN divergence.
 
 Images: ``samples/<domain>`` and ``samples_perturbation/<domain>`` (groups named to sort after ``acc``, ``loss``
 and ``lr``), the latter the change a domain made to its input, amplified by
@@ -164,7 +165,7 @@ class TensorBoardLogger:
             "accuracies": {
                 "train accuracy per domain": _chart([f"acc/{d}" for d in domains]),
                 "test accuracy per BN (and its EMA weights)": _chart(
-                    [tag for bn in sources for tag in (f"acc/test_{bn}", f"acc/test_{bn}_ema")]
+                    [tag for bn in sources for tag in (f"acc_test/{bn}", f"acc_test_ema/{bn}")]
                 ),
             },
             "learning rate and throughput": {

@@ -228,3 +228,32 @@ def test_jpegs_decode_on_the_gpu_close_to_the_cpu(tmp_path):
         assert xg.is_cuda and torch.equal(yc, yg.cpu())
         diff = (xc.float() - xg.cpu().float()).abs()
         assert diff.mean() < 3 and diff.max() <= 64  # nvJPEG's IDCT and the GPU resize round differently
+
+
+def test_16_bit_pngs_and_animated_gifs_decode_to_8_bit_rgb(tmp_path):
+    """torchvision decodes a 16-bit PNG as uint16 and a GIF as frames: both become one uint8 RGB image."""
+    import cv2
+
+    from mbn.data import decode_image_file
+
+    deep = np.random.default_rng(0).integers(0, 2**16, (32, 32, 3)).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep[..., ::-1])  # OpenCV writes BGR
+    image = decode_image_file(str(tmp_path / "deep.png"))
+    assert image.dtype == torch.uint8
+    assert torch.equal(image, torch.from_numpy((deep >> 8).astype(np.uint8)).permute(2, 0, 1))
+    frames = [Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)) for i in (1, 2, 3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    gif = decode_image_file(str(tmp_path / "anim.gif"))
+    assert gif.shape == (3, 32, 32) and gif.dtype == torch.uint8
+    with Image.open(tmp_path / "anim.gif") as first:
+        assert torch.equal(gif, torch.from_numpy(np.asarray(first.convert("RGB")).copy()).permute(2, 0, 1))
+
+    root = make_tree(tmp_path / "tree", (32, 32))
+    cv2.imwrite(str(root / "train" / "cat" / "000.png"), deep[..., ::-1])
+    batches = {}
+    for decode in ("workers", "device"):
+        bundle = build_data(data_cfg(root, preload=False, decode=decode), seed=0, device="cpu")
+        batches[decode] = _epoch(bundle)
+        assert all(x.dtype == torch.uint8 for x, _ in batches[decode])
+    for (a, _), (b, _) in zip(batches["workers"], batches["device"], strict=True):
+        assert torch.equal(a, b)

@@ -56,7 +56,7 @@ def test_layout_lists_losses_first_and_divergence_last(tmp_path):
     (loss_chart,) = layout[0][1]
     assert loss_chart[1] == ["^loss/clean$", "^loss/autoaug$", "^loss/adv$", "^loss/total$"]
     test_chart = dict(layout[1][1])["test accuracy per BN (and its EMA weights)"]
-    assert "^acc/test_clean$" in test_chart and "^acc/test_clean_ema$" in test_chart
+    assert "^acc_test/clean$" in test_chart and "^acc_test_ema/clean$" in test_chart
     assert dict(layout[3][1])["log10 symmetric KL to the main BN (mean over layers)"] == [
         f"^{divergence_tag('autoaug')}$",
         f"^{divergence_tag('adv')}$",

@@ -52,7 +52,7 @@ def test_feature_tensorboard_has_per_domain_curves(tmp_path):
     for domain in ("clean", "autoaug", "adv"):
         assert {f"loss/{domain}", f"acc/{domain}"} <= scalars
         assert f"samples/{domain}" in images
-    assert {"loss/total", "lr", "throughput/images_per_s", "acc/test_clean"} <= scalars
+    assert {"loss/total", "lr", "throughput/images_per_s", "acc_test/clean"} <= scalars
     assert "samples_perturbation/adv" in images
     assert "samples_perturbation/clean" not in images  # the clean domain changes nothing
     assert {divergence_tag("autoaug"), divergence_tag("adv")} <= scalars  # one summary per auxiliary BN
@@ -60,7 +60,7 @@ def test_feature_tensorboard_has_per_domain_curves(tmp_path):
     assert not [tag for tag in scalars if "divergence" in tag and tag.split("/")[-1] not in ("autoaug", "adv")]
     assert len(acc.Scalars("loss/adv")) == 4
     groups = sorted({tag.split("/")[0] for tag in scalars | images})
-    assert groups[:2] == ["acc", "loss"] and groups[-1] == "x_diagnostics"  # what a reader looks for first
+    assert groups[:3] == ["acc", "acc_test", "loss"] and groups[-1] == "x_diagnostics"  # what a reader looks for first
 
 
 def test_feature_resume_equals_uninterrupted(tmp_path):
