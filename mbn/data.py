@@ -49,7 +49,7 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 _SUBSET_SEED = 20200614  # fixed, so train_limit/test_limit pick the same images whatever the run seed
-_CACHE_VERSION = 2  # 2: the fingerprint covers the absolute root and file mtimes
+_CACHE_VERSION = 3  # 2: the fingerprint covers the absolute root and file mtimes; 3: 16-bit PNGs, animated GIFs
 _DECODE_CHUNK = 512
 
 
