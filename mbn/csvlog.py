@@ -119,11 +119,7 @@ class CsvScalarLog:
 
     def close(self) -> None:
         """Close the file; a later :meth:`scalars` call reopens it for appending."""
-        if self._file is not None:
-            try:
-                self._file.flush()
-            except (OSError, ValueError) as err:
-                self._stop(err)
+        self.flush()
         self._close_file()
 
     def _close_file(self) -> None:
