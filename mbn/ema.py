@@ -7,11 +7,9 @@ to the main one) is averaged once per step, not once per key.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from timm.utils import ModelEmaV3
-from torch import Tensor, nn
+from torch import nn
 
 
 class WeightEma(ModelEmaV3):  # type: ignore[misc]
@@ -48,11 +46,3 @@ class WeightEma(ModelEmaV3):  # type: ignore[misc]
                 ema_v.copy_(model_v)
         if ema_values:
             torch._foreach_lerp_(ema_values, model_values, weight=1.0 - decay)
-
-    def state_dict_for_checkpoint(self) -> dict[str, Tensor]:
-        """The averaged model's state dict (what a checkpoint stores under ``ema``)."""
-        return self.module.state_dict()
-
-    def load(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict_for_checkpoint`."""
-        self.module.load_state_dict(state)

@@ -85,7 +85,7 @@ class TrainState:
         if not isinstance(self.test_acc, dict) or not isinstance(self.test_acc_ema, dict):
             raise ValueError("state.test_acc / state.test_acc_ema are not accuracies")
         if not isinstance(self.best_acc, (int, float)):
-            raise ValueError("state.test_acc / state.best_acc are not accuracies")
+            raise ValueError("state.best_acc is not an accuracy")
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -177,10 +177,11 @@ class Trainer:
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.forward_model = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self._heads_forward = _HeadsForward(self.model, self.forward_model)  # the training forward
         self.ddp: DistributedDataParallel | None = None
         if self.dist.enabled:  # attacks use self.model (contexts below): no gradient all-reduce while attacking
             self.ddp = DistributedDataParallel(
-                _HeadsForward(self.model, self.forward_model),
+                self._heads_forward,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 # a BN source or head idle in a step (domain windows, attack-only BNs) gets no gradient
                 find_unused_parameters=len(self.sources) > 1 or bool(self.heads),
@@ -466,11 +467,7 @@ class Trainer:
 
     def _forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
         with self._autocast():
-            if self.ddp is not None:
-                return self.ddp(x, heads)
-            if heads == (CLASSES,):
-                return {CLASSES: self.forward_model(x)}
-            return forward_heads(self.forward_model, x, heads)  # type: ignore[arg-type]
+            return (self.ddp or self._heads_forward)(x, heads)
 
     def backward(self, losses: dict[str, Tensor], sizes: dict[str, int] | None = None) -> None:
         """Add the gradients of ``sum(weight * loss)`` (over ``optim.grad_accum_steps``) to ``.grad``.
@@ -562,7 +559,7 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
         if self.ema is not None:
-            ckpt["ema"] = self.ema.state_dict_for_checkpoint()
+            ckpt["ema"] = self.ema.module.state_dict()
         atomic_torch_save(ckpt, self.ckpt_dir / "last.pt")
         main = self.state.test_acc.get(self.sources[0])
         if main is not None and main >= self.state.best_acc:
@@ -630,7 +627,7 @@ class Trainer:
             self.progress.log(f"{path} holds no weight average: ema starts from the weights at step {self.state.step}")
             return
         try:
-            self.ema.load(state)
+            self.ema.module.load_state_dict(state)
         except (RuntimeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{path}: its 'ema' entry does not fit this model ({first_line(err)})") from None
 

@@ -195,7 +195,7 @@ class StreamingImageFolder(Dataset):
         """
         from PIL import Image
 
-        files, drawn = [], []
+        files, paths, drawn, labels = [], [], [], []
         for key in keys:
             index, epoch = key if isinstance(key, tuple) else (key, None)
             path = self.paths[int(index)]
@@ -207,9 +207,10 @@ class StreamingImageFolder(Dataset):
                 detail = "unknown format or damaged header" if "cannot identify" in str(err) else first_line(err)
                 raise RecipeError(f"key 'data.root': cannot decode image {path} ({detail})") from None
             files.append(data)
+            paths.append(path)
             drawn.append(self.draw(int(index), epoch, (h, w)))
-        labels = torch.as_tensor([int(self.labels[int(k[0] if isinstance(k, tuple) else k)]) for k in keys])
-        return EncodedBatch(files, [self.paths[int(k[0] if isinstance(k, tuple) else k)] for k in keys], drawn, labels)
+            labels.append(int(self.labels[int(index)]))
+        return EncodedBatch(files, paths, drawn, torch.as_tensor(labels))
 
     def decode_batch(self, batch: EncodedBatch, device: torch.device) -> Batch:
         """Decode an :class:`EncodedBatch` on ``device`` and apply its transforms: ``(uint8 N3SS, labels)``.
