@@ -289,6 +289,7 @@ class Trainer:
         """Close the progress display and TensorBoard, and release the run directory's lock."""
         self.progress.close()
         self.tb.close()
+        self.ddp = None  # its reducer goes now, while the process group it uses still exists (not at interpreter exit)
         if self.lock is not None:
             self.lock.release()
 
