@@ -268,14 +268,14 @@ class Trainer:
                     self.tb.recipe(OmegaConf.to_yaml(self.cfg, resolve=True))
             self._wall_start = time.perf_counter()
             with self._signals_save_checkpoint():
-                while self.state.epoch < self.epochs and not self._done() and not self._stopping:
+                while self.state.epoch < self.epochs and not self._done() and not self.stopping:
                     self.train_one_epoch(self.state.epoch)
                     if self.epoch_done:
                         self.state.epoch, self.state.batch = self.state.epoch + 1, 0
                         if self._eval_due():
                             self.evaluate()
                         self.save_checkpoint()
-                if not self._stopping and self.state.evaluated_step != self.state.step:  # max_steps mid-epoch
+                if not self.stopping and self.state.evaluated_step != self.state.step:  # max_steps mid-epoch
                     self.evaluate()
                     self.save_checkpoint()
             metrics = self._final_metrics(self._wall_at_save)
@@ -336,7 +336,7 @@ class Trainer:
             self.state.batch += k
             self._after_step(outputs, images)
             self._agree_stop()
-            if self._done() or self._stopping:
+            if self._done() or self.stopping:
                 return
 
     def _micro_step(self, batch: Batch, micro: int) -> tuple[dict[str, Batch], Tensor]:
@@ -798,7 +798,8 @@ class Trainer:
         return self._wall_before + (time.perf_counter() - start if start is not None else 0.0)
 
     @property
-    def _stopping(self) -> bool:
+    def stopping(self) -> bool:
+        """A stop signal was taken (agreed by every rank under torchrun): the trainer checkpoints and stops."""
         return self._stop_signal is not None
 
     def _agree_stop(self) -> None:
@@ -854,11 +855,15 @@ class Trainer:
         try:
             yield
             self._agree_stop()  # a signal after the last step's agreement (every rank gets here)
+            if self._stop_signal is not None:
+                # still under request_stop: under torchrun, a repeat of the same preemption (or the agent's SIGTERM
+                # once another rank exits) cannot cut the save short
+                self.save_checkpoint()
+                distributed.barrier()  # no rank exits (and has the agent stop the others) before rank 0 has written
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if self._stop_signal is not None:
-            self.save_checkpoint()
             name = signal.Signals(self._stop_signal).name
             raise TrainingInterruptedError(
                 f"{name} at step {self.state.step}; checkpoint saved, resume with: mbn-train --resume {self.run_dir}",

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_recipes:
         return list_recipes()
     started: list[Any] = []  # the trainer, once built
-    with _signals_raise():
+    # under torchrun, a stop already taken is not aborted by a repeat of the same preemption (SLURM signals every
+    # process and the agent forwards it; the agent also signals the other ranks once one has exited)
+    with _signals_raise(absorb=lambda: bool(started) and started[0].dist.enabled and started[0].stopping):
         try:
             return _train(args, started)
         except (StopSignal, KeyboardInterrupt) as stop:
@@ -142,14 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Until the trainer takes over (and after its first signal), SIGINT/SIGTERM/SIGHUP raise :class:`StopSignal`."""
+def _signals_raise(absorb: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Until the trainer takes over (and after its first signal), SIGINT/SIGTERM/SIGHUP raise :class:`StopSignal`.
+
+    A signal arriving while ``absorb()`` is true is dropped.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: object) -> None:
-        raise StopSignal(signum)
+        if not absorb():
+            raise StopSignal(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
