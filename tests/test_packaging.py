@@ -57,6 +57,8 @@ def test_wheel_holds_recipes_and_no_bare_domains_package(wheel):
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     metadata = zipfile.ZipFile(wheel).read(meta).decode()
     assert "Name: mbn-advprop" in metadata
+    assert "License-Expression: Apache-2.0" in metadata  # and the licence text travels with the wheel
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     base = [line for line in requires if "extra ==" not in line]
     assert not [line for line in base if "torchattacks" in line or "imagecorruptions" in line or "opencv" in line]
