@@ -83,11 +83,11 @@ class _AttackDomain(Domain):
 
     def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
         """Attack ``images`` through ``ctx``'s BN in the ``attack_bn`` mode; return ``(adv, true labels)``."""
-        goal = (
-            attacks.random_wrong_labels(labels, ctx.num_classes, ctx.generator, check_labels=False)
-            if self.targeted
-            else labels
-        )
+        if self.targeted:  # soft targets (after mixup/CutMix): a wrong class of each sample's dominant class
+            hard = labels.argmax(1) if labels.is_floating_point() else labels
+            goal = attacks.random_wrong_labels(hard, ctx.num_classes, ctx.generator, check_labels=False)
+        else:
+            goal = labels
         extra = self._rotation_objective(images, ctx) if self.rotation_weight > 0 else None
         reuse = ctx.reuse_gradient(self.reuse_grad) if self.reuse_grad > 0 else None
         with ctx.attack_mode(self.attack_bn):

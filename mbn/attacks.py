@@ -222,6 +222,8 @@ def random_wrong_labels(
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 to draw a wrong class, got {num_classes!r}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be class indices to draw a wrong class, got {labels.dtype} labels")
     if check_labels and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
     device = generator.device if generator is not None else labels.device

@@ -219,11 +219,26 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         return cfg
     if not isinstance(base, str):
         raise RecipeError(f"{path}: key 'base' must be a path to another recipe, got {base!r}")
-    return OmegaConf.merge(_read_with_bases(path.parent / base, (*seen, path)), cfg)  # type: ignore[return-value]
+    return OmegaConf.merge(_read_with_bases(_base_path(path, base), (*seen, path)), cfg)  # type: ignore[return-value]
 
 
-def _friendly(err: Exception) -> str:
-    key = getattr(err, "full_key", None)
+def _base_path(recipe: Path, base: str) -> Path:
+    """``base:`` relative to the recipe's folder, else a shipped recipe's name (``base: advprop``)."""
+    beside = recipe.parent / base
+    if beside.is_file() or len(Path(base).parts) != 1:
+        return beside
+    from mbn.shipped import shipped_recipes
+
+    shipped = shipped_recipes().get(base.removesuffix(".yaml").removesuffix(".yml"))
+    if shipped is not None:
+        return shipped
+    raise RecipeError(
+        f"{recipe}: key 'base': {base} is neither a file beside it nor a shipped recipe (mbn-train --list-recipes)"
+    )
+
+
+def _friendly(err: Exception, fallback_key: str | None = None) -> str:
+    key = getattr(err, "full_key", None) or fallback_key
     msg = first_line(err)
     return f"key '{key}': {msg}" if key else msg
 
@@ -253,10 +268,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, 
     except (OmegaConfBaseException, TypeError, ValueError) as err:
         raise RecipeError(_friendly(err)) from None
     for item in overrides or []:  # one at a time, so a failure names its override
+        key, value = (part.strip() for part in item.split("=", 1))
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
-            raise RecipeError(_friendly(err)) from None
+            if isinstance(OmegaConf.select(cfg, key), DictConfig):  # ema=0.9: a section given a scalar
+                raise RecipeError(f"key '{key}': a section, not a value (set {key}.<name>=...), got {value!r}") from None
+            raise RecipeError(_friendly(err, key)) from None
         except (TypeError, ValueError) as err:
             raise RecipeError(f"key '{item.split('=', 1)[0]}': {first_line(err)}") from None
     try:

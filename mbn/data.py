@@ -137,7 +137,7 @@ def decode_image_file(path: str, data: Any = None) -> torch.Tensor:
         return _decode_with_pil(path, err)
     if image.ndim == 4:  # an animated image (GIF): its first frame, as torchvision's ImageFolder (PIL) reads it
         image = image[0]
-    if image.dtype == torch.uint16:  # a 16-bit PNG: its top 8 bits, as PIL's conversion to RGB keeps them
+    if image.dtype == torch.uint16:  # a 16-bit PNG: its top 8 bits (PIL keeps them for RGB but clips grayscale to 255)
         image = image.to(torch.int32).div(256, rounding_mode="floor").to(torch.uint8)
     return image
 
@@ -791,7 +791,8 @@ class DataBundle:
     stats: DataStats
     train_split: ArraySplit | None = field(repr=False)  # None for a streamed set (data.preload=false)
     test_split: ArraySplit | None = field(repr=False)
-    streamed_fingerprint: str | None = None  # identity of a streamed training set (file list and labels)
+    streamed_fingerprint: str | None = None  # identity of a streamed training set (file list, labels, 64 files)
+    legacy_fingerprint: str | None = None  # what a run saved before 0.3.1 stored for it (file list and labels)
 
     @property
     def num_classes(self) -> int:
@@ -1013,6 +1014,11 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
         StreamingImageFolder,
     )
 
+    if cfg.on_device:
+        raise RecipeError(
+            "key 'data.on_device': holding the set on the device is for preloaded sets; a streamed tree "
+            "(data.preload=false) decodes batch by batch (data.decode=device decodes them on the device)"
+        )
     root = Path(cfg.root)
     classes = folder_classes(root)
     train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)
@@ -1033,7 +1039,23 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
         StreamingImageFolder(test, cfg.image_size, train=False, **common), cfg.eval_batch_size, cfg.num_workers, pin
     )
     stats = _override_normalisation(cfg, DataStats(tuple(classes), IMAGENET_MEAN, IMAGENET_STD, int(cfg.image_size)))
-    digest = hashlib.sha1(f"{len(train)}|{cfg.image_size}".encode())
+    listing, content = streamed_fingerprints(root, train, int(cfg.image_size))
+    return DataBundle(loader, test_loader, stats, None, None, streamed_fingerprint=content, legacy_fingerprint=listing)
+
+
+def streamed_fingerprints(root: Path, train: Sequence[tuple[str, int]], image_size: int) -> tuple[str, str]:
+    """Identity of a streamed training set for resume: (file list and labels, the same plus 64 files' bytes).
+
+    The second is what a checkpoint stores; the first is what runs saved before mbn 0.3.1 stored (still accepted).
+    """
+    digest = hashlib.sha1(f"{len(train)}|{image_size}".encode())
     for path, label in train:
         digest.update(f"|{os.path.relpath(path, root)}:{label}".encode("utf-8", "surrogateescape"))
-    return DataBundle(loader, test_loader, stats, None, None, streamed_fingerprint=digest.hexdigest()[:20])
+    listing = digest.hexdigest()[:20]
+    step = max(1, len(train) // 64)
+    for path, _ in train[::step][:64]:  # 64 files spread over the set, as for a preloaded one
+        try:
+            digest.update(Path(path).read_bytes())
+        except OSError as err:
+            raise RecipeError(f"{path}: cannot read ({first_line(err)})") from None
+    return listing, digest.hexdigest()[:20]

@@ -59,6 +59,19 @@ def env_world_size() -> int:
         return 1
 
 
+def resume_command(run_dir: object) -> str:
+    """How to resume ``run_dir``: ``mbn-train --resume RUN``, under torchrun with the run's number of processes."""
+    world = env_world_size()
+    if world == 1:
+        return f"mbn-train --resume {run_dir}"
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    except ValueError:
+        local = world
+    nodes = f"--nnodes={world // local} ... " if world > local else "--standalone "
+    return f"torchrun {nodes}--nproc_per_node={local} -m mbn.cli.train --resume {run_dir}"
+
+
 def init_from_env(device: str = "auto") -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment; a no-op for one process.
 

@@ -259,7 +259,17 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until ``trainer.epochs`` or ``trainer.max_steps``; returns the final metrics."""
         try:
-            if self.dist.is_main:
+            finished = self._done() or self.state.epoch >= self.epochs
+            idle = self.resumed and finished and self.state.evaluated_step == self.state.step
+            if idle and self.dist.is_main:  # a finished run: its config.yaml keeps the recipe it was trained with
+                print(
+                    f"mbn-train: nothing to train: the run is at step {self.state.step} (epoch {self.state.epoch}) "
+                    f"and this recipe stops at {self._planned_steps()} steps ({self.epochs} epochs"
+                    + (f", trainer.max_steps={self.cfg.trainer.max_steps})" if self.cfg.trainer.max_steps else ")")
+                    + "; raise trainer.epochs or trainer.max_steps to train on",
+                    flush=True,
+                )
+            elif not idle and self.dist.is_main:
                 save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
                 self.tb.resume_at(self.state.step)  # a resume logs the steps after its checkpoint again
                 divergence = bool(self.cfg.logging.divergence_every) and not self.cfg.model.share_stats
@@ -279,7 +289,7 @@ class Trainer:
                     self.evaluate()
                     self.save_checkpoint()
             metrics = self._final_metrics(self._wall_at_save)
-            if self.dist.is_main:
+            if self.dist.is_main and not (idle and (self.run_dir / "metrics.json").is_file()):
                 atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             return metrics
         finally:
@@ -599,7 +609,7 @@ class Trainer:
             )
         self._check_same_data(ckpt.get("data"), path)
         saved = ckpt.get("data_fingerprint")
-        if saved is not None and saved != self.data_fingerprint:
+        if saved is not None and saved not in (self.data_fingerprint, self.data.legacy_fingerprint):
             raise RecipeError(
                 f"key 'data.root': the training set under {self.cfg.data.root} is not the one this run was trained on "
                 f"(another image count, labels or images than in {path}); resume on the same data"
@@ -866,7 +876,8 @@ class Trainer:
         if self._stop_signal is not None:
             name = signal.Signals(self._stop_signal).name
             raise TrainingInterruptedError(
-                f"{name} at step {self.state.step}; checkpoint saved, resume with: mbn-train --resume {self.run_dir}",
+                f"{name} at step {self.state.step}; checkpoint saved, resume with: "
+                f"{distributed.resume_command(self.run_dir)}",
                 self._stop_signal,
             )
 

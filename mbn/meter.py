@@ -153,6 +153,8 @@ class TrainClock:
         elapsed = time.perf_counter() - self._tic
         self._tic = None
         self.train_time += elapsed
+        if not self._window:  # no step in it (the clock restarted after an evaluation, stopped for a checkpoint)
+            return
         _add(self.images, self._window)
         if self._laps == 0:  # the session's first window is warm-up: kept aside, used only if nothing else is timed
             self._warmup = (elapsed, dict(self._window))
@@ -165,7 +167,7 @@ class TrainClock:
     def throughput(self) -> dict[str, float]:
         """``throughput/images_per_s`` (all domains) and ``throughput/<domain>`` images per second."""
         seconds, images = self._timed_time, self._timed_images
-        if seconds == 0.0:
+        if seconds == 0.0 or not images:  # (a checkpoint of 0.3.0 may hold empty windows' time without images)
             seconds, images = self._warmup
         seconds = max(seconds, 1e-9)
         out = {"throughput/images_per_s": sum(images.values()) / seconds}

@@ -190,7 +190,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert err.count("SIGTERM at step") == 2, err[-3000:]  # both ranks stopped on rank 1's signal, after one step
     assert "aborted" not in err, err[-3000:]
     step = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
-    assert f"SIGTERM at step {step}; checkpoint saved" in err
+    assert f"SIGTERM at step {step}; checkpoint saved, resume with: torchrun --standalone --nproc_per_node=2 " in err
     resumed = torchrun("--resume", str(run), f"trainer.max_steps={step + 2}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == step + 2
@@ -267,3 +267,22 @@ def test_sync_bn_on_cpu_under_torchrun_is_refused(monkeypatch):
     cfg = load_recipe(REPO / "recipes" / "advprop.yaml", [*TINY, "trainer.device=cpu", "trainer.sync_bn=true"])
     with pytest.raises(RecipeError, match=r"key .trainer\.sync_bn.: SyncBatchNorm needs CUDA"):
         plan_run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("world", "local", "expected"),
+    [
+        ("1", None, "mbn-train --resume RUN"),
+        ("2", "2", "torchrun --standalone --nproc_per_node=2 -m mbn.cli.train --resume RUN"),
+        ("16", "8", "torchrun --nnodes=2 ... --nproc_per_node=8 -m mbn.cli.train --resume RUN"),
+    ],
+)
+def test_the_resume_hint_names_the_run_s_launch(monkeypatch, world, local, expected):
+    from mbn.distributed import resume_command
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert resume_command("RUN") == expected

@@ -135,3 +135,36 @@ def test_exception_a_mixing_domain_after_another_heads_targets(tmp_path, capsys)
     assert train(recipe, tmp_path / "run", "domains.mixr={type: mixup, input: rot, bn: rot}") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "domains.mixr.input" in err[0] and "'rotation'" in err[0]
+
+
+def test_a_targeted_attack_after_mixup_aims_at_a_wrong_class_of_the_dominant_one(tmp_path, monkeypatch):
+    from mbn_domains.pgd import PGDDomain
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (soft targets in, attack goal, targets out)
+    attack, generate = PGDDomain._attack, PGDDomain.generate
+
+    def recording_attack(self, images, labels, ctx, **extra):
+        seen[-1][1] = labels
+        return attack(self, images, labels, ctx, **extra)
+
+    def recording_generate(self, images, labels, ctx):
+        seen.append([labels, None, None])
+        adv, out = generate(self, images, labels, ctx)
+        seen[-1][2] = out
+        return adv, out
+
+    monkeypatch.setattr(PGDDomain, "_attack", recording_attack)
+    monkeypatch.setattr(PGDDomain, "generate", recording_generate)
+    recipe = REPO / "recipes" / "advprop.yaml"
+    assert train(recipe, tmp_path / "run", "domains.mix={type: mixup, bn: clean}", "domains.adv.input=mix",
+                 "trainer.max_steps=2") == 0  # fmt: skip
+    assert len(seen) == 2
+    for soft, goal, out in seen:
+        assert soft.is_floating_point() and soft.dim() == 2 and out is soft  # the mixed targets go on to training
+        assert goal.dtype == torch.int64 and goal.shape == soft.shape[:1]
+        assert ((goal >= 0) & (goal < soft.shape[1])).all() and (goal != soft.argmax(1)).all()
+
+
+def test_exception_wrong_labels_of_soft_targets():
+    with pytest.raises(ValueError, match="class indices"):
+        mbn.attacks.random_wrong_labels(torch.full((2, 10), 0.1), 10)

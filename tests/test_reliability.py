@@ -85,6 +85,21 @@ def test_resume_of_finished_run_keeps_metrics(tmp_path):
     assert after["test_acc"] == before["test_acc"]
 
 
+def test_resuming_a_finished_run_with_a_shorter_recipe_changes_nothing(tmp_path, capsys):
+    """A resume that trains nothing leaves config.yaml alone: a later resume with more epochs trains them."""
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.epochs=1") == 0
+    files = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.json", "checkpoints/last.pt")}
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "trainer.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the run is at step 4 (epoch 1) and this recipe stops at 2 steps" in out, out
+    assert {name: (run / name).read_bytes() for name in files} == files
+    assert train_main(["--resume", str(run), "trainer.epochs=2"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 8
+    assert "max_steps: null" in (run / "config.yaml").read_text()
+
+
 def test_train_time_accumulates_over_resume(tmp_path):
     run = tmp_path / "run"
     assert train(VANILLA, run, "trainer.max_steps=4") == 0

@@ -14,7 +14,8 @@ from PIL import Image
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import DataCfg, RecipeError
-from mbn.data import build_data, load_test_split
+from mbn.data import build_data, load_test_split, streamed_fingerprints
+from mbn.fileio import atomic_torch_save
 from mbn.streaming import StreamingImageFolder, random_resized_crop_box
 from tests.runs import TINY
 
@@ -144,6 +145,41 @@ def test_a_streamed_run_resumes_bit_identically(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed["optimizer"]["state"], full["optimizer"]["state"], rtol=0, atol=0)
 
 
+def test_resuming_a_streamed_run_on_other_pixels_is_refused(tmp_path, capsys):
+    """Same file names, labels and count, other image content: the fingerprint reads 64 files spread over the set."""
+    root = make_tree(tmp_path / "tree", (32, 32))
+    other = tmp_path / "other"
+    for path in root.rglob("*.png"):  # every image changed, every name kept
+        target = other / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(target)
+    run = tmp_path / "run"
+    assert train_streamed(root, run, "trainer.max_steps=2") == 0
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), f"data.root={other}", "trainer.max_steps=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not the one this run was trained on" in err, err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    moved = tmp_path / "moved"  # the same data elsewhere: data.root may move
+    root.rename(moved)
+    assert train_main(["--resume", str(run), f"data.root={moved}", "trainer.max_steps=4"]) == 0
+
+
+def test_a_streamed_run_saved_before_content_fingerprints_still_resumes(tmp_path):
+    root = make_tree(tmp_path / "tree", (32, 32))
+    run = tmp_path / "run"
+    assert train_streamed(root, run, "trainer.max_steps=2") == 0
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    samples = sorted((str(p), CLASSES.index(p.parent.name)) for p in (root / "train").rglob("*.png"))
+    listing, content = streamed_fingerprints(root, samples, 32)
+    assert ckpt["data_fingerprint"] == content != listing
+    ckpt["data_fingerprint"] = listing  # what mbn 0.3.0 stored
+    atomic_torch_save(ckpt, run / "checkpoints" / "last.pt")
+    assert train_main(["--resume", str(run), "trainer.max_steps=4"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["data_fingerprint"] == content
+
+
 @pytest.mark.parametrize(
     ("damage", "extra", "message"),
     [
@@ -170,6 +206,7 @@ def test_bad_files_are_named_in_one_line(tmp_path, capsys, damage, extra, messag
         ({"augment": "imagenet"}, "key 'data.augment': imagenet (RandomResizedCrop) needs"),
         ({"name": "synthetic", "preload": False}, "key 'data.preload': only imagefolder trees stream"),
         ({"decode": "device"}, "key 'data.decode': device decoding is for streamed trees"),
+        ({"preload": False, "on_device": True}, "key 'data.on_device': holding the set on the device is for preloaded"),
     ],
 )
 def test_streaming_options_are_checked(tmp_path, overrides, message):

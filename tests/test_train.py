@@ -115,6 +115,8 @@ def test_feature_shared_bn_mixes_domains(tmp_path):
         (["RECIPE", "data.name=imagefolder", "data.root=/nonexistent"], "key 'data.root'"),
         (["RECIPE", "trainer.max_steps=0"], "key 'trainer.max_steps'"),
         (["RECIPE", "oops"], "override 'oops': expected dotted.key=value"),
+        (["RECIPE", "ema=0.9"], "key 'ema': a section, not a value (set ema.<name>=...), got '0.9'"),
+        (["RECIPE", "optim=1"], "key 'optim': a section, not a value"),
     ],
 )
 def test_exception_bad_input_one_line_exit_2(args, expected, tmp_path, capsys):
@@ -217,3 +219,21 @@ def test_feature_entry_point_domain_trains_from_recipe(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sources"] == ["clean", "inv"]
     assert metrics["train"]["inv"]["loss"] is not None
+
+
+def test_a_recipe_builds_on_a_shipped_one_by_name(tmp_path, monkeypatch):
+    from mbn.config import RecipeError
+
+    monkeypatch.chdir(tmp_path)  # a pip user's folder: no recipes/ beside it
+    (tmp_path / "mine.yaml").write_text("base: advprop\noptim:\n  lr: 0.01\n")
+    cfg = load_recipe(tmp_path / "mine.yaml")
+    shipped = load_recipe(REPO / "recipes" / "advprop.yaml")
+    assert cfg.optim.lr == 0.01 and list(cfg.domains) == list(shipped.domains) == ["clean", "adv"]
+    (tmp_path / "mine2.yaml").write_text("base: advprop.yaml\n")
+    assert list(load_recipe(tmp_path / "mine2.yaml").domains) == ["clean", "adv"]
+    (tmp_path / "advprop.yaml").write_text("base: base.yaml\n")  # a file beside the recipe comes first
+    with pytest.raises(RecipeError, match=r"advprop\.yaml: key .base.: base\.yaml is neither"):
+        load_recipe(tmp_path / "mine2.yaml")
+    (tmp_path / "other.yaml").write_text("base: no_such_recipe\n")
+    with pytest.raises(RecipeError, match="key 'base': no_such_recipe is neither a file beside it nor a shipped"):
+        load_recipe(tmp_path / "other.yaml")

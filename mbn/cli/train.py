@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trainer = started[0]
                 print(
                     f"{_prog()}: aborted by {name} at step {trainer.state.step}; the last checkpoint in "
-                    f"{trainer.ckpt_dir} is kept (resume with: mbn-train --resume {trainer.run_dir})",
+                    f"{trainer.ckpt_dir} is kept (resume with: {distributed.resume_command(trainer.run_dir)})",
                     file=sys.stderr,
                 )
             return 128 + signum

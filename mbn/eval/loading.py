@@ -13,6 +13,7 @@ from mbn.builders import build_model, resolve_device
 from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint
 from mbn.config import RecipeCfg, RecipeError
 from mbn.data import ArraySplit, DataStats, load_arrays, load_test_split
+from mbn.errors import one_line
 
 
 @dataclass
@@ -72,7 +73,7 @@ def load_run(
         else:
             _, test, stats = load_arrays(cfg.data)
     except (RecipeError, ValueError, FileNotFoundError) as err:
-        raise RecipeError(f"{ckpt_path}: cannot load the run's test data: {err}") from None
+        raise RecipeError(f"{ckpt_path}: cannot load the run's test data: {one_line(err)}") from None
     sources = tuple(ckpt["sources"])
     model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources, heads=ckpt.get("heads"))
     if weights == "ema" and not isinstance(ckpt.get("ema"), dict):
