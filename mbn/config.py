@@ -273,7 +273,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             if isinstance(OmegaConf.select(cfg, key), DictConfig):  # ema=0.9: a section given a scalar
-                raise RecipeError(f"key '{key}': a section, not a value (set {key}.<name>=...), got {value!r}") from None
+                message = f"key '{key}': a section, not a value (set {key}.<name>=...), got {value!r}"
+                raise RecipeError(message) from None
             raise RecipeError(_friendly(err, key)) from None
         except (TypeError, ValueError) as err:
             raise RecipeError(f"key '{item.split('=', 1)[0]}': {first_line(err)}") from None

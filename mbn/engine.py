@@ -11,6 +11,7 @@ depend only on ``(trainer.seed, epoch, index)``, so a resumed run is bit-identic
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import json
 import signal
@@ -185,7 +186,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 # a BN source or head idle in a step (domain windows, attack-only BNs) gets no gradient
                 find_unused_parameters=len(self.sources) > 1 or bool(self.heads),
-                broadcast_buffers=False,  # done at the start of each step instead, before the attacks
+                **_no_buffer_sync(),  # done at the start of each step instead, before the attacks
             )
         self.contexts = {
             s.name: DomainContext(
@@ -888,6 +889,12 @@ def _rounded(values: Any) -> list[float]:
 
 def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum of N, C, H, W)
+
+
+def _no_buffer_sync() -> dict[str, Any]:
+    """DDP's argument skipping its buffer broadcast in forward (``forward_sync_buffers``, else the older name)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _in_main_thread() -> bool:
