@@ -16,16 +16,16 @@ from mbn.models import ModelConfigError, check_model_config, create_model
 from mbn.registry import create_domain
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an unavailable device is a RecipeError naming the key."""
+def resolve_device(name: str, source: str = "key 'trainer.device'") -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable device is a RecipeError naming ``source``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RecipeError(f"key 'trainer.device': expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise RecipeError(f"{source}: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"key 'trainer.device': {name!r} requested but CUDA is not available")
+        raise RecipeError(f"{source}: {name!r} requested but CUDA is not available")
     return device
 
 

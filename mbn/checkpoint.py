@@ -7,6 +7,7 @@ or foreign file, a model of another shape, a missing entry) as one :class:`Check
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a file torch.save wrote)") from None
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain containers; mbn loads checkpoints with "
+            f"weights_only=True and runs no code from a file ({first_line(err).split('. ')[0]})"
+        ) from None
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:

@@ -269,7 +269,12 @@ def test_evaluation_reads_only_the_test_split(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     ("flags", "what"),
-    [(("--limit", "0"), "--limit"), (("--linf-eps", "-1"), "--linf-eps"), (("--severities", "6"), "--severities")],
+    [
+        (("--limit", "0"), "--limit"),
+        (("--linf-eps", "-1"), "--linf-eps"),
+        (("--severities", "6"), "--severities"),
+        (("--device", "cuda:0" if not torch.cuda.is_available() else "nonsense"), "--device"),
+    ],
 )
 def test_bad_option_values_exit_2(run_dir, flags, what, tmp_path, capsys):
     assert eval_main([str(run_dir), "--out", str(tmp_path), "--all", *flags]) == 2

@@ -318,6 +318,10 @@ def _damage(ckpt_path: Path, how: str) -> None:
         ckpt_path.write_bytes(b"")
     elif how == "garbage":
         ckpt_path.write_bytes(b"\x00garbage" * 100)
+    elif how == "code":  # a pickle that would call a function when loaded without weights_only
+        torch.save({"model": print}, ckpt_path)
+    elif how == "yaml":
+        ckpt_path.write_text("model:\n  name: cifar_resnet8\n")
     elif how == "no-optimizer":
         ckpt = load_checkpoint(ckpt_path)
         del ckpt["optimizer"]
@@ -334,6 +338,8 @@ def _damage(ckpt_path: Path, how: str) -> None:
     [
         ("empty", "empty file, not a checkpoint"),
         ("garbage", "not a readable checkpoint"),
+        ("yaml", "not a readable checkpoint (not a file torch.save wrote)"),
+        ("code", "holds objects other than tensors and plain containers; mbn loads checkpoints with weights_only"),
         ("no-optimizer", "missing 'optimizer'"),
         ("other-width", ": (4, 3, 3, 3) in the checkpoint, (8, 3, 3, 3) in the model"),
     ],
@@ -347,7 +353,7 @@ def test_damaged_checkpoint_on_resume_and_eval_is_one_line(how, message, tmp_pat
     assert train_main(["--resume", str(run)]) == 2
     assert message in one_line_error(capsys)
     assert (run / "config.yaml").read_bytes() == config
-    if how in ("empty", "garbage"):
+    if how in ("empty", "garbage", "yaml", "code"):
         assert eval_main([str(run)]) == 2
         assert message in capsys.readouterr().err
 

@@ -66,7 +66,7 @@ def load_run(
     except Exception as err:
         raise CheckpointError(f"{ckpt_path}: stored recipe does not fit this mbn version ({err})") from None
     assert isinstance(cfg, DictConfig)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     try:
         if stats is not None:
             test = load_test_split(cfg.data, stats)
