@@ -7,8 +7,12 @@ TensorBoard off); the per-step time is ``train_time_s / steps`` and the throughp
 uses with 2 threads, so no speed-up is expected: the point is the overhead (all-reduce, buffer broadcast, agreed
 stop flags).
 
+``--find-unused`` instead compares two processes with ``trainer.find_unused_parameters=true`` (what every
+multi-BN recipe used before 0.3.1) against the default, which skips DDP's search for unused parameters where every
+BN and head is trained every step (``ddp_find_unused_<device>.json``).
+
 Usage:
-    python benchmarks/bench_ddp.py [--repeats 3] [--device cpu|cuda] [--recipes vanilla advprop]
+    python benchmarks/bench_ddp.py [--repeats 3] [--device cpu|cuda] [--recipes vanilla advprop] [--find-unused]
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ SETTINGS = [
 ]  # fmt: skip
 
 
-def run(recipe: str, processes: int, out: Path, device: str) -> dict[str, float]:
+def run(recipe: str, processes: int, out: Path, device: str, *extra: str) -> dict[str, float]:
     launcher = [sys.executable, "-m", "mbn.cli.train"]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                     "-m", "mbn.cli.train"]  # fmt: skip
     cmd = [*launcher, str(REPO / "recipes" / f"{recipe}.yaml"), *SETTINGS, f"trainer.device={device}",
-           f"trainer.out_dir={out}"]  # fmt: skip
+           f"trainer.out_dir={out}", *extra]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     metrics = json.loads((out / "metrics.json").read_text())
     return {"step_s": metrics["train_time_s"] / metrics["steps"], "images_per_s": metrics["images_per_s"]}
@@ -50,7 +54,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--recipes", nargs="+", default=["vanilla", "advprop"])
+    parser.add_argument("--find-unused", action="store_true", help="compare find_unused_parameters true vs default")
     args = parser.parse_args()
+    if args.find_unused:
+        compare_find_unused(args)
+        return
     samples: dict[str, dict[int, list[dict[str, float]]]] = {r: {1: [], 2: []} for r in args.recipes}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -75,6 +83,27 @@ def main() -> None:
     device = torch.device(args.device)
     path = write_json(f"ddp_{device.type}", {"machine": machine_info(device), "settings": SETTINGS, "results": results})
     print(f"written {path}")
+
+
+def compare_find_unused(args: argparse.Namespace) -> None:
+    """Two processes, ``trainer.find_unused_parameters=true`` vs the default, alternating over the repeats."""
+    cases = {"forced_true": ["trainer.find_unused_parameters=true"], "default": []}
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {r: {c: [] for c in cases} for r in args.recipes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for recipe in args.recipes:
+                for case, extra in cases.items():
+                    out = Path(tmp) / f"{recipe}-{case}-{i}"
+                    samples[recipe][case].append(run(recipe, 2, out, args.device, *extra))
+    results = {}
+    for recipe, by_case in samples.items():
+        med = {c: statistics.median(s["step_s"] for s in runs) for c, runs in by_case.items()}
+        results[recipe] = {"step_s": med, "default_over_forced": med["default"] / med["forced_true"], "runs": by_case}
+        print(f"{recipe}: {med['forced_true'] * 1e3:.1f} ms/step with find_unused_parameters=true, "
+              f"{med['default'] * 1e3:.1f} ms by default (x{results[recipe]['default_over_forced']:.3f})")  # fmt: skip
+    device = torch.device(args.device)
+    payload = {"machine": machine_info(device), "settings": SETTINGS, "processes": 2, "results": results}
+    print(f"written {write_json(f'ddp_find_unused_{device.type}', payload)}")
 
 
 if __name__ == "__main__":

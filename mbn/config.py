@@ -113,6 +113,9 @@ class TrainerCfg:
     compile: bool = False
     sync_bn: bool = False  # under torchrun: one SyncBatchNorm per BN source (statistics over every rank)
     split_batch: bool = True  # one concatenated forward when every domain's batch is ready
+    # under torchrun: DDP's find_unused_parameters; null decides from the recipe (true only when a BN or head can go
+    # without a training forward in some step: domain windows, a BN or head no domain trains)
+    find_unused_parameters: bool | None = None
     eval_every: int = 1  # epochs between test evaluations (0: only at the end)
     eval_all_bns: bool = False  # evaluate through every BN, not only the main one
     checkpoint_every_steps: int = 0  # extra checkpoints inside an epoch (0: at epoch ends only)

@@ -184,8 +184,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self._heads_forward,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                # a BN source or head idle in a step (domain windows, attack-only BNs) gets no gradient
-                find_unused_parameters=len(self.sources) > 1 or bool(self.heads),
+                find_unused_parameters=self._may_leave_parameters_unused(),
                 **_no_buffer_sync(),  # done at the start of each step instead, before the attacks
             )
         self.contexts = {
@@ -479,7 +478,15 @@ class Trainer:
 
     def _forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
         with self._autocast():
-            return (self.ddp or self._heads_forward)(x, heads)
+            try:
+                return (self.ddp or self._heads_forward)(x, heads)
+            except RuntimeError as err:
+                if self.ddp is not None and "find_unused_parameters=True" in str(err):
+                    raise DomainError(
+                        "some model parameters got no gradient in the last step (a forward that skips them); "
+                        "set trainer.find_unused_parameters=true"
+                    ) from err
+                raise
 
     def backward(self, losses: dict[str, Tensor], sizes: dict[str, int] | None = None) -> None:
         """Add the gradients of ``sum(weight * loss)`` (over ``optim.grad_accum_steps``) to ``.grad``.
@@ -693,6 +700,20 @@ class Trainer:
         if self.amp_dtype is None or (attack and self.amp_dtype is torch.float16):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _may_leave_parameters_unused(self) -> bool:
+        """``trainer.find_unused_parameters``, else whether a BN source or head can miss a step's training forward.
+
+        That happens with a domain window (``start``/``end``), a BN source no domain trains (an attack-only BN) or a
+        head no domain is scored by. Otherwise every parameter gets a gradient every step, and DDP is spared the
+        search of the autograd graph it otherwise makes after every backward.
+        """
+        if self.cfg.trainer.find_unused_parameters is not None:
+            return bool(self.cfg.trainer.find_unused_parameters)
+        windowed = any(s.start > 0 or s.end < 1 for s in self.specs)
+        untrained_bn = set(self.sources) - {s.bn for s in self.specs}
+        unscored_head = {CLASSES, *self.heads} - {self.objectives[s.name].head for s in self.specs}
+        return windowed or bool(untrained_bn) or bool(unscored_head)
 
     def _fraction(self) -> float:
         return self.state.step / max(1, self.total_steps)

@@ -24,6 +24,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "trainer.out_dir",
     "trainer.device",
     "trainer.compile",
+    "trainer.find_unused_parameters",  # how DDP finds its gradients, not what they are
     "trainer.progress",
     "trainer.log_every",
     "trainer.eval_every",

@@ -286,3 +286,37 @@ def test_the_resume_hint_names_the_run_s_launch(monkeypatch, world, local, expec
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
     assert resume_command("RUN") == expected
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra", "unused"),
+    [
+        ("vanilla", [], False),
+        ("advprop", [], False),  # both BNs trained every step: DDP skips its search for unused parameters
+        ("advprop_ssl", [], False),  # the rotation head scored every step
+        ("vanilla", ATTACK_ONLY_BN, True),  # a BN only an attack reaches after half of training
+        ("adv_finetune", [], True),  # domain windows
+        ("ssl_pretrain", [], True),  # no domain scored by the classifier
+        ("advprop", ["trainer.find_unused_parameters=true"], True),
+        ("vanilla", ["trainer.find_unused_parameters=false", *ATTACK_ONLY_BN], False),  # the user's call
+    ],
+)
+def test_ddp_searches_for_unused_parameters_only_where_some_can_be(tmp_path, recipe, extra, unused):
+    from mbn.engine import Trainer
+
+    cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*SETTINGS, *extra])
+    with Trainer(cfg, tmp_path / "run") as trainer:
+        assert trainer._may_leave_parameters_unused() is unused
+
+
+def test_parameters_without_gradient_under_a_forced_false_are_named_in_one_line(tmp_path):
+    proc = torchrun(
+        str(REPO / "recipes" / "vanilla.yaml"), *SETTINGS, *ATTACK_ONLY_BN, f"trainer.out_dir={tmp_path / 'run'}",
+        "trainer.find_unused_parameters=false",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mbn-train[rank")]
+    assert errors, proc.stderr[-3000:]
+    for line in errors:  # one line per rank (torchrun's agent adds its own report after them)
+        assert "some model parameters got no gradient in the last step" in line, line
+        assert line.endswith("set trainer.find_unused_parameters=true"), line
