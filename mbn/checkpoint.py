@@ -38,6 +38,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             head = f.read(4)
         if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
             raise CheckpointError(f"{path}: not a readable checkpoint (not a file torch.save wrote)") from None
+        if "GLOBAL" not in str(err) and "allowed global" not in str(err):  # a damaged pickle, not a refused object
+            raise CheckpointError(f"{path}: not a readable checkpoint (damaged: {_unpickler_reason(err)})") from None
         raise CheckpointError(
             f"{path}: holds objects other than tensors and plain containers; mbn loads checkpoints with "
             f"weights_only=True and runs no code from a file ({first_line(err).split('. ')[0]})"
@@ -47,6 +49,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an mbn checkpoint (no 'model' entry)")
     return ckpt
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The reason in torch's weights_only error (``Unsupported operand 254``), without its advice paragraph."""
+    text = str(err)
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in reason.splitlines() if line.strip()] if found else []
+    return lines[0] if lines else first_line(err)
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:

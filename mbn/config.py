@@ -226,9 +226,15 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def _base_path(recipe: Path, base: str) -> Path:
-    """``base:`` relative to the recipe's folder, else a shipped recipe's name (``base: advprop``)."""
+    """``base:`` relative to the recipe's folder (``.yaml`` may be left out), else a shipped recipe's name.
+
+    ``base: advprop`` takes ``advprop.yaml`` beside the recipe where there is one, else the shipped ``advprop``.
+    """
     beside = recipe.parent / base
-    if beside.is_file() or len(Path(base).parts) != 1:
+    for candidate in (beside, beside.with_name(beside.name + ".yaml"), beside.with_name(beside.name + ".yml")):
+        if candidate.is_file():
+            return candidate
+    if len(Path(base).parts) != 1:
         return beside
     from mbn.shipped import shipped_recipes
 
@@ -360,7 +366,28 @@ def validate_recipe(cfg: DictConfig) -> None:
         raise RecipeError("keys 'data.mean' and 'data.std': set both (the input normalisation) or neither")
     if cfg.data.std is not None and min(float(v) for v in cfg.data.std) == 0:
         raise RecipeError(f"key 'data.std': expected positive values, got {list(cfg.data.std)}")
+    check_data_path(cfg.data)
     domain_specs(cfg)
+
+
+def check_data_path(data: Any) -> None:
+    """``data.preload`` agrees with the keys that only one data path has (checked at load, before any rank waits)."""
+    if getattr(data, "preload", True):
+        if getattr(data, "decode", "workers") == "device":
+            raise RecipeError("key 'data.decode': device decoding is for streamed trees: set data.preload=false")
+        if getattr(data, "augment", "cifar") == "imagenet":
+            raise RecipeError(
+                "key 'data.augment': imagenet (RandomResizedCrop) needs the full-resolution images: "
+                "set data.preload=false"
+            )
+        return
+    if data.name != "imagefolder":
+        raise RecipeError(f"key 'data.preload': only imagefolder trees stream (data.preload=false), not {data.name}")
+    if getattr(data, "on_device", False):
+        raise RecipeError(
+            "key 'data.on_device': holding the set on the device is for preloaded sets; a streamed tree "
+            "(data.preload=false) decodes batch by batch (data.decode=device decodes them on the device)"
+        )
 
 
 def domain_specs(cfg: DictConfig) -> list[DomainSpec]:

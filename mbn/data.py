@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from mbn.config import RecipeError
+from mbn.config import RecipeError, check_data_path
 from mbn.errors import first_line
 from mbn.fileio import atomic_write
 from mbn.synthetic import SYNTHETIC_CLASSES, generate_synthetic
@@ -946,7 +946,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
     device = torch.device(device)
     if cfg.name == "imagefolder" and not getattr(cfg, "preload", True):
         return build_streamed_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size)
-    _check_not_streamed(cfg)
+    check_data_path(cfg)
     train, test, stats = load_arrays(cfg)
     stats = _override_normalisation(cfg, stats)
     _check_batch_size(cfg, len(train), world_size)
@@ -982,17 +982,6 @@ def _check_batch_size(cfg: Any, num_train: int, world_size: int) -> None:
         )
 
 
-def _check_not_streamed(cfg: Any) -> None:
-    if getattr(cfg, "decode", "workers") == "device" and getattr(cfg, "preload", True):
-        raise RecipeError("key 'data.decode': device decoding is for streamed trees: set data.preload=false")
-    if not getattr(cfg, "preload", True) and cfg.name != "imagefolder":
-        raise RecipeError(f"key 'data.preload': only imagefolder trees stream (data.preload=false), not {cfg.name}")
-    if getattr(cfg, "augment", "cifar") == "imagenet" and getattr(cfg, "preload", True):
-        raise RecipeError(
-            "key 'data.augment': imagenet (RandomResizedCrop) needs the full-resolution images: set data.preload=false"
-        )
-
-
 def _override_normalisation(cfg: Any, stats: DataStats) -> DataStats:
     """``data.mean`` / ``data.std`` from the recipe, when set, replace the data set's statistics."""
     mean = tuple(float(v) for v in cfg.mean) if getattr(cfg, "mean", None) is not None else stats.mean
@@ -1014,11 +1003,7 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
         StreamingImageFolder,
     )
 
-    if cfg.on_device:
-        raise RecipeError(
-            "key 'data.on_device': holding the set on the device is for preloaded sets; a streamed tree "
-            "(data.preload=false) decodes batch by batch (data.decode=device decodes them on the device)"
-        )
+    check_data_path(cfg)
     root = Path(cfg.root)
     classes = folder_classes(root)
     train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)

@@ -39,9 +39,16 @@ from mbn.data import build_data, to_device
 from mbn.domain import DomainContext
 from mbn.domain_checks import check_domain_output
 from mbn.ema import WeightEma
-from mbn.errors import STOP_SIGNALS, DomainError, TrainingDivergedError, TrainingInterruptedError, first_line
+from mbn.errors import (
+    STOP_SIGNALS,
+    DomainError,
+    TrainingDivergedError,
+    TrainingInterruptedError,
+    first_line,
+    one_line,
+)
 from mbn.eval.accuracy import accuracy
-from mbn.fileio import atomic_torch_save, atomic_write_text
+from mbn.fileio import WriteError, atomic_torch_save, atomic_write_text
 from mbn.gradnorm import SHARED, SampleMeanGradients
 from mbn.heads import forward_heads
 from mbn.init_from import init_from_state
@@ -481,7 +488,8 @@ class Trainer:
             try:
                 return (self.ddp or self._heads_forward)(x, heads)
             except RuntimeError as err:
-                if self.ddp is not None and "find_unused_parameters=True" in str(err):
+                ddp_unused = self.ddp is not None and not self.ddp.find_unused_parameters
+                if ddp_unused and "find_unused_parameters=True" in str(err):
                     raise DomainError(
                         "some model parameters got no gradient in the last step (a forward that skips them); "
                         "set trainer.find_unused_parameters=true"
@@ -704,16 +712,15 @@ class Trainer:
     def _may_leave_parameters_unused(self) -> bool:
         """``trainer.find_unused_parameters``, else whether a BN source or head can miss a step's training forward.
 
-        That happens with a domain window (``start``/``end``), a BN source no domain trains (an attack-only BN) or a
-        head no domain is scored by. Otherwise every parameter gets a gradient every step, and DDP is spared the
-        search of the autograd graph it otherwise makes after every backward.
+        That happens with a domain window (``start``/``end``) or a head no domain is scored by (every BN source is
+        some domain's ``bn``, so each is trained). Otherwise every parameter gets a gradient every step, and DDP is
+        spared the search of the autograd graph it otherwise makes after every backward.
         """
         if self.cfg.trainer.find_unused_parameters is not None:
             return bool(self.cfg.trainer.find_unused_parameters)
         windowed = any(s.start > 0 or s.end < 1 for s in self.specs)
-        untrained_bn = set(self.sources) - {s.bn for s in self.specs}
         unscored_head = {CLASSES, *self.heads} - {self.objectives[s.name].head for s in self.specs}
-        return windowed or bool(untrained_bn) or bool(unscored_head)
+        return windowed or bool(unscored_head)
 
     def _fraction(self) -> float:
         return self.state.step / max(1, self.total_steps)
@@ -834,6 +841,27 @@ class Trainer:
         """A stop signal was taken (agreed by every rank under torchrun): the trainer checkpoints and stops."""
         return self._stop_signal is not None
 
+    def _save_checkpoint_on_every_rank(self) -> None:
+        """:meth:`save_checkpoint`, then rank 0's outcome on every rank: no rank exits before rank 0 has written.
+
+        A rank leaving first would have the torchrun agent stop the others mid-write; a rank waiting at a barrier while
+        rank 0 fails to write would be killed by the agent without a word. So rank 0 sends its error (or none) and
+        every rank raises it as one line.
+        """
+        if not self.dist.enabled:
+            self.save_checkpoint()
+            return
+        failure: Exception | None = None
+        try:
+            self.save_checkpoint()
+        except (WriteError, TrainingDivergedError) as err:  # the others reach the broadcast before raising
+            failure = err
+        reason = distributed.broadcast_object(one_line(failure) if failure is not None else None)
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise WriteError(f"rank 0 could not save the checkpoint: {reason}")
+
     def _agree_stop(self) -> None:
         """Under torchrun, a signal received by any rank stops every rank after the same step (host-side flag)."""
         if self.dist.enabled:
@@ -890,8 +918,7 @@ class Trainer:
             if self._stop_signal is not None:
                 # still under request_stop: under torchrun, a repeat of the same preemption (or the agent's SIGTERM
                 # once another rank exits) cannot cut the save short
-                self.save_checkpoint()
-                distributed.barrier()  # no rank exits (and has the agent stop the others) before rank 0 has written
+                self._save_checkpoint_on_every_rank()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -3,7 +3,8 @@
 With ``MBN_TEST_RECORD=DIR`` every rank writes ``DIR/rank<R>.pt``: the sample indices it trained on per epoch,
 the seed of its domains' generator per step, a digest of each step's adversarial batch, and its final model
 state, and ``DIR/rank<R>.pid`` when it starts. ``MBN_TEST_NAN_RANK``/``MBN_TEST_NAN_STEP`` make that rank's
-clean loss NaN at that step. ``MBN_TEST_BN_FREE=1`` trains :func:`tests.nets.bn_free_classifier` instead of the
+clean loss NaN at that step. ``MBN_TEST_FAIL_STOP_SAVE=1`` makes rank 0's checkpoint after a stop signal fail to
+write. ``MBN_TEST_BN_FREE=1`` trains :func:`tests.nets.bn_free_classifier` instead of the
 recipe's network.
 """
 
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+import mbn.engine
 from mbn.cli.train import main
 from mbn.data import ResumableBatches
 from mbn.engine import Trainer
+from mbn.fileio import WriteError
 
 RANK = int(os.environ.get("RANK", "0"))
 RECORD = os.environ.get("MBN_TEST_RECORD")
@@ -55,6 +58,19 @@ def nan_forward_losses(self, outputs):
     return losses, accs
 
 
+save_checkpoint = Trainer.save_checkpoint
+
+
+def refuse_to_write(obj, path):
+    raise WriteError(f"{Path(path).parent.name}/{Path(path).name}: cannot write (no space left on device)")
+
+
+def failing_stop_save(self):
+    if os.environ.get("MBN_TEST_FAIL_STOP_SAVE") and RANK == 0 and self._stop_signal is not None:
+        mbn.engine.atomic_torch_save = refuse_to_write  # the write itself fails, after the ranks' collectives
+    return save_checkpoint(self)
+
+
 fit = Trainer.fit
 
 
@@ -77,6 +93,7 @@ ResumableBatches.batch_indices = recorded_batch_indices
 Trainer.generate = recorded_generate
 Trainer.forward_losses = nan_forward_losses
 Trainer.fit = recorded_fit
+Trainer.save_checkpoint = failing_stop_save
 
 if __name__ == "__main__":
     if RECORD:

@@ -196,6 +196,33 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == step + 2
 
 
+def test_a_failed_save_after_a_signal_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 cannot write the stop checkpoint: every rank says so in one line and exits."""
+    run, rec = tmp_path / "run", tmp_path / "rec"
+    cmd, environ = torchrun_command(
+        str(REPO / "recipes" / "advprop.yaml"), *SETTINGS, f"trainer.out_dir={run}", "trainer.epochs=1000",
+        record=rec, env={"MBN_TEST_FAIL_STOP_SAVE": "1"},
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "last.pt").exists() or not (rec / "rank1.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not reach its first checkpoint"
+            time.sleep(0.2)
+        saved = (run / "checkpoints" / "last.pt").read_bytes()
+        os.kill(int((rec / "rank1.pid").read_text()), signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("mbn-train[rank")]
+    own = "mbn-train[rank 0]: error: checkpoints/last.pt: cannot write (no space left on device)"
+    assert own in lines, err[-3000:]
+    other = "mbn-train[rank 1]: error: rank 0 could not save the checkpoint: checkpoints/last.pt: cannot write"
+    assert any(line.startswith(other) for line in lines), err[-3000:]
+    assert (run / "checkpoints" / "last.pt").read_bytes() == saved  # the last good checkpoint is kept
+
+
 # An attacked domain that, after half of training, only feeds another domain: its BN's parameters get reused attack
 # gradients but no gradient from the training forward (DDP leaves such parameters alone).
 ATTACK_ONLY_BN = ["domains.adv.type=pgd", "domains.adv.bn=aux", "domains.adv.reuse_grad=0.5", "domains.adv.eps=1",

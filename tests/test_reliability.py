@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,8 @@ def _damage(ckpt_path: Path, how: str) -> None:
         ckpt_path.write_bytes(b"\x00garbage" * 100)
     elif how == "code":  # a pickle that would call a function when loaded without weights_only
         torch.save({"model": print}, ckpt_path)
+    elif how == "damaged-pickle":  # torch.save's zip whose pickle holds an opcode no pickle has
+        _replace_pickle(ckpt_path, b"\x80\x02}q\x00\xfe.")
     elif how == "yaml":
         ckpt_path.write_text("model:\n  name: cifar_resnet8\n")
     elif how == "no-optimizer":
@@ -333,12 +336,22 @@ def _damage(ckpt_path: Path, how: str) -> None:
         torch.save(ckpt, ckpt_path)
 
 
+def _replace_pickle(path: Path, pickle_bytes: bytes) -> None:
+    """Rewrite torch.save's zip at ``path`` with ``pickle_bytes`` as its ``data.pkl``."""
+    with zipfile.ZipFile(path) as src:
+        entries = {name: src.read(name) for name in src.namelist()}
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in entries.items():
+            dst.writestr(name, pickle_bytes if name.endswith("/data.pkl") else data)
+
+
 @pytest.mark.parametrize(
     ("how", "message"),
     [
         ("empty", "empty file, not a checkpoint"),
         ("garbage", "not a readable checkpoint"),
         ("yaml", "not a readable checkpoint (not a file torch.save wrote)"),
+        ("damaged-pickle", "not a readable checkpoint (damaged: Unsupported operand 254)"),
         ("code", "holds objects other than tensors and plain containers; mbn loads checkpoints with weights_only"),
         ("no-optimizer", "missing 'optimizer'"),
         ("other-width", ": (4, 3, 3, 3) in the checkpoint, (8, 3, 3, 3) in the model"),
@@ -353,7 +366,7 @@ def test_damaged_checkpoint_on_resume_and_eval_is_one_line(how, message, tmp_pat
     assert train_main(["--resume", str(run)]) == 2
     assert message in one_line_error(capsys)
     assert (run / "config.yaml").read_bytes() == config
-    if how in ("empty", "garbage", "yaml", "code"):
+    if how in ("empty", "garbage", "yaml", "damaged-pickle", "code"):
         assert eval_main([str(run)]) == 2
         assert message in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
-from mbn.config import DataCfg, RecipeError
+from mbn.config import DataCfg, RecipeError, load_recipe
 from mbn.data import build_data, load_test_split, streamed_fingerprints
 from mbn.fileio import atomic_torch_save
 from mbn.streaming import StreamingImageFolder, random_resized_crop_box
@@ -166,6 +166,16 @@ def test_resuming_a_streamed_run_on_other_pixels_is_refused(tmp_path, capsys):
     assert train_main(["--resume", str(run), f"data.root={moved}", "trainer.max_steps=4"]) == 0
 
 
+def test_one_changed_image_changes_the_content_fingerprint_not_the_listing(tmp_path):
+    root = make_tree(tmp_path / "tree", (32, 32))
+    samples = sorted((str(p), CLASSES.index(p.parent.name)) for p in (root / "train").rglob("*.png"))
+    listing, content = streamed_fingerprints(root, samples, 32)
+    changed = Path(samples[len(samples) // 2][0])  # a tree under 64 images: every file is read
+    Image.fromarray(255 - np.asarray(Image.open(changed))).save(changed)
+    new_listing, new_content = streamed_fingerprints(root, samples, 32)
+    assert new_listing == listing and new_content != content
+
+
 def test_a_streamed_run_saved_before_content_fingerprints_still_resumes(tmp_path):
     root = make_tree(tmp_path / "tree", (32, 32))
     run = tmp_path / "run"
@@ -213,6 +223,10 @@ def test_streaming_options_are_checked(tmp_path, overrides, message):
     root = make_tree(tmp_path / "tree", (32, 32), per_class=2)
     with pytest.raises(RecipeError) as err:
         build_data(data_cfg(root, **overrides), seed=0, device="cpu")
+    assert message in str(err.value)
+    keys = [f"data.{k}={v}" for k, v in {"name": "imagefolder", "root": str(root), **overrides}.items()]
+    with pytest.raises(RecipeError) as err:  # already when the recipe loads: no torchrun rank waits for rank 0's data
+        load_recipe(REPO / "recipes" / "quickstart.yaml", keys)
     assert message in str(err.value)
 
 

@@ -232,8 +232,9 @@ def test_a_recipe_builds_on_a_shipped_one_by_name(tmp_path, monkeypatch):
     (tmp_path / "mine2.yaml").write_text("base: advprop.yaml\n")
     assert list(load_recipe(tmp_path / "mine2.yaml").domains) == ["clean", "adv"]
     (tmp_path / "advprop.yaml").write_text("base: base.yaml\n")  # a file beside the recipe comes first
-    with pytest.raises(RecipeError, match=r"advprop\.yaml: key .base.: base\.yaml is neither"):
-        load_recipe(tmp_path / "mine2.yaml")
+    for mine in ("mine.yaml", "mine2.yaml"):  # with or without .yaml
+        with pytest.raises(RecipeError, match=r"advprop\.yaml: key .base.: base\.yaml is neither"):
+            load_recipe(tmp_path / mine)
     (tmp_path / "other.yaml").write_text("base: no_such_recipe\n")
     with pytest.raises(RecipeError, match="key 'base': no_such_recipe is neither a file beside it nor a shipped"):
         load_recipe(tmp_path / "other.yaml")
