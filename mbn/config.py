@@ -231,9 +231,10 @@ def _base_path(recipe: Path, base: str) -> Path:
     ``base: advprop`` takes ``advprop.yaml`` beside the recipe where there is one, else the shipped ``advprop``.
     """
     beside = recipe.parent / base
-    for candidate in (beside, beside.with_name(beside.name + ".yaml"), beside.with_name(beside.name + ".yml")):
-        if candidate.is_file():
-            return candidate
+    if beside.name not in ("", ".", ".."):
+        for candidate in (beside, beside.with_name(beside.name + ".yaml"), beside.with_name(beside.name + ".yml")):
+            if candidate.is_file() and candidate.resolve() != recipe.resolve():  # never the recipe itself
+                return candidate
     if len(Path(base).parts) != 1:
         return beside
     from mbn.shipped import shipped_recipes

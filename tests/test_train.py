@@ -235,6 +235,11 @@ def test_a_recipe_builds_on_a_shipped_one_by_name(tmp_path, monkeypatch):
     for mine in ("mine.yaml", "mine2.yaml"):  # with or without .yaml
         with pytest.raises(RecipeError, match=r"advprop\.yaml: key .base.: base\.yaml is neither"):
             load_recipe(tmp_path / mine)
+    own = tmp_path / "own"  # a local advprop.yaml may extend the shipped advprop
+    own.mkdir()
+    (own / "advprop.yaml").write_text("base: advprop\noptim:\n  lr: 0.02\n")
+    cfg = load_recipe(own / "advprop.yaml")
+    assert cfg.optim.lr == 0.02 and list(cfg.domains) == ["clean", "adv"]
     (tmp_path / "other.yaml").write_text("base: no_such_recipe\n")
     with pytest.raises(RecipeError, match="key 'base': no_such_recipe is neither a file beside it nor a shipped"):
         load_recipe(tmp_path / "other.yaml")
