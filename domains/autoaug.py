@@ -31,6 +31,7 @@ import torchvision.transforms.v2.functional as TF
 from kornia.augmentation.auto.autoaugment.autoaugment import cifar10_policy, imagenet_policy, svhn_policy
 from torch import Tensor
 
+from mbn import rng
 from mbn.domain import Domain, DomainContext
 from mbn.registry import register_domain
 
@@ -218,11 +219,6 @@ class OpDraw:
     subpolicy: Tensor | None = None
 
 
-def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    # A generator only samples on its own device; the draw is moved to the images afterwards.
-    return generator.device if generator is not None else device
-
-
 def _check_interpolation(interpolation: str) -> str:
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
@@ -365,11 +361,11 @@ class AutoAugmentDomain(_PolicyDomain):
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> OpDraw:
         """Draw a sub-policy per image, then per step whether it fires and its sign."""
-        dev = _draw_device(generator, device)
-        sub = torch.randint(self.num_subpolicies, (n,), generator=generator, device=dev).cpu()
+        # drawn on the generator's device (else the images'), then read on the host to index the policy tables
+        sub = rng.randint(0, self.num_subpolicies, (n,), generator=generator, device=device).cpu()
         steps = self._ops.shape[1]
-        fires = torch.rand(n, steps, generator=generator, device=dev).cpu() < self._prob[sub]
-        sign = torch.randint(2, (n, steps), generator=generator, device=dev).cpu() * 2.0 - 1.0
+        fires = rng.rand((n, steps), generator=generator, device=device).cpu() < self._prob[sub]
+        sign = rng.randint(0, 2, (n, steps), generator=generator, device=device).cpu() * 2.0 - 1.0
         ops = torch.where(fires, self._ops[sub], torch.full_like(self._ops[sub], -1))
         return OpDraw(ops.to(device), (self._level[sub] / 10.0).to(device), sign.to(device), sub.to(device))
 
@@ -406,11 +402,10 @@ class RandAugmentDomain(_PolicyDomain):
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> OpDraw:
         """Draw ``self.n`` ops and signs per image; every op gets strength ``m / (num_bins - 1)``."""
-        dev = _draw_device(generator, device)
-        ops = torch.randint(len(self.op_names), (n, self.n), generator=generator, device=dev)
-        sign = torch.randint(2, (n, self.n), generator=generator, device=dev) * 2.0 - 1.0
+        ops = rng.randint(0, len(self.op_names), (n, self.n), generator=generator, device=device)
+        sign = rng.randint(0, 2, (n, self.n), generator=generator, device=device) * 2.0 - 1.0
         strength = torch.full((n, self.n), self.m / (self.num_bins - 1), device=device)
-        return OpDraw(ops.to(device), strength, sign.to(device))
+        return OpDraw(ops, strength, sign)
 
 
 @register_domain("trivialaugment")
@@ -438,8 +433,7 @@ class TrivialAugmentDomain(_PolicyDomain):
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> OpDraw:
         """Draw one op, one magnitude bin and one sign per image."""
-        dev = _draw_device(generator, device)
-        ops = torch.randint(len(self.op_names), (n, 1), generator=generator, device=dev)
-        level = torch.randint(self.num_bins, (n, 1), generator=generator, device=dev)
-        sign = torch.randint(2, (n, 1), generator=generator, device=dev) * 2.0 - 1.0
-        return OpDraw(ops.to(device), (level / (self.num_bins - 1)).to(device), sign.to(device))
+        ops = rng.randint(0, len(self.op_names), (n, 1), generator=generator, device=device)
+        level = rng.randint(0, self.num_bins, (n, 1), generator=generator, device=device)
+        sign = rng.randint(0, 2, (n, 1), generator=generator, device=device) * 2.0 - 1.0
+        return OpDraw(ops, level / (self.num_bins - 1), sign)

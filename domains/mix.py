@@ -47,8 +47,7 @@ class _MixingDomain(Domain):
             )
         seed = ctx.seed  # the trainer's host-side seed: reading a CUDA generator here would sync every step
         if seed is None:
-            device = ctx.generator.device if ctx.generator is not None else None
-            seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=device))
+            seed = int(ctx.randint(0, 2**62, (1,)))
         mix = self.transform(alpha=self.alpha, num_classes=ctx.num_classes)
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: lam and the box are drawn there
             torch.default_generator.manual_seed(seed)

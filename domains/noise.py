@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from mbn.domain import Domain, DomainContext
@@ -34,10 +33,6 @@ class GaussianNoiseDomain(Domain):
 
     def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
         """Return ``(clamp(images + noise, 0, 1), labels)``; same shape, dtype and device."""
-        gen = ctx.generator
-        # Draw on the generator's device (a generator only samples there), then move to the images'.
-        noise = torch.randn(
-            images.shape, generator=gen, device=gen.device if gen is not None else images.device, dtype=images.dtype
-        )
-        noisy = images + noise.to(images.device) * (self.std / PIXEL_SCALE)
+        noise = ctx.randn(images.shape, device=images.device, dtype=images.dtype)
+        noisy = images + noise * (self.std / PIXEL_SCALE)
         return noisy.clamp_(0.0, 1.0), labels

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mbn import rng
 from mbn.domain import Domain, DomainContext
 from mbn.objective import Objective
 from mbn.registry import register_domain
@@ -41,8 +42,7 @@ def rotate_quarters(images: Tensor, k: Tensor) -> Tensor:
 
 def draw_rotations(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """``n`` rotation indices drawn uniformly from ``{0, 1, 2, 3}`` on the generator's device."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(0, NUM_ROTATIONS, (n,), generator=generator, device=gen_device).to(device)
+    return rng.randint(0, NUM_ROTATIONS, (n,), generator=generator, device=device)
 
 
 @register_domain("rotation")

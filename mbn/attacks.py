@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import cross_entropy
 
+from mbn import rng
+
 Model = Callable[[Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: A further term the attack ascends, computed from the current adversarial images (e.g. a weighted
@@ -226,8 +228,7 @@ def random_wrong_labels(
         raise ValueError(f"labels must be class indices to draw a wrong class, got {labels.dtype} labels")
     if check_labels and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
-    device = generator.device if generator is not None else labels.device
-    offset = torch.randint(1, num_classes, labels.shape, generator=generator, device=device).to(labels.device)
+    offset = rng.randint(1, num_classes, labels.shape, generator=generator, device=labels.device)
     return (labels + offset) % num_classes
 
 
@@ -263,9 +264,8 @@ def _validate(eps: float, steps: int, step_size: float, norm: str, random_start:
 
 def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None, *, normal: bool = False) -> Tensor:
     """Uniform [0, 1) (or standard normal) draws on the generator's device, moved to ``like``'s."""
-    device = generator.device if generator is not None else like.device
-    draw = torch.randn if normal else torch.rand
-    return draw(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    draw = rng.randn if normal else rng.rand
+    return draw(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from mbn import rng
 from mbn.heads import forward_heads
 from mbn.objective import CLASSES, Objective
 from mbn.routing import eval_mode, frozen_stats, use_source
@@ -57,6 +58,33 @@ class DomainContext:
     def device(self) -> torch.device:
         """The training device."""
         return next(self.model.parameters()).device
+
+    # Random draws from ``generator`` (see :mod:`mbn.rng`): drawn on the generator's device, then moved to ``device``
+    # (``None``: left where drawn). Use them rather than ``torch.rand(..., generator=ctx.generator)`` with
+    # ``device=images.device``, which fails when the generator lives elsewhere (a CPU generator, CUDA images).
+
+    def rand(self, shape: Sequence[int], *, device: rng.Device = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Uniform ``[0, 1)`` draws from ``ctx.generator``, on ``device``.
+
+        Examples:
+            >>> ctx = DomainContext(model=nn.Linear(1, 1), bn="clean", generator=torch.Generator().manual_seed(0))
+            >>> images = torch.zeros(4, 3, 8, 8)
+            >>> ctx.rand((4, 1, 1, 1), device=images.device, dtype=images.dtype).shape
+            torch.Size([4, 1, 1, 1])
+        """
+        return rng.rand(shape, generator=self.generator, device=device, dtype=dtype)
+
+    def randn(self, shape: Sequence[int], *, device: rng.Device = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Standard normal draws from ``ctx.generator``, on ``device``."""
+        return rng.randn(shape, generator=self.generator, device=device, dtype=dtype)
+
+    def randint(self, low: int, high: int, shape: Sequence[int], *, device: rng.Device = None) -> Tensor:
+        """int64 draws uniform in ``[low, high)`` from ``ctx.generator``, on ``device``."""
+        return rng.randint(low, high, shape, generator=self.generator, device=device)
+
+    def randperm(self, n: int, *, device: rng.Device = None) -> Tensor:
+        """A random permutation of ``0 .. n-1`` from ``ctx.generator``, on ``device``."""
+        return rng.randperm(n, generator=self.generator, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the objective's head for ``x``, routed through this domain's BN (train or eval mode)."""
