@@ -19,13 +19,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import machine_info, sync, write_json
 
 from mbn.config import load_recipe
-from mbn.engine import Trainer
+from mbn.train import Trainer, build_trainer
 
 COMMON = [
     "data.name=synthetic", "data.synthetic_train_size=4096",
@@ -45,14 +46,14 @@ def stepper(trainer: Trainer):
     """``run(n) -> seconds`` for n more engine steps."""
 
     def run(n: int) -> float:
-        trainer.cfg.trainer.max_steps = trainer.state.step + n
-        sync(trainer.device)
+        trainer.length = trainer.hooks.length = replace(trainer.length, max_steps=trainer.state.step + n)
+        sync(trainer.runtime.device)
         tic = time.perf_counter()
-        while trainer.state.step < trainer.cfg.trainer.max_steps:
+        while trainer.state.step < trainer.length.max_steps:
             if trainer.epoch_done:
                 trainer.state.epoch, trainer.state.batch = trainer.state.epoch + 1, 0
             trainer.train_one_epoch(trainer.state.epoch)
-        sync(trainer.device)
+        sync(trainer.runtime.device)
         return time.perf_counter() - tic
 
     return run
@@ -73,7 +74,7 @@ def main() -> None:
         trainers, runs = {}, {}
         for name, (recipe, extra) in CASES.items():
             cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*settings, f"trainer.device={args.device}", *extra])
-            trainers[name] = Trainer(cfg, Path(tmp) / name)
+            trainers[name] = build_trainer(cfg, Path(tmp) / name)
             runs[name] = stepper(trainers[name])
         for run in runs.values():
             run(2)  # warm-up

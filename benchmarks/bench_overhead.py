@@ -21,6 +21,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from common import machine_info, write_json
 import mbn
 from mbn.config import load_recipe
 from mbn.data import to_device
-from mbn.engine import Trainer
+from mbn.train import Trainer, build_trainer
 
 OVERRIDES = [
     "model.name=cifar_resnet8", "model.width=16", "data.name=synthetic", "data.synthetic_train_size=4096",
@@ -41,7 +42,7 @@ OVERRIDES = [
 
 def hand_loop(trainer: Trainer, recipe: str):
     """A plain loop over the same model/optimiser/batches; returns ``run(n_steps) -> seconds``."""
-    model, opt, sched = trainer.model, trainer.optimizer, trainer.scheduler
+    model, opt, sched = trainer.model, trainer.update.optimizer, trainer.update.scheduler
     num_classes, advprop = trainer.data.num_classes, recipe == "advprop"
     state = {"epoch": 0, "batches": iter(())}
 
@@ -62,7 +63,7 @@ def hand_loop(trainer: Trainer, recipe: str):
         tic = time.perf_counter()
         for step in range(n):
             g = torch.Generator().manual_seed(step)
-            x, y = to_device(next_batch(), trainer.device)
+            x, y = to_device(next_batch(), trainer.runtime.device)
             if not advprop:
                 loss = F.cross_entropy(model(x), y)
             else:
@@ -86,9 +87,9 @@ def engine_loop(trainer: Trainer):
     """``Trainer.train_one_epoch`` bounded to n steps through ``max_steps``."""
 
     def run(n: int) -> float:
-        trainer.cfg.trainer.max_steps = trainer.state.step + n
+        trainer.length = trainer.hooks.length = replace(trainer.length, max_steps=trainer.state.step + n)
         tic = time.perf_counter()
-        while trainer.state.step < trainer.cfg.trainer.max_steps:
+        while trainer.state.step < trainer.length.max_steps:
             if trainer.epoch_done:
                 trainer.state.epoch, trainer.state.batch = trainer.state.epoch + 1, 0
             trainer.train_one_epoch(trainer.state.epoch)
@@ -100,8 +101,8 @@ def engine_loop(trainer: Trainer):
 def measure(recipe: str, steps: int, blocks: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_recipe(f"recipes/{recipe}.yaml", OVERRIDES)
-        engine = engine_loop(Trainer(cfg, Path(tmp) / "engine"))  # one run directory each: each holds its lock
-        hand = hand_loop(Trainer(cfg, Path(tmp) / "hand"), recipe)
+        engine = engine_loop(build_trainer(cfg, Path(tmp) / "engine"))  # one run directory each: each holds its lock
+        hand = hand_loop(build_trainer(cfg, Path(tmp) / "hand"), recipe)
         engine(2), hand(2)  # warm-up
         times: dict[str, list[float]] = {"engine": [], "hand": []}
         for _ in range(blocks):

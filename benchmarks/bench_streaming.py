@@ -28,9 +28,9 @@ CASE = r"""
 import json, resource, sys, time
 tic = time.perf_counter()
 from mbn.config import load_recipe
-from mbn.engine import Trainer
+from mbn.train import Trainer, build_trainer
 cfg = load_recipe(sys.argv[1], sys.argv[3:])
-with Trainer(cfg, sys.argv[2]) as trainer:
+with build_trainer(cfg, sys.argv[2]) as trainer:
     trainer.cfg.trainer.max_steps = 1
     trainer.train_one_epoch(0)
     seconds = time.perf_counter() - tic

@@ -28,7 +28,7 @@ from bench_overhead import engine_loop
 from common import machine_info, write_json
 
 from mbn.config import load_recipe
-from mbn.engine import Trainer
+from mbn.train import build_trainer
 
 COMMON = [
     "data.name=synthetic", "data.synthetic_train_size=4096", "data.synthetic_test_size=64", "data.num_workers=0",
@@ -46,7 +46,7 @@ def measure(recipe: str, model: list[str], steps: int, blocks: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         loops, params = {}, 0
         for name, extra in CASES.items():
-            trainer = Trainer(load_recipe(f"recipes/{recipe}.yaml", COMMON + model + extra), Path(tmp) / name)
+            trainer = build_trainer(load_recipe(f"recipes/{recipe}.yaml", COMMON + model + extra), Path(tmp) / name)
             loops[name], params = engine_loop(trainer), sum(p.numel() for p in trainer.model.parameters())
         for run in loops.values():
             run(2)  # warm-up

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbn import distributed
+from mbn.distributed import DistContext
 
 
 class NonFiniteError(RuntimeError):
@@ -34,9 +34,11 @@ class StepMeter:
     Args:
         domains: every domain name of the recipe (an inactive domain simply adds nothing).
         device: the training device.
+        dist: the ranks whose windows are averaged (a single process by default).
     """
 
-    def __init__(self, domains: Sequence[str], device: torch.device) -> None:
+    def __init__(self, domains: Sequence[str], device: torch.device, dist: DistContext | None = None) -> None:
+        self.dist = dist or DistContext()
         self.domains = list(domains)
         self.index = {name: i for i, name in enumerate(self.domains)}
         n = len(self.domains)
@@ -67,7 +69,7 @@ class StepMeter:
         ``reset`` starts a new window; without it the window stays open (a peek). Under torchrun the means are
         over every rank's samples (a collective: every rank calls it at the same step).
         """
-        sums = distributed.mean_over_ranks(self.sums.clone()).tolist()
+        sums = self.dist.mean_over_ranks(self.sums.clone()).tolist()
         out: dict[str, float] = {}
         for i, name in enumerate(self.domains):
             if self.counts[i]:
@@ -84,7 +86,7 @@ class StepMeter:
         Under torchrun a NaN on any rank raises on every rank (a collective: every rank calls it at the same step).
         """
         never = torch.iinfo(torch.long).max
-        first_bad = distributed.min_over_ranks(self.first_bad.masked_fill(self.first_bad < 0, never))
+        first_bad = self.dist.min_over_ranks(self.first_bad.masked_fill(self.first_bad < 0, never))
         first = first_bad.masked_fill(first_bad == never, -1).tolist()
         bad_loss = [(s, n) for s, n in zip(first[0], self.domains, strict=True) if s >= 0]
         if not bad_loss:
@@ -97,7 +99,7 @@ class StepMeter:
 
     def state_dict(self) -> dict[str, Any]:
         """The open window, so a resumed run logs the same means as an uninterrupted one (averaged over ranks)."""
-        sums = distributed.mean_over_ranks(self.sums.clone())
+        sums = self.dist.mean_over_ranks(self.sums.clone())
         return {"domains": list(self.domains), "sums": sums.tolist(), "counts": list(self.counts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

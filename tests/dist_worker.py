@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-import mbn.engine
+import mbn.train.checkpoints
 from mbn.cli.train import main
 from mbn.data import ResumableBatches
-from mbn.engine import Trainer
 from mbn.fileio import WriteError
+from mbn.train.hooks import TrainHooks
+from mbn.train.loop import Trainer
+from mbn.train.step import MultiDomainStep
 
 RANK = int(os.environ.get("RANK", "0"))
 RECORD = os.environ.get("MBN_TEST_RECORD")
@@ -37,44 +39,57 @@ def recorded_batch_indices(self, epoch, start_batch=0):
     return rows
 
 
-generate = Trainer.generate
+generate = MultiDomainStep.generate
 
 
-def recorded_generate(self, images, labels):
-    out = generate(self, images, labels)
-    log["seeds"][self.state.step] = self._generator.initial_seed()
+def recorded_generate(self, images, labels, at, generator, ledger):
+    out = generate(self, images, labels, at, generator, ledger)
+    log["seeds"][at.step] = generator.initial_seed()
     if "adv" in out:
-        log["adv"][self.state.step] = float(out["adv"][0].double().sum())
+        log["adv"][at.step] = float(out["adv"].images.double().sum())
     return out
 
 
-forward_losses = Trainer.forward_losses
+forward_losses = MultiDomainStep.forward_losses
+position = {"step": -1}
 
 
-def nan_forward_losses(self, outputs):
-    losses, accs = forward_losses(self, outputs)
-    if NAN_RANK is not None and int(NAN_RANK) == RANK and self.state.step == NAN_STEP:
+def nan_forward_losses(self, trained, batches):
+    losses, accs = forward_losses(self, trained, batches)
+    if NAN_RANK is not None and int(NAN_RANK) == RANK and position["step"] == NAN_STEP:
         losses["clean"] = losses["clean"] * float("nan")
     return losses, accs
 
 
-save_checkpoint = Trainer.save_checkpoint
+run = MultiDomainStep.run
+
+
+def positioned_run(self, batch, at, ledger):
+    position["step"] = at.step
+    return run(self, batch, at, ledger)
+
+
+save_checkpoint = TrainHooks.save_checkpoint
 
 
 def refuse_to_write(obj, path):
     raise WriteError(f"{Path(path).parent.name}/{Path(path).name}: cannot write (no space left on device)")
 
 
-def failing_stop_save(self):
-    if os.environ.get("MBN_TEST_FAIL_STOP_SAVE") and RANK == 0 and self._stop_signal is not None:
-        mbn.engine.atomic_torch_save = refuse_to_write  # the write itself fails, after the ranks' collectives
-    return save_checkpoint(self)
+trainers: list[Trainer] = []
+
+
+def failing_stop_save(self, state):
+    if os.environ.get("MBN_TEST_FAIL_STOP_SAVE") and RANK == 0 and trainers and trainers[0].stopping:
+        mbn.train.checkpoints.atomic_torch_save = refuse_to_write  # the write fails, after the ranks' collectives
+    return save_checkpoint(self, state)
 
 
 fit = Trainer.fit
 
 
 def recorded_fit(self):
+    trainers.append(self)
     try:
         return fit(self)
     finally:
@@ -90,10 +105,11 @@ if os.environ.get("MBN_TEST_BN_FREE"):
     mbn.builders.create_model = bn_free_classifier  # type: ignore[assignment]
 
 ResumableBatches.batch_indices = recorded_batch_indices
-Trainer.generate = recorded_generate
-Trainer.forward_losses = nan_forward_losses
+MultiDomainStep.generate = recorded_generate
+MultiDomainStep.forward_losses = nan_forward_losses
+MultiDomainStep.run = positioned_run
 Trainer.fit = recorded_fit
-Trainer.save_checkpoint = failing_stop_save
+TrainHooks.save_checkpoint = failing_stop_save
 
 if __name__ == "__main__":
     if RECORD:

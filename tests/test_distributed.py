@@ -114,7 +114,7 @@ def test_ranks_draw_their_own_randomness(two_ranks):
 
 
 def test_rank0_draws_what_a_single_process_draws(two_ranks):
-    from mbn.engine import step_seed
+    from mbn.train.runtime import step_seed
 
     _, (r0, _), _ = two_ranks
     assert all(r0["seeds"][s] == step_seed(0, s) for s in r0["seeds"])
@@ -329,11 +329,12 @@ def test_the_resume_hint_names_the_run_s_launch(monkeypatch, world, local, expec
     ],
 )
 def test_ddp_searches_for_unused_parameters_only_where_some_can_be(tmp_path, recipe, extra, unused):
-    from mbn.engine import Trainer
+    from mbn.plan import plan_run
+    from mbn.train.build import may_leave_parameters_unused
 
     cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", [*SETTINGS, *extra])
-    with Trainer(cfg, tmp_path / "run") as trainer:
-        assert trainer._may_leave_parameters_unused() is unused
+    plan = plan_run(cfg)
+    assert may_leave_parameters_unused(cfg, plan.specs, plan.heads, plan.objectives) is unused
 
 
 def test_parameters_without_gradient_under_a_forced_false_are_named_in_one_line(tmp_path):
@@ -347,3 +348,16 @@ def test_parameters_without_gradient_under_a_forced_false_are_named_in_one_line(
     for line in errors:  # one line per rank (torchrun's agent adds its own report after them)
         assert "some model parameters got no gradient in the last step" in line, line
         assert line.endswith("set trainer.find_unused_parameters=true"), line
+
+
+def test_a_trainer_built_from_a_script_under_torchrun_trains_with_ddp(tmp_path):
+    """``build_trainer`` joins the process group torchrun describes: no module global the CLI alone sets."""
+    cmd, environ = torchrun_command()
+    cmd[-1] = str(Path(__file__).with_name("script_worker.py"))
+    run = tmp_path / "run"
+    cmd += [str(REPO / "recipes" / "advprop.yaml"), str(run), *SETTINGS, "trainer.epochs=1"]
+    proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 of 2: ddp=True" in proc.stdout and "rank 1 of 2: ddp=True" in proc.stdout, proc.stdout
+    assert "rank 0: steps=4 world_size=2" in proc.stdout  # 64 images, 8 per rank and step
+    assert json.loads((run / "metrics.json").read_text())["world_size"] == 2

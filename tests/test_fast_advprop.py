@@ -13,8 +13,9 @@ from mbn.budget import matched_epochs, step_cost
 from mbn.builders import build_domains
 from mbn.checkpoint import load_checkpoint
 from mbn.config import domain_specs, load_recipe
-from mbn.engine import Trainer
 from mbn.gradnorm import SHARED, SampleMeanGradients
+from mbn.train import Trainer, build_trainer
+from mbn.train.step import UpdateLedger
 from tests.runs import REPO, TINY, train
 
 FAST = REPO / "recipes" / "fast_advprop.yaml"
@@ -38,9 +39,9 @@ def test_budget_matching_arithmetic():
 
 def test_budget_of_sets_the_epochs_and_keeps_milestones_fractions(tmp_path):
     cfg = load_recipe(FAST, [*TINY, "trainer.epochs=7", "schedule.name=step"])
-    with Trainer(cfg, tmp_path / "run") as trainer:
-        assert trainer.epochs == 6  # round(7 / 1.2)
-        assert trainer.total_steps == 6 * trainer.steps_per_epoch
+    with build_trainer(cfg, tmp_path / "run") as trainer:
+        assert trainer.length.epochs == 6  # round(7 / 1.2)
+        assert trainer.length.total_steps == 6 * trainer.length.steps_per_epoch
         assert list(cfg.schedule.milestones) == [0.5, 0.75]  # fractions of the run: they scale with it
 
 
@@ -61,12 +62,12 @@ def test_fractions_of_one_input_are_disjoint_seeded_slices(tmp_path, recorder):
     extra = ["domains.clean.fraction=0.75", "domains.part.type=record_input_test", "domains.part.fraction=0.25",
              "domains.part.bn=clean", "trainer.max_steps=1"]  # fmt: skip
     cfg = load_recipe(REPO / "recipes" / "vanilla.yaml", [*TINY, *extra])
-    with Trainer(cfg, tmp_path / "run") as trainer:
+    with build_trainer(cfg, tmp_path / "run") as trainer:
         images, labels = next(iter(trainer.data.train.epoch_batches(0)))
         images = images.float() / 255
-        trainer._seed_step()
-        outputs = trainer.generate(images, labels)
-    clean, part = outputs["clean"][0], recorder[0]
+        at = trainer.step.position(step=0, epoch=0)
+        outputs = trainer.step.generate(images, labels, at, trainer.runtime.seed_draw(at.draw), UpdateLedger())
+    clean, part = outputs["clean"].images, recorder[0]
     assert clean.shape[0] == 12 and part.shape[0] == 4
     together = torch.cat([clean, part])
     assert torch.equal(together.sort(0).values.sum(), images.sort(0).values.sum())  # a partition of the batch
@@ -87,18 +88,19 @@ def test_fraction_is_honoured_and_seeded(tmp_path, recorder):
 def _fast_trainer(tmp_path, *overrides: str) -> Trainer:
     cfg = load_recipe(FAST, [*TINY, "domains.adv.random_start=0", "domains.adv.attack_bn=train",
                              "domains.adv.fraction=1.0", *overrides])  # fmt: skip
-    return Trainer(cfg, tmp_path / "run")
+    return build_trainer(cfg, tmp_path / "run")
 
 
 def test_reused_attack_gradient_equals_the_separately_computed_one(tmp_path):
     with _fast_trainer(tmp_path, "optim.grad_normalization=domain_mean") as trainer:
         images, labels = next(iter(trainer.data.train.epoch_batches(0)))
         images = images.float() / 255
-        ctx, domain = trainer.contexts["adv"], trainer.domains["adv"]
+        domain, spec = trainer.step.domains["adv"], next(s for s in trainer.step.specs if s.name == "adv")
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         trainer.model.train()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        ctx.generator = torch.Generator().manual_seed(0)
+        ledger = trainer.update.begin()  # zeroes the gradients
+        at = trainer.step.position(step=0, epoch=0)
+        ctx = trainer.step.context(spec, at, torch.Generator().manual_seed(0), ledger)
         adv, _ = domain.generate(images, labels, ctx)
         reused = [None if p.grad is None else p.grad.clone() for p in params]
         with ctx.attack_mode("train"):
@@ -110,7 +112,7 @@ def test_reused_attack_gradient_equals_the_separately_computed_one(tmp_path):
             if got is not None:
                 assert_close(got, want)
         domain.reuse_grad = 0.0  # the attack itself does not change
-        ctx.generator = torch.Generator().manual_seed(0)
+        ctx = trainer.step.context(spec, at, torch.Generator().manual_seed(0), ledger)
         assert torch.equal(domain.generate(images, labels, ctx)[0], adv)
 
 

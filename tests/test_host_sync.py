@@ -2,7 +2,7 @@
 
 Every host read of a tensor made by the step's own code (engine, meter, domains, attacks, heads, routing) is
 counted per step; only the first step (the one-off check of each domain's output) and logging steps may read.
-The data pipeline (``mbn/data.py``) runs on the host by design and is not counted.
+The data pipeline (``mbn/data/``) runs on the host by design and is not counted.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbn.engine import Trainer
+from mbn.train import build_trainer
+from mbn.train.step import MultiDomainStep
 from tests.runs import REPO, TINY
 
 STEP_CODE = (str(REPO / "mbn"), str(REPO / "domains"))
-NOT_STEP_CODE = (str(REPO / "mbn" / "data.py"), str(REPO / "mbn" / "eval"), str(REPO / "mbn" / "tblog.py"))
+NOT_STEP_CODE = (str(REPO / "mbn" / "data") + "/", str(REPO / "mbn" / "eval"), str(REPO / "mbn" / "tblog.py"))
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 
@@ -38,13 +39,13 @@ def host_reads(monkeypatch):
 
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-    real_seed = Trainer._seed_step
+    real_run = MultiDomainStep.run
 
-    def seed_step(self, micro=0):
-        step[0] = self.state.step
-        real_seed(self, micro)
+    def run(self, batch, at, ledger):
+        step[0] = at.step
+        return real_run(self, batch, at, ledger)
 
-    monkeypatch.setattr(Trainer, "_seed_step", seed_step)
+    monkeypatch.setattr(MultiDomainStep, "run", run)
     return reads
 
 
@@ -69,7 +70,7 @@ def test_no_host_sync_outside_logging_steps(recipe, extra, tmp_path, host_reads)
         overrides.append("domains.adv.steps=2")
     overrides += [*extra, "data.synthetic_train_size=256"] if extra else []  # 7 steps of 2 batches: one epoch
     cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides)
-    Trainer(cfg, tmp_path / "run").fit()
+    build_trainer(cfg, tmp_path / "run").fit()
     logging_steps = {s - 1 for s in range(1, steps + 1) if s % log_every == 0 or s == steps}
     in_steps = [r for r in host_reads if 0 < r[0] < steps and r[0] not in logging_steps]
     assert not in_steps, in_steps

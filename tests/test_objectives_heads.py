@@ -15,8 +15,8 @@ from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
 from mbn.domain import DomainContext
-from mbn.engine import Trainer
 from mbn.objective import Objective
+from mbn.train import build_trainer
 from tests.nets import TinyNet
 from tests.test_train import TINY
 
@@ -133,7 +133,8 @@ def test_domain_with_own_head_trains_and_logs_its_loss(tmp_path):
     assert ckpt["sources"] == ["clean", "adv", "rot"] and ckpt["heads"] == {"rotation": 4}
     cfg = load_recipe(RECIPES / "advprop_ssl.yaml", TINY)
     torch.manual_seed(0)
-    fresh = Trainer(cfg, tmp_path / "unused").model.state_dict()
+    with build_trainer(cfg, tmp_path / "unused") as trainer:
+        fresh = trainer.model.state_dict()
     trained = ckpt["model"]
     assert not torch.equal(trained["aux_heads.rotation.weight"], fresh["aux_heads.rotation.weight"])
     assert "rotation" in json.loads((run / "metrics.json").read_text())["heads"]
@@ -170,9 +171,11 @@ def test_soft_targets_train_like_hard_ones(tmp_path, soft_domains):
 
 def test_attack_maximises_the_trained_objective_with_label_smoothing(tmp_path):
     cfg = load_recipe(RECIPES / "advprop.yaml", [*TINY, "optim.label_smoothing=0.2"])
-    trainer = Trainer(cfg, tmp_path / "run")
-    assert trainer.contexts["adv"].objective == Objective(label_smoothing=0.2)
-    assert trainer.objectives["clean"].label_smoothing == 0.2
+    with build_trainer(cfg, tmp_path / "run") as trainer:
+        spec = next(s for s in trainer.step.specs if s.name == "adv")
+        ctx = trainer.step.context(spec, trainer.step.position(0, 0), torch.Generator(), trainer.update.begin())
+        assert ctx.objective == Objective(label_smoothing=0.2)
+        assert trainer.step.objectives["clean"].label_smoothing == 0.2
 
 
 def test_init_from_loads_the_backbone_exactly(tmp_path, capsys):
@@ -180,7 +183,8 @@ def test_init_from_loads_the_backbone_exactly(tmp_path, capsys):
     pre = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")["model"]
     init = [f"model.init_from={tmp_path / 'pre'}", "trainer.progress=plain"]
     cfg = load_recipe(RECIPES / "advprop.yaml", [*TINY, *init])
-    model = Trainer(cfg, tmp_path / "run").model.state_dict()
+    with build_trainer(cfg, tmp_path / "run") as trainer:
+        model = trainer.model.state_dict()
     assert "loaded" in capsys.readouterr().out
     for key, value in model.items():
         if ".bns.adv." in key:  # a source the pre-training did not have starts from its main source
@@ -222,12 +226,12 @@ def test_init_from_reports_heads_left_fresh(tmp_path, capsys):
     ],
 )  # fmt: skip
 def test_validation_errors_come_before_any_data_is_read(recipe, args, expected, tmp_path, capsys, monkeypatch):
-    import mbn.engine
+    import mbn.train.build
 
     def no_data(*a, **k):
         raise AssertionError("data was read before the recipe was validated")
 
-    monkeypatch.setattr(mbn.engine, "build_data", no_data)
+    monkeypatch.setattr(mbn.train.build, "build_data", no_data)
     # a missing data set must not hide the recipe error (except where the data path is the error)
     data = [] if any(a.startswith("data.") for a in args) else ["data.name=imagefolder", "data.root=/nonexistent"]
     code = train_main([str(RECIPES / recipe), *TINY, *data, f"trainer.out_dir={tmp_path / 'run'}", *args])

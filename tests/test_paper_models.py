@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mbn.engine
+import mbn.train.build
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import ModelCfg
@@ -59,14 +59,14 @@ def test_advprop_efficientnet_trains_with_two_bns(tmp_path):
 
 def test_pretrained_normalisation_is_used_and_stored(tmp_path, monkeypatch):
     """Pretrained weights' statistics replace the data set's (no download: the weights themselves are faked)."""
-    monkeypatch.setattr(mbn.engine, "weights_normalisation", lambda cfg: ((0.5,) * 3, (0.5,) * 3))
+    monkeypatch.setattr(mbn.train.build, "weights_normalisation", lambda cfg: ((0.5,) * 3, (0.5,) * 3))
     assert run(tmp_path) == 0
     data = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["data"]
     assert data["mean"] == [0.5] * 3 and data["std"] == [0.5] * 3
 
 
 def test_recipe_normalisation_overrides_the_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(mbn.engine, "weights_normalisation", lambda cfg: ((0.5,) * 3, (0.5,) * 3))
+    monkeypatch.setattr(mbn.train.build, "weights_normalisation", lambda cfg: ((0.5,) * 3, (0.5,) * 3))
     assert run(tmp_path, "data.mean=[0.4,0.4,0.4]", "data.std=[0.2,0.2,0.2]") == 0
     data = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["data"]
     assert data["mean"] == [0.4] * 3 and data["std"] == [0.2] * 3

@@ -15,8 +15,8 @@ from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
 from mbn.ema import WeightEma
-from mbn.engine import Trainer
 from mbn.optim import param_groups
+from mbn.train import Trainer, build_trainer
 from tests.nets import bn_free_classifier
 from tests.runs import TINY, train
 
@@ -71,23 +71,25 @@ def test_ema_averages_a_tensor_shared_by_several_sources_once():
 
 def _trainer(tmp_path: Path, *extra: str, recipe: Path = ADVPROP) -> Trainer:
     cfg = load_recipe(recipe, [*TINY, f"trainer.out_dir={tmp_path / 'run'}", *extra])
-    return Trainer(cfg, tmp_path / "run")
+    return build_trainer(cfg, tmp_path / "run")
 
 
 def test_ema_in_training_equals_hand_average_of_each_steps_weights(tmp_path):
     trainer = _trainer(tmp_path, "ema.decay=0.8", "trainer.max_steps=3")
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     states = []
-    step = trainer.optimizer_step
+    apply = trainer.update.apply
 
-    def recording_step() -> None:
-        step()
+    def recording_apply(ledger, step) -> None:
+        apply(ledger, step)
         states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
 
-    trainer.optimizer_step = recording_step  # type: ignore[method-assign]
+    trainer.update.apply = recording_apply  # type: ignore[method-assign]
     metrics = trainer.fit()
     assert len(states) == 3
-    torch.testing.assert_close(trainer.ema.module.state_dict(), _hand_ema(start, states, 0.8), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        trainer.update.ema.module.state_dict(), _hand_ema(start, states, 0.8), rtol=1e-5, atol=1e-6
+    )
     assert set(metrics["test_acc_ema"]) == {"clean"} and 0 <= metrics["test_acc_ema"]["clean"] <= 1
 
 
@@ -139,7 +141,7 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(bn_free_mo
     common = ["trainer.max_steps=2", f"optim.grad_normalization={normalization}", "optim.weight_decay=0.01"]
     big = _trainer(tmp_path / "big", *common, "data.batch_size=32", recipe=VANILLA)
     small = _trainer(tmp_path / "small", *common, "data.batch_size=8", "optim.grad_accum_steps=4", recipe=VANILLA)
-    assert big.steps_per_epoch == small.steps_per_epoch == 2
+    assert big.length.steps_per_epoch == small.length.steps_per_epoch == 2
     big.fit()
     small.fit()
     assert small.state.step == big.state.step == 2 and small.state.epoch == 1
@@ -171,7 +173,7 @@ def test_exception_accumulation_longer_than_an_epoch(tmp_path, capsys):
 def test_no_weight_decay_on_bn_and_biases_by_default(tmp_path):
     trainer = _trainer(tmp_path, recipe=ADVPROP)
     names = {id(p): n for n, p in trainer.model.named_parameters()}
-    groups = trainer.optimizer.param_groups
+    groups = trainer.update.optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.0, trainer.cfg.optim.weight_decay]
     undecayed = {names[id(p)] for p in groups[0]["params"]}
     decayed = {names[id(p)] for p in groups[1]["params"]}

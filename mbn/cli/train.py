@@ -7,24 +7,24 @@ the N processes train one run (:mod:`mbn.distributed`); rank 0 picks and writes 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mbn import distributed
-from mbn.checkpoint import CheckpointError
 from mbn.config import RecipeError, load_recipe
-from mbn.errors import STOP_SIGNALS, DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError, one_line
+from mbn.distributed import DistContext
+from mbn.errors import DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError, one_line
 from mbn.fileio import WriteError
 from mbn.rundir import RunDirError, RunLock
 from mbn.shipped import recipe_purpose, recipes_dir, resolve_recipe, shipped_recipes
+from mbn.train.checkpoints import CheckpointError
+from mbn.train.preemption import signals_raise
 
 EPILOG = """examples:
   mbn-train quickstart                                    # a shipped recipe, by name, from any directory
@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
+def prepare_run(args: argparse.Namespace) -> tuple[Any, Path, bool, DistContext]:
     """Load the recipe (or the run's saved one) and choose the run directory.
 
     Nothing is written here (an automatic ``trainer.out_dir`` is created empty); the trainer checks the
@@ -74,8 +74,8 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
         if not (run_dir / "config.yaml").is_file():
             raise RecipeError(f"{run_dir}: not a run directory (no config.yaml) to resume")
         cfg = load_recipe(run_dir / "config.yaml", args.overrides, saved_run=True)
-        main = distributed.init_from_env(str(cfg.trainer.device)).is_main
-        if main:
+        dist = distributed.init_from_env(str(cfg.trainer.device))
+        if dist.is_main:
             RunLock(run_dir).acquire().release()  # in use? say so before anything else
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise CheckpointError(
@@ -85,16 +85,16 @@ def prepare_run(args: argparse.Namespace) -> tuple[object, Path, bool]:
         if any(item.split("=", 1)[0].strip() == "trainer.out_dir" for item in args.overrides):
             raise RecipeError(f"key 'trainer.out_dir': cannot be set with --resume (the run directory is {run_dir})")
         cfg.trainer.out_dir = str(run_dir)
-        return cfg, run_dir, True
+        return cfg, run_dir, True, dist
     recipe = resolve_recipe(args.recipe)
     if not recipe.exists() and not recipe.suffix and len(recipe.parts) == 1:
         raise RecipeError(f"{args.recipe}: no such recipe file or shipped recipe (mbn-train --list-recipes lists them)")
     cfg = load_recipe(recipe, args.overrides)
-    main = distributed.init_from_env(str(cfg.trainer.device)).is_main
+    dist = distributed.init_from_env(str(cfg.trainer.device))
     if cfg.trainer.out_dir is None:  # rank 0 claims it; the other ranks take rank 0's choice
         stem = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg.trainer.out_dir = distributed.broadcast_object(str(claim_run_dir(stem)) if main else None)
-    return cfg, Path(cfg.trainer.out_dir), False
+        cfg.trainer.out_dir = dist.broadcast_object(str(claim_run_dir(stem)) if dist.is_main else None)
+    return cfg, Path(cfg.trainer.out_dir), False, dist
 
 
 def claim_run_dir(stem: str) -> Path:
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started: list[Any] = []  # the trainer, once built
     # under torchrun, a stop already taken is not aborted by a repeat of the same preemption (SLURM signals every
     # process and the agent forwards it; the agent also signals the other ranks once one has exited)
-    with _signals_raise(absorb=lambda: bool(started) and started[0].dist.enabled and started[0].stopping):
+    with signals_raise(absorb=lambda: bool(started) and started[0].dist.enabled and started[0].stopping):
         try:
             return _train(args, started)
         except (StopSignal, KeyboardInterrupt) as stop:
@@ -143,37 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signum
 
 
-@contextlib.contextmanager
-def _signals_raise(absorb: Callable[[], bool] = lambda: False) -> Iterator[None]:
-    """Until the trainer takes over (and after its first signal), SIGINT/SIGTERM/SIGHUP raise :class:`StopSignal`.
-
-    A signal arriving while ``absorb()`` is true is dropped.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        if not absorb():
-            raise StopSignal(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _train(args: argparse.Namespace, started: list[Any]) -> int:
     try:
-        cfg, run_dir, resume = prepare_run(args)
-        from mbn.engine import Trainer  # heavy imports after the recipe loaded
+        cfg, run_dir, resume, dist = prepare_run(args)
+        from mbn.train.build import build_trainer  # heavy imports after the recipe loaded
 
-        trainer = Trainer(cfg, run_dir, resume=resume)  # type: ignore[arg-type]
+        trainer = build_trainer(cfg, run_dir, resume=resume, dist=dist)
         started.append(trainer)
-        main = distributed.current().is_main
-        world = distributed.current().world_size
+        main, world = dist.is_main, dist.world_size
         if main:
             procs = f", {world} processes" if world > 1 else ""
             print(f"mbn-train: run directory {run_dir} (BN sources: {', '.join(trainer.sources)}{procs})", flush=True)

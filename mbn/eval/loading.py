@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mbn.builders import build_model, resolve_device
-from mbn.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint
+from mbn.train.checkpoints import CheckpointError, load_model_state, read_checkpoint, resolve_checkpoint
 from mbn.config import RecipeCfg, RecipeError
 from mbn.data import ArraySplit, DataStats, load_arrays, load_test_split
 from mbn.errors import one_line
@@ -55,9 +55,7 @@ def load_run(
         RecipeError: the run's test data cannot be loaded.
     """
     ckpt_path, run_dir = resolve_checkpoint(path)
-    ckpt = load_checkpoint(ckpt_path)
-    if "config" not in ckpt or "sources" not in ckpt:
-        raise CheckpointError(f"{ckpt_path}: checkpoint has no recipe; was it written by mbn-train?")
+    ckpt = read_checkpoint(ckpt_path, "evaluate")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"], OmegaConf.from_dotlist(overrides or []))
         if data_root is not None:

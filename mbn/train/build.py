@@ -1,0 +1,246 @@
+"""How a recipe becomes a run: *which* data, model, domains, optimiser and files. The only recipe reader here.
+
+:func:`build_trainer` validates the whole recipe first (:func:`mbn.plan.plan_run`: every recipe error surfaces
+before the data is read), takes the run directory's lock, then builds in this order: the resume checkpoint (read
+and checked against the recipe), the data, the model on its device (:class:`~mbn.train.runtime.Runtime`), the
+step, the optimiser and schedule, the checkpoints (restoring a resumed run, or ``model.init_from``), the weight
+average and update, and the hooks. The :class:`~mbn.train.loop.Trainer` it returns only trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from mbn import distributed
+from mbn.budget import matched_epochs
+from mbn.builders import build_model
+from mbn.config import DomainSpec, RecipeError
+from mbn.convert import convert_sync_batchnorm
+from mbn.data import DataBundle, build_data
+from mbn.distributed import DistContext
+from mbn.ema import WeightEma
+from mbn.gradnorm import SampleMeanGradients
+from mbn.models import weights_normalisation
+from mbn.objective import CLASSES, Objective
+from mbn.optim import build_optimizer, build_scheduler
+from mbn.plan import RunPlan, plan_run
+from mbn.rundir import RunLock, check_new_run_dir, clean_run_dir
+from mbn.train.checkpoints import (
+    Checkpoint,
+    RunCheckpoints,
+    init_model_from,
+    read_resume_checkpoint,
+)
+from mbn.train.hooks import HookSettings, TrainHooks
+from mbn.train.loop import Trainer
+from mbn.train.runtime import Runtime
+from mbn.train.state import RunLength, TrainState
+from mbn.train.step import MultiDomainStep
+from mbn.train.update import Update
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path | str, *, resume: bool = False, dist: DistContext | None = None
+) -> Trainer:
+    """A :class:`Trainer` for recipe ``cfg`` writing ``run_dir`` (continuing its ``last.pt`` with ``resume``).
+
+    Args:
+        cfg: a recipe loaded with :func:`mbn.config.load_recipe`.
+        run_dir: output directory (``config.yaml``, ``tb/``, ``checkpoints/``, ``metrics.json``).
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        dist: this process's place among the ranks; by default joined from the environment torchrun sets, so a
+            script building a trainer under torchrun trains with DDP as ``mbn-train`` does.
+
+    Raises:
+        RecipeError: a recipe problem, naming its key. CheckpointError: an unusable checkpoint to resume.
+    """
+    run_dir = Path(run_dir)
+    plan = plan_run(cfg, resume=resume)  # every recipe error surfaces here, before the data is read
+    dist = dist if dist is not None else distributed.init_from_env(str(cfg.trainer.device))
+    lock = RunLock(run_dir).acquire() if dist.is_main else None  # before anything in run_dir is read or written
+    try:
+        return _build(cfg, run_dir, plan, dist, resume, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(
+    cfg: DictConfig, run_dir: Path, plan: RunPlan, dist: DistContext, resume: bool, lock: RunLock | None
+) -> Trainer:
+    ckpt_dir = run_dir / "checkpoints"
+    device = distributed.rank_device(plan.device, dist)
+    ckpt = read_resume_checkpoint(ckpt_dir / "last.pt", cfg, device) if resume else None
+    if dist.is_main:
+        if not resume:
+            check_new_run_dir(run_dir)
+        clean_run_dir(run_dir)  # temporary files of writes a kill interrupted
+    torch.manual_seed(cfg.trainer.seed)  # model initialisation
+    with dist.main_first():  # a download or a decoded-image cache is written once, by rank 0
+        data = build_data(cfg.data, seed=cfg.trainer.seed, device=device, rank=dist.rank, world_size=dist.world_size)
+    _normalise_as_trained(cfg, data, ckpt)
+    model = build_model(cfg, data.num_classes, data.mean, data.std, plan.sources, heads=plan.heads)
+    if cfg.trainer.sync_bn:
+        model = convert_sync_batchnorm(model)  # one SyncBatchNorm per source
+    model.to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    runtime = Runtime(
+        model,
+        device,
+        dist,
+        seed=cfg.trainer.seed,
+        amp=cfg.trainer.amp,
+        channels_last=cfg.trainer.channels_last,
+        compile=cfg.trainer.compile,
+        find_unused_parameters=may_leave_parameters_unused(cfg, plan.specs, plan.heads, plan.objectives),
+    )
+    length, notes = run_length(cfg, plan, len(data.train))
+    step = MultiDomainStep(
+        runtime,
+        plan.specs,
+        plan.domains,
+        plan.objectives,
+        plan.heads,
+        data.num_classes,
+        total_steps=length.total_steps,
+        accum_steps=length.accum_steps,
+        sample_mean=cfg.optim.grad_normalization == "sample_mean",
+        split_batch=cfg.trainer.split_batch,
+    )
+    optimizer = build_optimizer(model, cfg.optim)  # backbone and every head
+    scheduler = build_scheduler(optimizer, cfg.schedule, length.total_steps, length.steps_per_epoch)
+    checkpoints = RunCheckpoints(
+        ckpt_dir,
+        dist,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=runtime.scaler,
+        ema=None,  # below: the average starts from the weights training starts from
+        cfg=cfg,
+        data=data,
+        sources=plan.sources,
+        heads=plan.heads,
+    )
+    state, init_report = TrainState(), None
+    if ckpt is not None:
+        checkpoints.check_same_run(ckpt, ckpt_dir / "last.pt", cfg.data.root)
+        state = checkpoints.restore(ckpt, ckpt_dir / "last.pt", length.batches_per_epoch)
+    elif plan.init_checkpoint is not None:
+        report = init_model_from(model, plan.init_path, plan.init_checkpoint)
+        notes.append(report.summary(plan.init_path))
+        init_report = {"path": str(plan.init_path), "loaded": len(report.loaded), "fresh": sorted(report.fresh)}
+    ema = WeightEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
+    checkpoints.ema = ema
+    if ckpt is not None and ema is not None and not checkpoints.restore_ema(ckpt, ckpt_dir / "last.pt"):
+        notes.append(
+            f"{ckpt_dir / 'last.pt'} holds no weight average: ema starts from the weights at step {state.step}"
+        )
+    normalizer = SampleMeanGradients(model) if cfg.optim.grad_normalization == "sample_mean" else None
+    update = Update(
+        model, optimizer, scheduler, runtime.scaler, dist, grad_clip=cfg.optim.grad_clip, normalizer=normalizer, ema=ema
+    )
+    hooks = TrainHooks(cfg, hook_settings(cfg), run_dir, runtime, update, checkpoints, data, plan.specs, length)
+    hooks.init_report = init_report
+    if ckpt is not None:
+        hooks.load_session(ckpt, ckpt_dir / "last.pt")
+        notes.extend(_schedule_change(cfg, ckpt, update, state))
+    for note in notes:
+        hooks.progress.log(note)
+    return Trainer(
+        cfg=cfg,
+        run_dir=run_dir,
+        data=data,
+        runtime=runtime,
+        step=step,
+        update=update,
+        hooks=hooks,
+        checkpoints=checkpoints,
+        length=length,
+        state=state,
+        resumed=ckpt is not None,
+        lock=lock,
+    )
+
+
+def run_length(cfg: DictConfig, plan: RunPlan, batches: int) -> tuple[RunLength, list[str]]:
+    """How long the run trains (``trainer.budget_of`` matched), and the note saying so when it was matched."""
+    accum = int(cfg.optim.grad_accum_steps)
+    steps_per_epoch = batches // accum  # optimisation steps; a last incomplete group of micro-batches is dropped
+    if steps_per_epoch == 0:
+        raise RecipeError(
+            f"key 'optim.grad_accum_steps': {accum} batches per optimisation step, but an epoch has "
+            f"{batches}; lower it or data.batch_size"
+        )
+    epochs, notes = int(cfg.trainer.epochs), []
+    if cfg.trainer.budget_of:  # the epochs costing what the baseline's would
+        epochs = matched_epochs(cfg.trainer.epochs, plan.specs, plan.domains, str(cfg.trainer.budget_of))
+        notes.append(
+            f"trainer.budget_of={cfg.trainer.budget_of}: {epochs} epochs cost what {cfg.trainer.epochs} "
+            f"of {cfg.trainer.budget_of} would"
+        )
+    length = RunLength(epochs, steps_per_epoch, accum, int(cfg.trainer.max_steps or 0), int(cfg.trainer.eval_every))
+    return length, notes
+
+
+def hook_settings(cfg: DictConfig) -> HookSettings:
+    """The logging, evaluation and checkpoint cadence the recipe asks for."""
+    return HookSettings(
+        log_every=int(cfg.trainer.log_every),
+        image_every=int(cfg.logging.image_every or 0),
+        divergence_every=int(cfg.logging.divergence_every or 0),
+        checkpoint_every_steps=int(cfg.trainer.checkpoint_every_steps or 0),
+        eval_all_bns=bool(cfg.trainer.eval_all_bns),
+        tensorboard=bool(cfg.logging.tensorboard),
+        perturbation_gain=float(cfg.logging.perturbation_gain),
+        progress=str(cfg.trainer.progress),
+        divergence_layout=bool(cfg.logging.divergence_every) and not cfg.model.share_stats,
+        budget_of=cfg.trainer.budget_of,
+    )
+
+
+def may_leave_parameters_unused(
+    cfg: DictConfig, specs: list[DomainSpec], heads: dict[str, int], objectives: dict[str, Objective]
+) -> bool:
+    """``trainer.find_unused_parameters``, else whether a BN source or head can miss a step's training forward.
+
+    That happens with a domain window (``start``/``end``) or a head no domain is scored by (every BN source is
+    some domain's ``bn``, so each is trained). Otherwise every parameter gets a gradient every step, and DDP is
+    spared the search of the autograd graph it otherwise makes after every backward.
+    """
+    if cfg.trainer.find_unused_parameters is not None:
+        return bool(cfg.trainer.find_unused_parameters)
+    windowed = any(s.start > 0 or s.end < 1 for s in specs)
+    unscored_head = {CLASSES, *heads} - {objectives[s.name].head for s in specs}
+    return windowed or bool(unscored_head)
+
+
+def _normalise_as_trained(cfg: DictConfig, data: DataBundle, ckpt: Checkpoint | None) -> None:
+    """Pretrained weights expect their own input statistics; a resume keeps those the run was trained with."""
+    expected = weights_normalisation(cfg.model)
+    saved = ckpt.get("data") if ckpt is not None else None
+    if expected is not None and isinstance(saved, dict) and "mean" in saved and "std" in saved:
+        expected = (tuple(saved["mean"]), tuple(saved["std"]))
+    if expected is not None and cfg.data.mean is None:
+        data.stats = replace(data.stats, mean=expected[0], std=expected[1])  # and the checkpoint
+
+
+def _schedule_change(cfg: DictConfig, ckpt: Checkpoint, update: Update, state: TrainState) -> list[str]:
+    """A note when a resume changed ``trainer.epochs``: the schedule and windows now span the new length."""
+    old_epochs = ckpt["config"].get("trainer", {}).get("epochs")
+    if old_epochs is None or old_epochs == cfg.trainer.epochs:
+        return []
+    old_lr = update.lr
+    lambdas: list[Any] = [fn(state.step) for fn in getattr(update.scheduler, "lr_lambdas", [])]
+    new_lr = update.optimizer.param_groups[0]["initial_lr"] * lambdas[0] if lambdas else old_lr
+    return [
+        f"trainer.epochs {old_epochs} -> {cfg.trainer.epochs}: the learning-rate schedule and the domains' "
+        f"start/end windows now span the new length (lr at step {state.step}: {old_lr:.4g} -> {new_lr:.4g})"
+    ]

@@ -1,0 +1,353 @@
+"""The one owner of mbn's checkpoint format: its schema, where it is written, how a run is restored from it.
+
+A checkpoint is a dict (:class:`Checkpoint`) written by rank 0 through :mod:`mbn.fileio` (temporary file, fsync,
+``os.replace``), so an interrupted save never leaves a truncated ``last.pt``; ``best.pt`` is the same dict when the
+main BN's test accuracy improved. It is read with ``torch.load(..., weights_only=True)``, checked against the schema
+(:func:`validate`) and against the run it continues (same processes, BN sources, data), and every problem (an
+empty or foreign file, a model of another shape, a missing entry, other data) is one line naming the file or key.
+``mbn-train --resume``, ``model.init_from`` and ``mbn-eval`` all read checkpoints through this module; the
+checkpoints of mbn 0.3.x load and resume unchanged.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from mbn.config import RecipeError
+from mbn.data import DataBundle
+from mbn.distributed import DistContext
+from mbn.ema import WeightEma
+from mbn.errors import TrainingDivergedError, first_line, one_line
+from mbn.fileio import WriteError, atomic_torch_save
+from mbn.init_from import InitReport, init_from_state
+from mbn.resume import check_resume_config
+from mbn.train.state import TrainState
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or from an incompatible model."""
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (tensors and plain containers only).
+
+    Raises:
+        CheckpointError: missing or unreadable file, with the path in the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a file torch.save wrote)") from None
+        if "GLOBAL" not in str(err) and "allowed global" not in str(err):  # a damaged pickle, not a refused object
+            raise CheckpointError(f"{path}: not a readable checkpoint (damaged: {_unpickler_reason(err)})") from None
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain containers; mbn loads checkpoints with "
+            f"weights_only=True and runs no code from a file ({first_line(err).split('. ')[0]})"
+        ) from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not an mbn checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The reason in torch's weights_only error (``Unsupported operand 254``), without its advice paragraph."""
+    text = str(err)
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in reason.splitlines() if line.strip()] if found else []
+    return lines[0] if lines else first_line(err)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """``load_state_dict`` with a one-line error when the checkpoint belongs to another model."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = (missing or unexpected)[:3]
+        kind = "missing" if missing else "unexpected"
+        raise CheckpointError(f"{path}: checkpoint does not match the model ({kind} keys, e.g. {detail})")
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[key].shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointError(
+                f"{path}: checkpoint does not match the model ({key}: {got} in the checkpoint, "
+                f"{tuple(own[key].shape)} in the model; another width or architecture?)"
+            )
+    model.load_state_dict(state)
+
+
+def require_entries(ckpt: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) -> None:
+    """Every entry of ``keys`` is in the checkpoint, else a one-line error saying which are missing."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not {what} (missing {', '.join(repr(k) for k in missing)})")
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """``(checkpoint file, run directory)`` for a run directory or a checkpoint path."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise CheckpointError(f"{path}: not a run directory (expected {ckpt})")
+        return ckpt, path
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint file")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return path, run_dir
+
+
+# --------------------------------------------------------------------------------------------------- the schema
+class Checkpoint(TypedDict, total=False):
+    """What ``last.pt`` / ``best.pt`` hold (every entry plain types or tensors: ``weights_only`` reads it)."""
+
+    model: dict[str, Tensor]  # the converted model's state dict: every BN source, the heads
+    ema: dict[str, Tensor]  # the weight average's (ema.decay > 0), same keys as model
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    state: dict[str, Any]  # TrainState as a dict: the position in training
+    sources: list[str]  # BN sources, main first
+    heads: dict[str, int]  # auxiliary heads and their sizes
+    data: dict[str, Any]  # DataStats: class names, normalisation
+    data_fingerprint: str  # identity of the training set (resume on the same data)
+    config: dict[str, Any]  # the resolved recipe
+    train_time: float
+    wall_time: float
+    clock: dict[str, Any]  # throughput counters
+    last_window: dict[str, float]  # the last logged means (metrics.json)
+    meter: dict[str, Any]  # the open logging window
+    world_size: int  # processes that trained (a resume needs as many)
+
+
+#: What each use of a checkpoint needs.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "resume": ("model", "optimizer", "scheduler", "scaler", "state", "config"),
+    "evaluate": ("model", "config", "sources"),
+    "init": ("model",),
+}
+_PURPOSE = {
+    "resume": "a training checkpoint to resume",
+    "evaluate": "a checkpoint written by mbn-train",
+    "init": "an mbn checkpoint",
+}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "ema": dict,
+    "optimizer": dict,
+    "state": dict,
+    "config": dict,
+    "sources": (list, tuple),
+    "heads": dict,
+    "data": dict,
+}
+
+
+def validate(ckpt: Mapping[str, Any], path: Path, purpose: Literal["resume", "evaluate", "init"]) -> Checkpoint:
+    """``ckpt`` checked against :class:`Checkpoint` for ``purpose``; a :class:`CheckpointError` names the entry."""
+    require_entries(dict(ckpt), REQUIRED[purpose], path, _PURPOSE[purpose])
+    for key, kind in _TYPES.items():
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise CheckpointError(f"{path}: its {key!r} entry is not a {names}")
+    return ckpt  # type: ignore[return-value]
+
+
+def read_checkpoint(
+    path: Path, purpose: Literal["resume", "evaluate", "init"], map_location: str | torch.device = "cpu"
+) -> Checkpoint:
+    """:func:`load_checkpoint` then :func:`validate`."""
+    return validate(load_checkpoint(path, map_location), Path(path), purpose)
+
+
+# ------------------------------------------------------------------------------------------- reading for a run
+def read_resume_checkpoint(path: Path, cfg: DictConfig, device: torch.device) -> Checkpoint:
+    """The checkpoint to resume from, checked against the schema and the recipe before anything is built."""
+    ckpt = read_checkpoint(path, "resume", map_location=device)
+    check_resume_config(ckpt["config"], cfg)
+    return ckpt
+
+
+def init_model_from(model: nn.Module, path: Path | None, ckpt: Mapping[str, Any]) -> InitReport:
+    """``model.init_from``: load every tensor of that checkpoint that fits the model; the report says what."""
+    return init_from_state(model, ckpt["model"], ckpt.get("sources", ()))
+
+
+def check_same_data(saved: Any, data: DataBundle, root: Any, path: Path) -> None:
+    """A resume trains on the data it started with: same classes, same normalisation statistics."""
+    if not isinstance(saved, dict):
+        return
+    now = data.stats.to_dict()
+    if list(saved.get("class_names", [])) != now["class_names"]:
+        raise RecipeError(
+            f"key 'data.root': {root} holds classes {now['class_names'][:5]}..., the run was "
+            f"trained on {list(saved.get('class_names', []))[:5]}... ({path}); resume on the same data"
+        )
+    for key in ("mean", "std"):
+        old, new = saved.get(key), now[key]
+        if old is not None and any(abs(a - b) > 1e-5 for a, b in zip(old, new, strict=False)):
+            raise RecipeError(
+                f"key 'data.root': the training images under {root} differ from the run's "
+                f"({key} {_rounded(old)} in {path}, {_rounded(new)} now); resume on the same data"
+            )
+
+
+def _rounded(values: Any) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+# ------------------------------------------------------------------------------------------- the run's files
+class RunCheckpoints:
+    """``checkpoints/last.pt`` and ``best.pt`` of one run: what goes in, how it is written, how it comes back.
+
+    Args:
+        directory: ``RUN/checkpoints``.
+        dist: the ranks; rank 0 alone writes.
+        model, optimizer, scheduler, scaler, ema: the trained objects, saved and restored in place.
+        cfg: the recipe (saved resolved); data: the training data (statistics, fingerprint); sources, heads: the
+            model's BN sources and auxiliary heads.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        dist: DistContext,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler,
+        ema: WeightEma | None,
+        cfg: DictConfig,
+        data: DataBundle,
+        sources: tuple[str, ...],
+        heads: Mapping[str, int],
+    ) -> None:
+        self.dir, self.dist = Path(directory), dist
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
+        self.cfg, self.data, self.sources, self.heads = cfg, data, sources, dict(heads)
+        self.data_fingerprint = data.fingerprint()
+
+    @property
+    def last(self) -> Path:
+        """``checkpoints/last.pt``."""
+        return self.dir / "last.pt"
+
+    def kept_note(self) -> str:
+        """What a stopped run leaves to resume from, for its one-line error."""
+        return f"last good checkpoint kept at {self.last}" if self.last.exists() else "no checkpoint written yet"
+
+    def check_same_run(self, ckpt: Checkpoint, path: Path, root: Any) -> None:
+        """A resume continues the run it saved: as many processes, the same BN sources, the same training data."""
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise RecipeError(
+                f"resume with the number of processes the run was trained with: {saved_world} "
+                f"(torchrun --nproc_per_node x --nnodes), not {self.dist.world_size}; each process's shard of the "
+                "epoch depends on it"
+            )
+        if list(ckpt.get("sources", self.sources)) != list(self.sources):
+            raise RecipeError(
+                f"resume cannot change the BN sources {list(ckpt['sources'])} -> {list(self.sources)} (the first "
+                "is the main BN); restore the domains' order and bn names"
+            )
+        check_same_data(ckpt.get("data"), self.data, root, path)
+        saved = ckpt.get("data_fingerprint")
+        if saved is not None and saved not in (self.data_fingerprint, self.data.legacy_fingerprint):
+            raise RecipeError(
+                f"key 'data.root': the training set under {root} is not the one this run was trained on "
+                f"(another image count, labels or images than in {path}); resume on the same data"
+            )
+
+    def save(self, state: TrainState, session: Mapping[str, Any]) -> None:
+        """Write ``last.pt`` atomically (and ``best.pt`` when the main BN's accuracy improved); rank 0 only.
+
+        ``session`` holds the training session's own entries (clock, meter, last window, wall and train time).
+        """
+        if not self.dist.is_main:
+            return
+        ckpt: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(state),
+            "sources": list(self.sources),
+            "heads": dict(self.heads),
+            "data": self.data.stats.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            **session,
+            "world_size": self.dist.world_size,
+        }
+        if self.ema is not None:
+            ckpt["ema"] = self.ema.module.state_dict()
+        atomic_torch_save(ckpt, self.last)
+        main = state.test_acc.get(self.sources[0])
+        if main is not None and main >= state.best_acc:
+            atomic_torch_save(ckpt, self.dir / "best.pt")
+
+    def save_on_every_rank(self, save: Any) -> None:
+        """``save()``, then rank 0's outcome on every rank: no rank exits before rank 0 has written.
+
+        A rank leaving first would have the torchrun agent stop the others mid-write; a rank waiting at a barrier
+        while rank 0 fails to write would be killed by the agent without a word. So rank 0 sends its error (or
+        none) and every rank raises it as one line.
+        """
+        if not self.dist.enabled:
+            save()
+            return
+        failure: Exception | None = None
+        try:
+            save()
+        except (WriteError, TrainingDivergedError) as err:  # the others reach the broadcast before raising
+            failure = err
+        reason = self.dist.broadcast_object(one_line(failure) if failure is not None else None)
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise WriteError(f"rank 0 could not save the checkpoint: {reason}")
+
+    def restore(self, ckpt: Checkpoint, path: Path, batches_per_epoch: int) -> TrainState:
+        """Load the trained objects from a resume checkpoint (checked by :func:`check_same_run`); its position."""
+        load_model_state(self.model, ckpt["model"], path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            state = TrainState(**ckpt["state"])
+            state.check(batches_per_epoch)
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+            detail = first_line(err)
+            raise CheckpointError(f"{path}: optimiser or training state does not fit this run ({detail})") from None
+        return state
+
+    def restore_ema(self, ckpt: Checkpoint, path: Path) -> bool:
+        """The weight average a resumed run continues; False for a run saved without one (it starts fresh)."""
+        assert self.ema is not None
+        state = ckpt.get("ema")
+        if state is None:
+            return False
+        try:
+            self.ema.module.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: its 'ema' entry does not fit this model ({first_line(err)})") from None
+        return True

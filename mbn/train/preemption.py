@@ -1,0 +1,109 @@
+"""Every rule about stop signals (Ctrl-C, SLURM/Kubernetes preemption) in one place.
+
+- Before the trainer takes over, and after its first signal, SIGINT/SIGTERM/SIGHUP raise :class:`StopSignal`
+  (:func:`signals_raise`, installed by ``mbn-train``): nothing is trained yet, or a second signal aborts.
+- While the trainer trains (:meth:`Preemption.guard`), a signal finishes the current step, a checkpoint is saved
+  and :class:`~mbn.errors.TrainingInterruptedError` says how to resume; a second signal acts as it would without
+  mbn. Under torchrun the ranks agree on a stop after every step (a host-side max over the ranks), and repeats of
+  the same preemption (SLURM signals every process; the agent forwards it again, and SIGTERMs the others once one
+  rank exits) are absorbed until the ranks have stopped.
+- A signal the user ignored (``nohup``, ``trap '' TERM``) stays ignored.
+- DataLoader workers block these signals (:mod:`mbn.data`), so only the main process decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mbn.distributed import DistContext, resume_command
+from mbn.errors import STOP_SIGNALS, StopSignal, TrainingInterruptedError
+
+
+def in_main_thread() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def signals_raise(absorb: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Until the trainer takes over (and after its first signal), SIGINT/SIGTERM/SIGHUP raise :class:`StopSignal`.
+
+    A signal arriving while ``absorb()`` is true is dropped.
+    """
+    if not in_main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        if not absorb():
+            raise StopSignal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Preemption:
+    """The trainer's stop requests: taken from signals, agreed by every rank, acted on between steps."""
+
+    def __init__(self, dist: DistContext) -> None:
+        self.dist = dist
+        self.received: int | None = None  # the signal this process received
+        self.signal: int | None = None  # the stop every rank agreed on (a single process: the signal received)
+
+    @property
+    def stopping(self) -> bool:
+        """A stop signal was taken (agreed by every rank under torchrun): the trainer checkpoints and stops."""
+        return self.signal is not None
+
+    def agree(self) -> None:
+        """Under torchrun, a signal received by any rank stops every rank after the same step (host-side flag)."""
+        if self.dist.enabled:
+            self.signal = self.dist.max_flag(self.received or 0) or None
+
+    @contextlib.contextmanager
+    def guard(self, save: Callable[[], None], run_dir: Path, step: Callable[[], int]) -> Iterator[None]:
+        """Train inside: a stop signal finishes the step, ``save()`` runs once, and the block ends interrupted.
+
+        Raises:
+            TrainingInterruptedError: after the checkpoint, naming the signal, the step and the resume command.
+        """
+        if sys.platform == "win32" or not in_main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def request_stop(signum: int, frame: object) -> None:
+            self.received = signum
+            if self.dist.enabled:  # the ranks agree after the step; a repeat of the same preemption is no abort
+                return
+            self.signal = signum
+            for sig, handler in previous.items():  # a second signal acts as it would without mbn
+                signal.signal(sig, handler)
+
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup / trap '' TERM: the user said ignore it
+                previous[sig] = signal.signal(sig, request_stop)
+        try:
+            yield
+            self.agree()  # a signal after the last step's agreement (every rank gets here)
+            if self.signal is not None:
+                save()  # still under request_stop: a repeat (or the agent's SIGTERM) cannot cut the save short
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.signal is not None:
+            raise TrainingInterruptedError(
+                f"{signal.Signals(self.signal).name} at step {step()}; checkpoint saved, resume with: "
+                f"{resume_command(run_dir)}",
+                self.signal,
+            )

@@ -1,0 +1,143 @@
+"""Where the step runs: the device, the ranks, the training forward (DDP or not), autocast and per-draw seeding.
+
+:class:`Runtime` is built once by :func:`mbn.train.build.build_trainer` and shared by the step, the update, the
+hooks and the checkpoints. It decides nothing about *what* a step computes; it only says how a forward, a
+seed or a batch reaches the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mbn.data import to_device
+from mbn.distributed import DistContext
+from mbn.errors import DomainError
+from mbn.heads import forward_heads
+from mbn.objective import CLASSES
+
+Batch = tuple[Tensor, Tensor]
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The RNG seed of draw ``step`` (domains, dropout, kornia draws) on process ``rank``.
+
+    Rank 0 (and a single process) draws what a one-process run draws; every other rank its own stream.
+    """
+    base = (seed * 1_000_003 + step) % (2**63 - 1)
+    return base if rank == 0 else (base + rank * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+class HeadsForward(nn.Module):
+    """``(images, heads) -> {head: logits}`` as one module, so DistributedDataParallel sees every head's use."""
+
+    def __init__(self, model: nn.Module, forward_model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._forward_model = forward_model  # model itself or its compiled wrapper: the same parameters, counted once
+
+    def forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
+        """``{head: logits}`` of one forward."""
+        if heads == (CLASSES,):
+            return {CLASSES: self._forward_model(x)}
+        return forward_heads(self._forward_model, x, heads)
+
+
+class Runtime:
+    """The model on its device, its training forward, and how randomness and batches reach that device.
+
+    Args:
+        model: the converted model, already on ``device``.
+        device: this rank's device.
+        dist: this process's place among the ranks (passed in, never read from a global).
+        seed: ``trainer.seed``; every draw of randomness is seeded from ``(seed, draw, rank)``.
+        amp: ``trainer.amp`` (``none``, ``bf16`` or ``fp16``).
+        channels_last: ``trainer.channels_last``.
+        compile: ``trainer.compile`` (the training forward goes through ``torch.compile``).
+        find_unused_parameters: DDP's search for parameters a step leaves without a gradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        dist: DistContext,
+        *,
+        seed: int,
+        amp: str = "none",
+        channels_last: bool = False,
+        compile: bool = False,
+        find_unused_parameters: bool = False,
+    ) -> None:
+        self.model, self.device, self.dist, self.seed = model, device, dist, seed
+        self.channels_last = channels_last
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.generator = torch.Generator(device)  # the domains' randomness, re-seeded for every draw
+        self.heads_forward = HeadsForward(model, torch.compile(model) if compile else model)
+        self.ddp: DistributedDataParallel | None = None
+        if dist.enabled:  # attacks use the unwrapped model: no gradient all-reduce while attacking
+            self.ddp = DistributedDataParallel(
+                self.heads_forward,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+                **_no_buffer_sync(),  # done at the start of each step instead, before the attacks
+            )
+
+    def to_device(self, batch: Batch) -> Batch:
+        """A host batch on the training device (``(B, C, H, W)`` in [0, 1], channels-last if asked)."""
+        return to_device(batch, self.device, self.channels_last)
+
+    def seed_draw(self, draw: int) -> torch.Generator:
+        """Seed torch's generators for ``draw``; returns the domains' generator, seeded for it too."""
+        seed = step_seed(self.seed, draw, self.dist.rank)
+        # Only the generators in use: torch.manual_seed also walks every accelerator backend (~1.5 ms).
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        return self.generator.manual_seed(seed)
+
+    def sync_buffers(self) -> None:
+        """Under DDP, every rank takes rank 0's BN statistics (before the attacks of a step)."""
+        if self.ddp is not None:
+            self.dist.broadcast_buffers(self.model)
+
+    def forward(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
+        """The training forward (through DDP when it wraps the model): ``{head: logits}``."""
+        with self.autocast():
+            try:
+                return (self.ddp or self.heads_forward)(x, heads)
+            except RuntimeError as err:
+                ddp_unused = self.ddp is not None and not self.ddp.find_unused_parameters
+                if ddp_unused and "find_unused_parameters=True" in str(err):
+                    raise DomainError(
+                        "some model parameters got no gradient in the last step (a forward that skips them); "
+                        "set trainer.find_unused_parameters=true"
+                    ) from err
+                raise
+
+    def no_sync(self, keep_local: bool) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, ``keep_local`` keeps a micro-batch's gradients on its rank (one all-reduce per step)."""
+        return self.ddp.no_sync() if keep_local and self.ddp is not None else contextlib.nullcontext()
+
+    def autocast(self, attack: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision as ``trainer.amp`` asks; fp16 attack gradients underflow without a scaler: fp32 then."""
+        if self.amp_dtype is None or (attack and self.amp_dtype is torch.float16):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def close(self) -> None:
+        """Drop DDP now, while the process group its reducer uses still exists (not at interpreter exit)."""
+        self.ddp = None
+
+
+def _no_buffer_sync() -> dict[str, Any]:
+    """DDP's argument skipping its buffer broadcast in forward (``forward_sync_buffers``, else the older name)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}

@@ -1,0 +1,340 @@
+"""The multi-domain step: AdvProp's training step (Xie et al. 2020, Algorithm 1) for N domains and N BNs.
+
+Read :meth:`MultiDomainStep.run` top to bottom::
+
+    clean batch (B, C, H, W) in [0, 1]
+      -> domains in dependency order, each on its input domain's batch     (generate)
+      -> one forward per BN, or one split-batch forward for all BNs        (forward)
+      -> each domain's objective on the logits of its head                 (losses)
+      -> sum of weight x loss, back-propagated into .grad                  (backward)
+
+Every value of a step flows through what the step returns (:class:`DomainBatch`, :class:`StepOutput`) or through the
+:class:`UpdateLedger` of the optimisation step it belongs to (sample counts, attack gradients kept for the update);
+nothing of a step is kept on ``self``. The randomness of a (micro-)batch is seeded from ``(trainer.seed, draw,
+rank)``, so a resumed run draws exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from mbn.config import DomainSpec
+from mbn.domain import Domain, DomainContext
+from mbn.domain_checks import check_domain_output
+from mbn.errors import DomainError, first_line
+from mbn.gradnorm import SHARED, Owner
+from mbn.objective import CLASSES, Objective
+from mbn.routing import split_sources, use_source
+from mbn.train.runtime import Batch, Runtime
+
+
+@dataclass(frozen=True)
+class StepPosition:
+    """Where a (micro-)batch falls in training: what the domains' windows and seeds depend on."""
+
+    step: int  # optimisation steps done before this one
+    epoch: int
+    draw: int  # which draw of randomness: step x grad_accum_steps + micro-batch
+    fraction: float  # step / total steps: the domains' start/end windows
+
+
+@dataclass(frozen=True)
+class DomainBatch:
+    """One domain's batch of a step: ``images`` (N, C, H, W) and ``targets``, made from ``source`` (its input)."""
+
+    images: Tensor
+    targets: Tensor
+    source: Tensor  # the images the domain changed (its share of its input): the perturbation images
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one (micro-)batch produced: each domain's batch, and each trained domain's loss and accuracy."""
+
+    clean: Tensor  # the clean images on the device, (B, C, H, W)
+    batches: dict[str, DomainBatch]  # every domain run this step (a domain only feeding another one too)
+    losses: dict[str, Tensor]  # trained domains -> scalar loss (on the device)
+    accs: dict[str, Tensor]  # trained domains -> scalar accuracy
+    sizes: dict[str, int]  # trained domains -> batch size
+    finite: Tensor  # (len(losses),) bool: each trained domain's images were finite
+
+
+@dataclass
+class UpdateLedger:
+    """What the micro-batches of one optimisation step leave for its update (:mod:`mbn.train.update`).
+
+    ``counts``: weighted samples per parameter owner (``optim.grad_normalization=sample_mean``);
+    ``reused``: attack gradients kept aside under DDP, averaged over the ranks before the update.
+    """
+
+    counts: dict[Owner, float] = field(default_factory=lambda: {SHARED: 0.0})
+    reused: dict[Tensor, Tensor] = field(default_factory=dict)
+
+    def count(self, samples: float, bn: str, head: str = CLASSES) -> None:
+        """``samples`` reached the shared parameters, BN source ``bn`` and (unless the classifier) ``head``."""
+        self.counts[SHARED] += samples
+        self.counts[("bn", bn)] = self.counts.get(("bn", bn), 0.0) + samples
+        if head != CLASSES:
+            self.counts[("head", head)] = self.counts.get(("head", head), 0.0) + samples
+
+
+class MultiDomainStep:
+    """Generate, forward and back-propagate one (micro-)batch of every active domain.
+
+    Args:
+        runtime: device, forward, seeding (:class:`mbn.train.runtime.Runtime`).
+        specs: the recipe's domains in dependency order.
+        domains: the built domain plugins by name.
+        objectives: how each domain is scored (head, loss).
+        heads: auxiliary heads and their sizes.
+        num_classes: the task's classes.
+        total_steps: optimisation steps of the whole run (the domains' windows are fractions of it).
+        accum_steps: micro-batches per optimisation step (``optim.grad_accum_steps``).
+        sample_mean: ``optim.grad_normalization=sample_mean`` (losses summed over samples, counts ledgered).
+        split_batch: ``trainer.split_batch`` (one forward for every BN).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        specs: Sequence[DomainSpec],
+        domains: Mapping[str, Domain],
+        objectives: Mapping[str, Objective],
+        heads: Mapping[str, int],
+        num_classes: int,
+        *,
+        total_steps: int,
+        accum_steps: int = 1,
+        sample_mean: bool = False,
+        split_batch: bool = True,
+    ) -> None:
+        self.runtime, self.specs, self.domains, self.objectives = runtime, list(specs), dict(domains), dict(objectives)
+        self.heads, self.num_classes = dict(heads), num_classes
+        self.total_steps, self.accum_steps = total_steps, accum_steps
+        self.sample_mean, self.split_batch = sample_mean, split_batch
+        self.sources = tuple(dict.fromkeys(s.bn for s in self.specs))
+        self.trainable = [p for p in runtime.model.parameters() if p.requires_grad]
+        self._by_name = {s.name: s for s in self.specs}
+        self._checked: set[str] = set()  # domains whose first batch passed the contract check (once per run)
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained model (unwrapped: what the domains attack)."""
+        return self.runtime.model
+
+    def position(self, step: int, epoch: int, micro: int = 0) -> StepPosition:
+        """The position of micro-batch ``micro`` of optimisation step ``step``."""
+        return StepPosition(step, epoch, step * self.accum_steps + micro, step / max(1, self.total_steps))
+
+    # ------------------------------------------------------------------------------------------- the step
+    def run(self, batch: Batch, at: StepPosition, ledger: UpdateLedger) -> StepOutput:
+        """One (micro-)batch: its gradients add to ``.grad``, its sample counts and reused gradients to ``ledger``."""
+        generator = self.runtime.seed_draw(at.draw)
+        self.runtime.sync_buffers()  # every rank attacks with rank 0's BN statistics
+        images, labels = self.runtime.to_device(batch)  # (B, C, H, W) in [0, 1], (B,)
+        batches = self.generate(images, labels, at, generator, ledger)  # domain -> DomainBatch
+        trained = [s for s in self.specs if self.active(s, at)]
+        losses, accs = self.forward_losses_or_blame(trained, batches)  # domain -> scalar, on the device
+        sizes = {name: batches[name].images.shape[0] for name in losses}
+        self.backward(losses, sizes, ledger)
+        finite = torch.stack([torch.isfinite(batches[name].images).all() for name in losses])
+        return StepOutput(images, batches, losses, accs, sizes, finite)
+
+    def generate(
+        self, images: Tensor, labels: Tensor, at: StepPosition, generator: torch.Generator, ledger: UpdateLedger
+    ) -> dict[str, DomainBatch]:
+        """Run every domain needed at ``at``, each on its ``input`` domain's batch or the clean one."""
+        needed = self.needed(at)
+        out: dict[str, DomainBatch] = {}
+        shares: dict[str, tuple[Tensor, int]] = {}  # input -> (this draw's permutation, images handed out)
+        for spec in self.specs:
+            if spec.name not in needed:
+                continue
+            src = out[spec.input] if spec.input else None
+            x, y = (src.images, src.targets) if src is not None else (images, labels)  # (N, C, H, W), (N, ...)
+            if spec.fraction < 1.0:  # a seeded share of the input, disjoint from the other shares of that input
+                x, y = _share(spec, x, y, generator, shares)  # (round(fraction x N), C, H, W)
+            ctx = self.context(spec, at, generator, ledger)
+            version = x._version  # in-place writes bump it: the input is shared with other domains
+            try:
+                with self.runtime.autocast(attack=True):
+                    made = self.domains[spec.name].generate(x, y, ctx)
+            except (Exception, SystemExit) as err:
+                if "DataLoader worker" in str(err):  # a worker died (signal, OOM killer): not the domain's fault
+                    raise
+                raise DomainError(
+                    f"domain {spec.name!r} (type {spec.type!r}) failed at step {at.step}: "
+                    f"{type(err).__name__}: {first_line(err)}"
+                ) from err
+            if x._version != version:
+                raise DomainError(
+                    f"domain {spec.name!r} changed its input images in place; other domains share them: return a "
+                    "new tensor (images * 0.5, not images.mul_(0.5))"
+                )
+            if spec.name not in self._checked:  # the first batch only: no host sync in later steps
+                made = check_domain_output(spec.name, made, x, self.target_size(spec.name))
+                self._checked.add(spec.name)
+            out[spec.name] = DomainBatch(made[0], made[1], x)
+        return out
+
+    def context(
+        self, spec: DomainSpec, at: StepPosition, generator: torch.Generator, ledger: UpdateLedger
+    ) -> DomainContext:
+        """A fresh context for ``spec``'s domain at ``at``; gradient reuse adds to ``ledger``."""
+        return DomainContext(
+            model=self.model,
+            bn=spec.bn,
+            step=at.step,
+            epoch=at.epoch,
+            generator=generator,
+            seed=(generator.initial_seed() + zlib.crc32(spec.name.encode())) % 2**63,  # host-side: no sync
+            num_classes=self.num_classes,
+            objective=self.objectives[spec.name],
+            accumulate=partial(self.reuse_attack_gradient, ledger),
+        )
+
+    def forward_losses(
+        self, trained: Sequence[DomainSpec], batches: Mapping[str, DomainBatch]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Forward each trained domain's batch through its BN; per-domain objectives (weighted in backward)."""
+        groups: dict[str, list[DomainSpec]] = {}
+        for spec in trained:  # domains sharing a BN are normalised together (adversarial training)
+            groups.setdefault(spec.bn, []).append(spec)
+        logits = self.forward(groups, batches)  # domain -> logits of the head scoring it
+        losses, accs = {}, {}
+        for spec in trained:
+            objective, targets = self.objectives[spec.name], batches[spec.name].targets
+            losses[spec.name] = objective.loss(logits[spec.name], targets)
+            accs[spec.name] = objective.correct(logits[spec.name], targets).mean()
+        return losses, accs  # finiteness is checked on the device (StepMeter), read on logging steps
+
+    def forward(self, groups: Mapping[str, list[DomainSpec]], batches: Mapping[str, DomainBatch]) -> dict[str, Tensor]:
+        """Logits per domain: each BN's domains joined, every BN routed (one split forward, or one per BN)."""
+        heads = tuple(dict.fromkeys(self.objectives[s.name].head for specs in groups.values() for s in specs))
+        chunks = {bn: _cat([batches[s.name].images for s in specs]) for bn, specs in groups.items()}  # bn -> (sum N)
+        ddp = self.runtime.ddp is not None
+        per_bn: dict[str, dict[str, Tensor]]
+        if len(self.sources) == 1:  # nothing to route
+            per_bn = {bn: self.runtime.forward(x, heads) for bn, x in chunks.items()}
+        elif (self.split_batch or ddp) and len(chunks) > 1:
+            shapes = {bn: tuple(x.shape[1:]) for bn, x in chunks.items()}
+            if ddp and len(set(shapes.values())) > 1:
+                raise DomainError(
+                    f"under torchrun the batches of every BN go through one forward, so they need one image size; "
+                    f"got {shapes}"
+                )
+            sizes = {bn: x.shape[0] for bn, x in chunks.items()}
+            with split_sources(self.model, sizes):
+                joined = self.runtime.forward(torch.cat(list(chunks.values())), heads)  # head -> (sum of sizes, K)
+            per_bn = {bn: {} for bn in sizes}
+            for head, logits in joined.items():
+                for bn, part in zip(sizes, logits.split(list(sizes.values())), strict=True):
+                    per_bn[bn][head] = part
+        else:
+            per_bn = {}
+            for bn, x in chunks.items():
+                with use_source(self.model, bn):
+                    per_bn[bn] = self.runtime.forward(x, heads)
+        logits_of = {}
+        for bn, specs in groups.items():  # each BN's logits back into its domains
+            sizes_in_bn = [batches[s.name].images.shape[0] for s in specs]
+            parts = {head: out.split(sizes_in_bn) for head, out in per_bn[bn].items()}
+            logits_of.update({s.name: parts[self.objectives[s.name].head][i] for i, s in enumerate(specs)})
+        return logits_of
+
+    def backward(self, losses: Mapping[str, Tensor], sizes: Mapping[str, int], ledger: UpdateLedger) -> None:
+        """Add the gradients of ``sum(weight x loss)`` (over ``grad_accum_steps``) to ``.grad``.
+
+        With ``sample_mean`` the sum is over samples and the update divides each parameter's gradient by the
+        weighted count of samples that reached it (:mod:`mbn.gradnorm`), which ``ledger`` counts.
+        """
+        terms = []
+        for name, loss in losses.items():
+            spec = self._by_name[name]
+            terms.append(spec.weight * (sizes[name] if self.sample_mean else 1.0 / self.accum_steps) * loss)
+            if self.sample_mean:
+                ledger.count(spec.weight * sizes[name], spec.bn, self.objectives[name].head)
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        self.runtime.scaler.scale(total).backward()
+
+    def reuse_attack_gradient(
+        self, ledger: UpdateLedger, loss: Tensor, images: Tensor, weight: float, bn: str
+    ) -> Tensor:
+        """An attack step's ``d loss / d images``; ``weight`` x its parameter gradients join this step's update."""
+        n = images.shape[0]
+        scaled = loss * (weight * n if self.sample_mean else weight / self.accum_steps)
+        grads = torch.autograd.grad(self.runtime.scaler.scale(scaled), [images, *self.trainable], allow_unused=True)
+        # under DDP they are kept aside and averaged over the ranks after the backward (a parameter the training
+        # forward does not reach would otherwise keep its rank's own gradient)
+        kept = self.runtime.ddp is not None
+        for p, g in zip(self.trainable, grads[1:], strict=True):
+            if g is None:
+                continue
+            if kept:
+                ledger.reused[p] = g if p not in ledger.reused else ledger.reused[p].add_(g)
+            else:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        if self.sample_mean:
+            ledger.count(weight * n, bn)
+        return grads[0]
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def forward_losses_or_blame(
+        self, trained: Sequence[DomainSpec], batches: Mapping[str, DomainBatch]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`forward_losses`; when it fails, a domain whose batch breaks the contract is named instead."""
+        try:
+            return self.forward_losses(trained, batches)
+        except (RuntimeError, IndexError, ValueError):
+            for name, made in batches.items():  # the contract check again, on every batch of this step
+                check_domain_output(name, (made.images, made.targets), made.source, self.target_size(name))
+            raise
+
+    def target_size(self, name: str) -> int:
+        """Outputs of the head that scores domain ``name`` (the class count for the classifier)."""
+        head = self.objectives[name].head
+        return self.num_classes if head == CLASSES else self.heads[head]
+
+    def active(self, spec: DomainSpec, at: StepPosition) -> bool:
+        """``spec`` trains at ``at`` (its ``[start, end)`` window holds the fraction of training done)."""
+        return spec.start <= at.fraction < spec.end
+
+    def needed(self, at: StepPosition) -> set[str]:
+        """The active domains and every domain they take their input from."""
+        needed: set[str] = set()
+        for spec in self.specs:
+            cur: DomainSpec | None = spec if self.active(spec, at) else None
+            while cur is not None and cur.name not in needed:
+                needed.add(cur.name)
+                cur = self._by_name[cur.input] if cur.input else None
+        return needed
+
+
+def _share(
+    spec: DomainSpec, x: Tensor, y: Tensor, generator: torch.Generator, shares: dict[str, tuple[Tensor, int]]
+) -> Batch:
+    """``round(fraction * N)`` images of the input: the next slice of one seeded permutation per input and draw.
+
+    Domains with a ``fraction`` of the same input get disjoint slices in recipe order while their fractions
+    sum to at most 1 (Fast AdvProp: clean 0.8, attacked 0.2); beyond that the slices wrap around.
+    """
+    key, n = spec.input or "", x.shape[0]
+    if key not in shares:  # drawn before any domain's own draws: reproducible whatever the domains do
+        shares[key] = (torch.randperm(n, generator=generator, device=generator.device).to(x.device), 0)
+    perm, used = shares[key]
+    keep = max(1, round(spec.fraction * n))
+    pick = perm[(torch.arange(used, used + keep, device=x.device) % n)] if used + keep > n else perm[used : used + keep]
+    shares[key] = (perm, used + keep)
+    return x.index_select(0, pick), y.index_select(0, pick)
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum of N, C, H, W)
