@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-import mbn.data as data_mod
+import mbn.data.preloaded as preloaded_mod
 from mbn.config import DataCfg, RecipeError
 from mbn.data import (
     ArraySplit,
@@ -346,7 +346,7 @@ def test_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_decode(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_mod, "_decode_files", no_decode)
+    monkeypatch.setattr(preloaded_mod, "_decode_files", no_decode)
     cached = build_data(cfg, seed=0, device="cpu")
     np.testing.assert_array_equal(cached.train_arrays()[0], train_images)
     assert len(list(cached.train.epoch_batches(0))) == 3

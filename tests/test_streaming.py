@@ -15,8 +15,9 @@ from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import DataCfg, RecipeError, load_recipe
 from mbn.data import build_data, load_test_split, streamed_fingerprints
+from mbn.data.streamed import StreamingImageFolder
+from mbn.data.transforms import random_resized_crop_box
 from mbn.fileio import atomic_torch_save
-from mbn.streaming import StreamingImageFolder, random_resized_crop_box
 from tests.runs import TINY
 
 REPO = Path(__file__).resolve().parents[1]

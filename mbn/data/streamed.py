@@ -12,16 +12,16 @@ Augmentation (``data.augment``):
   resize 256, crop 224).
 * ``cifar``: zero-padded random crop and flip at the images' native size, which must be ``image_size``.
 
-Every sample's draws come from a generator seeded by ``(seed, epoch, index)`` (:func:`mbn.data.sample_seeds`), so
-an epoch's batches are the same whatever the worker count, and a resumed run continues exactly. An image that
-cannot be read or decoded, or that is smaller than ``data.min_image_side`` (or, with ``cifar``, not
-``image_size`` square), stops the run with one line naming the file; nothing is skipped or silently resized.
+Every sample's draws come from a generator seeded by ``(seed, epoch, index)``
+(:func:`mbn.data.loaders.sample_seeds`), so an epoch's batches are the same whatever the worker count, and a resumed
+run continues exactly. An image that cannot be read or decoded, or that is smaller than ``data.min_image_side`` (or,
+with ``cifar``, not ``image_size`` square), stops the run with one line naming the file; nothing is skipped or
+silently resized.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +32,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mbn.config import RecipeError
-from mbn.data import (
-    TrainLoader,
-    closing_workers,
-    collate_batch,
-    decode_image_file,
-    read_image_file,
-    resize_centre_crop,
-    sample_seeds,
-    worker_init_fn,
-)
+from mbn.data.files import decode_image_file, read_image_file
+from mbn.data.loaders import TrainLoader, closing_workers, collate_batch, sample_seeds, worker_init_fn
+from mbn.data.transforms import random_resized_crop_box, resize_centre_crop
 from mbn.errors import first_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -59,37 +52,14 @@ class EncodedBatch:
     labels: torch.Tensor  # int64 (N,)
 
 
-#: torchvision's RandomResizedCrop defaults (Inception-style crops).
-RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 #: ImageNet statistics in [0, 1] units: the normalisation a streamed set uses unless data.mean/std say otherwise.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def random_resized_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of a RandomResizedCrop (torchvision's algorithm: 10 tries, then the central crop)."""
-    area = height * width
-    log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*RRC_SCALE)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < RRC_RATIO[0]:
-        w, h = width, round(width / RRC_RATIO[0])
-    elif in_ratio > RRC_RATIO[1]:
-        h, w = height, round(height * RRC_RATIO[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class StreamingImageFolder(Dataset):
     """Files and labels of one split, decoded (and, for training, augmented) per sample on demand.
 
-    Training keys are ``(index, epoch)`` pairs (as :class:`mbn.data.AugmentedArrayDataset`); evaluation keys are
+    Training keys are ``(index, epoch)`` pairs (as :class:`mbn.data.loaders.AugmentedArrayDataset`); evaluation keys are
     plain indices. ``__getitems__`` returns whole ``(uint8 N3HW images, int64 labels)`` batches.
 
     Args:
