@@ -16,7 +16,8 @@ if __name__ == "__main__":
     recipe, run_dir, *overrides = sys.argv[1:]
     try:
         trainer = build_trainer(load_recipe(recipe, overrides), run_dir)
-        print(f"rank {trainer.dist.rank} of {trainer.dist.world_size}: ddp={trainer.runtime.ddp is not None}", flush=True)
+        dist = trainer.dist
+        print(f"rank {dist.rank} of {dist.world_size}: ddp={trainer.runtime.ddp is not None}", flush=True)
         metrics = trainer.fit()
         print(f"rank {trainer.dist.rank}: steps={metrics['steps']} world_size={metrics['world_size']}", flush=True)
     finally:

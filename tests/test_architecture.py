@@ -25,9 +25,11 @@ def _recipe_reads(path: Path) -> list[str]:
     sections = {"trainer", "data", "model", "optim", "schedule", "logging", "ema", "domains", "eval"}
     reads = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Attribute) and node.attr in sections and isinstance(node.value, ast.Name):
-            if node.value.id in ("cfg", "recipe"):
-                reads.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+        named = (
+            isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("cfg", "recipe")
+        )
+        if named and node.attr in sections:
+            reads.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
     return reads
 
 

@@ -15,21 +15,23 @@ import pickle
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from mbn.config import RecipeError
-from mbn.data import DataBundle
 from mbn.distributed import DistContext
-from mbn.ema import WeightEma
 from mbn.errors import TrainingDivergedError, first_line, one_line
 from mbn.fileio import WriteError, atomic_torch_save
 from mbn.init_from import InitReport, init_from_state
 from mbn.resume import check_resume_config
 from mbn.train.state import TrainState
+
+if TYPE_CHECKING:  # mbn-eval reads checkpoints without importing the data pipeline or timm
+    from mbn.data import DataBundle
+    from mbn.ema import WeightEma
 
 
 class CheckpointError(ValueError):
