@@ -53,6 +53,7 @@ def test_a_0_3_1_run_evaluates_and_initialises_a_new_one(tmp_path):
     run = _copy(tmp_path)
     loaded = load_run(run)
     assert loaded.sources == ("clean", "adv") and loaded.stats.num_classes == 10
-    assert train("vanilla.yaml", tmp_path / "fine", "trainer.max_steps=1", "model.width=4", f"model.init_from={run}") == 0
+    init = ["trainer.max_steps=1", "model.width=4", f"model.init_from={run}"]
+    assert train("vanilla.yaml", tmp_path / "fine", *init) == 0
     fine = load_checkpoint(tmp_path / "fine" / "checkpoints" / "last.pt")
     assert fine["state"]["step"] == 1
