@@ -8,6 +8,7 @@ distinct ``bn`` values in order, the first being the main BN used at inference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,7 @@ class LoggingCfg:
 class RecipeCfg:
     """A full training recipe."""
 
+    imports: list[str] = field(default_factory=list)  # modules imported before the domains are looked up
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     domains: dict[str, Any] = field(default_factory=dict)
@@ -253,10 +255,19 @@ def _friendly(err: Exception, fallback_key: str | None = None) -> str:
     return f"key '{key}': {msg}" if key else msg
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, saved_run: bool = False) -> DictConfig:
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    saved_run: bool = False,
+    imports: Sequence[str] = (),
+) -> DictConfig:
     """Merge schema defaults, the recipe (and its bases) and ``key=value`` overrides, then validate.
 
     ``saved_run``: ``path`` is a run's ``config.yaml``; keys it lacks read as :data:`LEGACY_VALUES`.
+    ``imports``: modules from the command line (``mbn-train --import``), appended to the recipe's ``imports`` key
+    (so the run's ``config.yaml`` lists them); every module listed is imported (:mod:`mbn.imports`) before the
+    recipe is validated.
 
     Raises:
         RecipeError: missing file, unknown key, wrong type or bad value; the message names it.
@@ -293,6 +304,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, 
     except OmegaConfBaseException as err:
         raise RecipeError(_friendly(err)) from None
     assert isinstance(cfg, DictConfig)
+    from mbn.imports import CLI_OPTION, import_user_modules  # imports mbn.config
+
+    import_user_modules(imports, CLI_OPTION)
+    import_user_modules(cfg.imports)
+    cfg.imports = [*cfg.imports, *(name for name in dict.fromkeys(imports) if name not in cfg.imports)]
     validate_recipe(cfg)
     return cfg
 

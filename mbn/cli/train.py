@@ -51,7 +51,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. trainer.epochs=5")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
     parser.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (e.g. ./my_domains.py registering a domain; repeatable); stored in the recipe's "
+        "imports key, so --resume and mbn-eval import it again",
+    )
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides (r.yaml k=v --import m k=v)
     if args.list_recipes:
         return args
     if args.resume and args.recipe:
@@ -73,7 +82,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Path, bool, DistContext]
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise RecipeError(f"{run_dir}: not a run directory (no config.yaml) to resume")
-        cfg = load_recipe(run_dir / "config.yaml", args.overrides, saved_run=True)
+        cfg = load_recipe(run_dir / "config.yaml", args.overrides, saved_run=True, imports=args.imports)
         dist = distributed.init_from_env(str(cfg.trainer.device))
         if dist.is_main:
             RunLock(run_dir).acquire().release()  # in use? say so before anything else
@@ -89,7 +98,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Path, bool, DistContext]
     recipe = resolve_recipe(args.recipe)
     if not recipe.exists() and not recipe.suffix and len(recipe.parts) == 1:
         raise RecipeError(f"{args.recipe}: no such recipe file or shipped recipe (mbn-train --list-recipes lists them)")
-    cfg = load_recipe(recipe, args.overrides)
+    cfg = load_recipe(recipe, args.overrides, imports=args.imports)
     dist = distributed.init_from_env(str(cfg.trainer.device))
     if cfg.trainer.out_dir is None:  # rank 0 claims it; the other ranks take rank 0's choice
         stem = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"

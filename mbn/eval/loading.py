@@ -10,10 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mbn.builders import build_model, resolve_device
-from mbn.train.checkpoints import CheckpointError, load_model_state, read_checkpoint, resolve_checkpoint
 from mbn.config import RecipeCfg, RecipeError
 from mbn.data import ArraySplit, DataStats, load_arrays, load_test_split
 from mbn.errors import one_line
+from mbn.imports import import_user_modules
+from mbn.train.checkpoints import CheckpointError, load_model_state, read_checkpoint, resolve_checkpoint
 
 
 @dataclass
@@ -64,6 +65,7 @@ def load_run(
     except Exception as err:
         raise CheckpointError(f"{ckpt_path}: stored recipe does not fit this mbn version ({err})") from None
     assert isinstance(cfg, DictConfig)
+    import_user_modules(cfg.imports)  # the modules the run was trained with (the recipe's imports key)
     dev = resolve_device(device, "--device")
     try:
         if stats is not None:
