@@ -19,7 +19,6 @@ torchvision's ``RandAugment``/``TrivialAugmentWide``; ``docs/domains.md`` lists 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from torch import Tensor
 from mbn import rng
 from mbn.domain import Domain, DomainContext
 from mbn.registry import register_domain
+from mbn.validators import check_bool, check_int, check_number, is_number
 
 __all__ = [
     "AUTOAUGMENT_POLICIES",
@@ -282,10 +282,10 @@ def _parse_policy(policy: Any) -> list[list[tuple[str, float, float | None]]]:
             name, prob, level = entry
             if name not in OPS:
                 raise ValueError(f"policy: unknown op {name!r}; expected one of {sorted(OPS)}")
-            if not (isinstance(prob, (int, float)) and 0.0 <= prob <= 1.0):
+            if not is_number(prob, low=0, high=1):
                 raise ValueError(f"policy: probability of {name!r} must be in [0, 1], got {prob!r}")
             needs_level = name not in _NO_MAGNITUDE
-            if needs_level and not (isinstance(level, (int, float)) and 0 <= level <= 10):
+            if needs_level and not is_number(level, low=0, high=10):
                 raise ValueError(f"policy: level of {name!r} must be a number in [0, 10], got {level!r}")
             ops.append((str(name), float(prob), float(level) if needs_level else None))
         parsed.append(ops)
@@ -336,10 +336,8 @@ class AutoAugmentDomain(_PolicyDomain):
             default_translate = _AA_TRANSLATE["imagenet"]
         if translate is None:
             translate = default_translate
-        if not (isinstance(translate, (int, float)) and math.isfinite(translate) and 0 <= translate <= 1):
-            raise ValueError(f"translate must be a fraction of the image side in [0, 1], got {translate!r}")
+        self.translate = check_number("translate", translate, low=0, high=1, unit="(a fraction of the image side)")
         self.policy = policy if isinstance(policy, str) else table
-        self.translate = float(translate)
         self.interpolation = _check_interpolation(interpolation)
         self._space = _aa_space(self.translate)
         steps = max(len(sub) for sub in table)
@@ -388,12 +386,9 @@ class RandAugmentDomain(_PolicyDomain):
     op_names = _RA_OPS
 
     def __init__(self, n: int = 2, m: float = 9, num_bins: int = 31, interpolation: str = "nearest") -> None:
-        if not (isinstance(num_bins, int) and num_bins >= 2):
-            raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if not (isinstance(m, (int, float)) and 0 <= m <= num_bins - 1):
-            raise ValueError(f"m must be a number in [0, {num_bins - 1}], got {m!r}")
+        check_int("num_bins", num_bins, low=2)
+        check_int("n", n, low=1)
+        check_number("m", m, low=0, high=num_bins - 1)
         self.n = n
         self.m = m
         self.num_bins = num_bins
@@ -422,10 +417,8 @@ class TrivialAugmentDomain(_PolicyDomain):
     op_names = _RA_OPS
 
     def __init__(self, wide: bool = True, num_bins: int = 31, interpolation: str = "nearest") -> None:
-        if not isinstance(wide, bool):
-            raise ValueError(f"wide must be true or false, got {wide!r}")
-        if not (isinstance(num_bins, int) and num_bins >= 2):
-            raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+        check_bool("wide", wide)
+        check_int("num_bins", num_bins, low=2)
         self.wide = wide
         self.num_bins = num_bins
         self.interpolation = _check_interpolation(interpolation)

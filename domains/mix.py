@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 from mbn.domain import Domain, DomainContext
 from mbn.registry import register_domain
+from mbn.validators import check_number
 
 
 class _MixingDomain(Domain):
@@ -30,9 +31,7 @@ class _MixingDomain(Domain):
     transform: type[v2.Transform]
 
     def __init__(self, alpha: float) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"parameter 'alpha': expected a number > 0 (the Beta(alpha, alpha) of lam), got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_number("alpha", alpha, low=0, low_open=True, unit="(the Beta(alpha, alpha) of lam)")
 
     def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
         """Mix ``images`` with their batch neighbours; targets ``(N, num_classes)`` probabilities summing to 1."""

@@ -7,12 +7,11 @@ mbn recipe parameter (ImageNet-C's severities 1-5 are std 0.08-0.38 on [0, 1], i
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from mbn.domain import Domain, DomainContext
 from mbn.registry import register_domain
+from mbn.validators import check_number
 
 PIXEL_SCALE = 255.0
 
@@ -26,10 +25,7 @@ class GaussianNoiseDomain(Domain):
     """
 
     def __init__(self, std: float = 20.0) -> None:
-        ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std >= 0
-        if not ok:
-            raise ValueError(f"std must be a number >= 0 in 0-255 pixel units, got {std!r}")
-        self.std = float(std)
+        self.std = check_number("std", std, low=0, unit="in 0-255 pixel units")
 
     def generate(self, images: Tensor, labels: Tensor, ctx: DomainContext) -> tuple[Tensor, Tensor]:
         """Return ``(clamp(images + noise, 0, 1), labels)``; same shape, dtype and device."""

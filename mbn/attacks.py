@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.functional import cross_entropy
 
 from mbn import rng
+from mbn.validators import check_choice, check_int, check_number, check_probability, is_int
 
 Model = Callable[[Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -141,8 +142,8 @@ def fgsm(
     Returns:
         Detached adversarial images inside the ``eps`` ball and the [0, 1] box.
     """
-    _check_eps(eps)
-    probability = _start_probability(random_start)
+    check_number("eps", eps, low=0)
+    probability = check_probability("random_start", random_start)
     if step_size is None:
         step_size = 1.25 * eps if probability > 0 else eps
     return _iterate(
@@ -222,7 +223,7 @@ def random_wrong_labels(
     Raises:
         ValueError: if ``num_classes < 2`` or a label lies outside ``[0, num_classes)``.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not is_int(num_classes, low=2):
         raise ValueError(f"num_classes must be an int >= 2 to draw a wrong class, got {num_classes!r}")
     if labels.is_floating_point():
         raise ValueError(f"labels must be class indices to draw a wrong class, got {labels.dtype} labels")
@@ -232,34 +233,13 @@ def random_wrong_labels(
     return (labels + offset) % num_classes
 
 
-def _check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-
-
-def _start_probability(random_start: bool | float) -> float:
-    if isinstance(random_start, bool):
-        return float(random_start)
-    if not isinstance(random_start, (int, float)) or not 0.0 <= random_start <= 1.0:
-        raise ValueError(f"random_start must be a bool or a probability in [0, 1], got {random_start!r}")
-    return float(random_start)
-
-
 def _validate(eps: float, steps: int, step_size: float, norm: str, random_start: bool | float) -> float:
     """Check the shared attack arguments; return the random-start probability."""
-    _check_eps(eps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if (
-        isinstance(step_size, bool)
-        or not isinstance(step_size, (int, float))
-        or not math.isfinite(step_size)
-        or step_size < 0
-    ):
-        raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    return _start_probability(random_start)
+    check_number("eps", eps, low=0)
+    check_int("steps", steps, low=1)
+    check_number("step_size", step_size, low=0)
+    check_choice("norm", norm, NORMS)
+    return check_probability("random_start", random_start)
 
 
 def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None, *, normal: bool = False) -> Tensor:

@@ -383,12 +383,16 @@ def validate_recipe(cfg: DictConfig) -> None:
         raise RecipeError("keys 'data.mean' and 'data.std': set both (the input normalisation) or neither")
     if cfg.data.std is not None and min(float(v) for v in cfg.data.std) == 0:
         raise RecipeError(f"key 'data.std': expected positive values, got {list(cfg.data.std)}")
-    check_data_path(cfg.data)
+    check_preload_keys(cfg.data)
     domain_specs(cfg)
 
 
-def check_data_path(data: Any) -> None:
-    """``data.preload`` agrees with the keys that only one data path has (checked at load, before any rank waits)."""
+def check_preload_keys(data: Any) -> None:
+    """``data.preload`` agrees with the keys only one loading mode has (preloaded arrays or a streamed tree).
+
+    Checked when the recipe loads, before any rank waits; :func:`mbn.plan.check_dataset_present` checks that the data
+    is where ``data.root`` says.
+    """
     if getattr(data, "preload", True):
         if getattr(data, "decode", "workers") == "device":
             raise RecipeError("key 'data.decode': device decoding is for streamed trees: set data.preload=false")
@@ -405,6 +409,10 @@ def check_data_path(data: Any) -> None:
             "key 'data.on_device': holding the set on the device is for preloaded sets; a streamed tree "
             "(data.preload=false) decodes batch by batch (data.decode=device decodes them on the device)"
         )
+
+
+#: The name :mod:`mbn.data` still imports (to be replaced there by :func:`check_preload_keys`).
+check_data_path = check_preload_keys
 
 
 def domain_specs(cfg: DictConfig) -> list[DomainSpec]:

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,6 @@ from mbn.heads import forward_heads
 from mbn.objective import CLASSES, Objective
 from mbn.routing import eval_mode, frozen_stats, use_source
 
-AttackBN = Literal["eval", "train", "train_update"]
 ATTACK_BN_MODES: tuple[str, ...] = ("eval", "train", "train_update")
 
 

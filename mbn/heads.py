@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from mbn.objective import CLASSES
+from mbn.validators import is_int
 
 HEADS_ATTR = "aux_heads"
 
@@ -72,7 +73,7 @@ def attach_heads(model: nn.Module, heads: Mapping[str, int]) -> nn.Module:
     for name, outputs in heads.items():
         if not isinstance(name, str) or not name.isidentifier() or name == CLASSES:
             raise ValueError(f"head name {name!r}: expected an identifier other than {CLASSES!r}")
-        if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 1:
+        if not is_int(outputs, low=1):
             raise ValueError(f"head {name!r}: expected a positive number of outputs, got {outputs!r}")
     if _bank(model) is not None:
         raise ValueError("the model already has auxiliary heads")
@@ -103,12 +104,6 @@ def forward_heads(model: nn.Module, x: Tensor, heads: Sequence[str]) -> dict[str
     if missing:
         raise KeyError(f"unknown head(s) {missing}; the model has {[CLASSES, *bank.keys()]}")
     return {h: logits if h == CLASSES else bank[h](features) for h in heads}
-
-
-def head_sizes(model: nn.Module) -> dict[str, int]:
-    """Auxiliary head names mapped to their number of outputs (empty without heads)."""
-    bank = _bank(model)
-    return {} if bank is None else {name: int(head.out_features) for name, head in bank.items()}  # type: ignore[arg-type]
 
 
 def drop_heads(model: nn.Module) -> nn.Module:

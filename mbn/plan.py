@@ -22,6 +22,7 @@ from mbn.config import DomainSpec, RecipeError, bn_sources, dependency_order, do
 from mbn.distributed import env_world_size
 from mbn.domain import Domain
 from mbn.objective import CLASSES, Objective
+from mbn.validators import is_int
 
 #: Where torchvision's CIFAR loaders expect their extracted archives under ``data.root``.
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -79,7 +80,7 @@ def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
             "key 'trainer.sync_bn': SyncBatchNorm needs CUDA devices under torchrun; on CPU (gloo) train with "
             "trainer.sync_bn=false (each rank normalises with its own batch statistics)"
         )
-    check_data_paths(cfg.data)
+    check_dataset_present(cfg.data)
     sources = bn_sources(specs)
     return RunPlan(dependency_order(specs), sources, domains, objectives, heads, device, init_checkpoint, init_path)
 
@@ -107,7 +108,7 @@ def collect_heads(specs: list[DomainSpec], domains: dict[str, Domain]) -> dict[s
         for head, size in domains[spec.name].heads().items():
             if head == CLASSES or not isinstance(head, str) or not head.isidentifier():
                 raise RecipeError(f"key 'domains.{spec.name}': head name {head!r} is reserved or not an identifier")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            if not is_int(size, low=1):
                 raise RecipeError(f"key 'domains.{spec.name}': head {head!r} needs a positive size, got {size!r}")
             if head in heads and heads[head] != size:
                 raise RecipeError(
@@ -118,8 +119,11 @@ def collect_heads(specs: list[DomainSpec], domains: dict[str, Domain]) -> dict[s
     return heads
 
 
-def check_data_paths(data: DictConfig) -> None:
-    """The dataset the recipe names is where it says (or will be downloaded)."""
+def check_dataset_present(data: DictConfig) -> None:
+    """The dataset the recipe names is on disk under ``data.root`` (or will be downloaded); nothing is read.
+
+    The loading-mode keys were checked when the recipe loaded (:func:`mbn.config.check_preload_keys`).
+    """
     root = Path(str(data.root))
     if data.name == "imagefolder" and not (root / "train").is_dir():
         raise RecipeError(f"key 'data.root': imagefolder expects {root}/train/<class>/*; directory not found")

@@ -41,6 +41,41 @@ def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bo
     return "finite"
 
 
+def is_number(
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> bool:
+    """True for a finite real number (not a bool) within the bounds: :func:`check_number`'s test.
+
+    For a caller whose message says more than ``"<name> must be <what>"``.
+
+    Examples:
+        >>> is_number(0.5, low=0, high=1), is_number(True), is_number(float("nan")), is_number(0, low=0, low_open=True)
+        (True, False, False, False)
+    """
+    if not _is_number(value) or not math.isfinite(value):
+        return False
+    if low is not None and (value < low or (low_open and value == low)):
+        return False
+    return bool(high is None or not (value > high or (high_open and value == high)))
+
+
+def is_int(value: Any, *, low: int | None = None, high: int | None = None) -> bool:
+    """True for an integer (not a bool) within ``[low, high]``: :func:`check_int`'s test.
+
+    Examples:
+        >>> is_int(3, low=1), is_int(3.0), is_int(False), is_int(0, low=1)
+        (True, False, False, False)
+    """
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        return False
+    return bool((low is None or value >= low) and (high is None or value <= high))
+
+
 def check_number(
     name: str,
     value: Any,
@@ -61,22 +96,16 @@ def check_number(
         ...
         mbn.validators.ValueCheckError: eps must be a number >= 0 in 0-255 pixel units, got -1
     """
-    what = f"a number {_bounds(low, high, low_open, high_open)}" + (f" {unit}" if unit else "")
-    if not _is_number(value) or not math.isfinite(value):
-        raise ValueCheckError(name, what, value)
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueCheckError(name, what, value)
-    if high is not None and (value > high or (high_open and value == high)):
+    if not is_number(value, low=low, high=high, low_open=low_open, high_open=high_open):
+        what = f"a number {_bounds(low, high, low_open, high_open)}" + (f" {unit}" if unit else "")
         raise ValueCheckError(name, what, value)
     return float(value)
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """An integer (not a bool) within ``[low, high]``; returned as ``int``."""
-    what = f"an integer {_bounds(low, high, False, False)}" if low is not None or high is not None else "an integer"
-    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
-        raise ValueCheckError(name, what, value)
-    if (low is not None and value < low) or (high is not None and value > high):
+    if not is_int(value, low=low, high=high):
+        what = f"an integer {_bounds(low, high, False, False)}" if low is not None or high is not None else "an integer"
         raise ValueCheckError(name, what, value)
     return int(value)
 
@@ -85,7 +114,7 @@ def check_probability(name: str, value: Any) -> float:
     """A number in [0, 1]; ``True``/``False`` count as 1/0 (an on/off switch that may also be a rate)."""
     if isinstance(value, bool):
         return float(value)
-    if not _is_number(value) or not 0.0 <= value <= 1.0:
+    if not is_number(value, low=0.0, high=1.0):
         raise ValueCheckError(name, "a bool or a probability in [0, 1]", value)
     return float(value)
 

@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from mbn.extras import require
 from mbn.fileio import atomic_write
+from mbn.validators import check_int, is_int
 
 __all__ = [
     "ALL_CORRUPTIONS",
@@ -326,7 +327,7 @@ def constant_table(height: int, width: int) -> str:
 def _check_name_severity(name: str, severity: int) -> None:
     if name not in _CIFAR_SPECS:
         raise ValueError(f"name must be one of {ALL_CORRUPTIONS}; got {name!r}")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
+    if not (is_int(severity) and severity in SEVERITIES):
         raise ValueError(f"severity must be an int in {SEVERITIES}; got {severity!r}")
 
 
@@ -815,8 +816,7 @@ def generate_corrupted(images: np.ndarray, name: str, severity: int, seed: int =
     """
     _check_name_severity(name, severity)
     _check_images(images, 4, "images")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    check_int("seed", seed, low=0)
     params = corruption_params(name, severity, *images.shape[1:3])
     out = np.empty_like(images)
     for chunk, start in enumerate(range(0, len(images), CHUNK_SIZE)):
@@ -1019,8 +1019,7 @@ def load_or_generate(
     pairs = [(name, severity) for name in corruptions for severity in severities]
     for name, severity in pairs:
         _check_name_severity(name, severity)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+    check_int("seed", seed, low=0)
 
     cache = CorruptionCache(Path(cache_dir) / dataset_id)
     identity = {

@@ -24,7 +24,6 @@ under attack, and only clean-correct images are attacked; robust accuracy is the
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from mbn.eval.corruptions import CORRUPTIONS, SEVERITIES, images_fingerprint, lo
 from mbn.eval.metrics import mce, mean_corruption_accuracy, per_corruption_ce, per_corruption_mean
 from mbn.extras import require
 from mbn.routing import eval_mode, use_source
+from mbn.validators import check_int, check_number
 
 __all__ = [
     "RoutedModel",
@@ -75,8 +75,7 @@ def default_step_size(eps: float, steps: int) -> float:
     Returns:
         The step size, in the units of ``eps``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_int("steps", steps, low=1)
     return 2.5 * eps / steps
 
 
@@ -126,12 +125,10 @@ def robust_accuracy(
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("eps", eps, low=0)
+    check_int("steps", steps, low=1)
     if step_size is None:
         step_size = default_step_size(eps, steps)
-    elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     generator = torch.Generator().manual_seed(seed)
     correct = total = 0
     desc = f"PGD-{steps} {norm} eps={eps:.4g}"
