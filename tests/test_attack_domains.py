@@ -53,6 +53,7 @@ def assert_stats_equal(before: dict[str, torch.Tensor], after: dict[str, torch.T
             assert torch.equal(value, after[key]), key
 
 
+@pytest.mark.slow
 def test_registered():
     registered = mbn.available_domains()
     for name in ("pgd", "fgsm", "gd"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 from mbn.checkpoint import load_checkpoint
@@ -40,6 +41,7 @@ def test_a_checkpoint_holding_only_empty_windows_falls_back_to_the_warm_up():
     assert clock.throughput()["throughput/images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_metrics_report_a_throughput_in_a_fresh_and_a_resumed_run(tmp_path):
     run = tmp_path / "run"
     recipe = REPO / "recipes" / "advprop.yaml"

@@ -48,6 +48,7 @@ class TestConvert:
         norm = net.bn1
         assert norm.bns["adv"].num_batches_tracked.item() == 7
 
+    @pytest.mark.slow
     def test_feature_timm_efficientnet_keeps_eval_logits(self):
         torch.manual_seed(0)
         net = timm.create_model("efficientnet_b0", num_classes=10, pretrained=False).eval()
@@ -62,6 +63,7 @@ class TestConvert:
         exported = mbn.export_model(net, "adv")
         torch.testing.assert_close(exported(x), ref, rtol=0, atol=0)
 
+    @pytest.mark.slow
     def test_feature_export_round_trip_into_fresh_torchvision_model(self, resnet18):
         keys = list(resnet18.state_dict())
         net = mbn.convert_model(resnet18, ("clean", "adv"))
@@ -132,6 +134,7 @@ class TestConvert:
 
 
 class TestCompatibility:
+    @pytest.mark.slow
     def test_smoke_autocast_bf16_cpu(self, resnet18):
         net = mbn.convert_model(resnet18, ("clean", "adv")).train()
         x = torch.rand(4, 3, 32, 32)
@@ -157,6 +160,7 @@ class TestCompatibility:
             (grad,) = torch.autograd.grad(net(x).logsumexp(1).sum(), x)
         assert grad.abs().sum() > 0
 
+    @pytest.mark.slow
     def test_smoke_compile_switches_sources(self):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))

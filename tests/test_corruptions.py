@@ -304,6 +304,7 @@ def large_batches() -> dict[tuple[int, int], np.ndarray]:
 
 @pytest.mark.parametrize("size", [(224, 224), (96, 128)], ids=["224x224", "96x128"])
 @pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+@pytest.mark.slow
 def test_large_images_every_corruption(large_batches, name, size):
     images = large_batches[size]
     severity = 2 if name == "glass_blur" else 5  # glass_blur's sequential loop: one pass at severity 2

@@ -103,6 +103,7 @@ def test_synthetic_bad_args() -> None:
         generate_synthetic(-1)
 
 
+@pytest.mark.slow
 def test_tiny_cnn_learns_synthetic() -> None:
     torch.manual_seed(0)
     x, y = generate_synthetic(1000, 32, seed=0)

@@ -62,6 +62,7 @@ def two_ranks(tmp_path_factory):
     return run, records(tmp / "rec"), proc
 
 
+@pytest.mark.slow
 def test_one_run_directory_written_once(two_ranks):
     run, _, proc = two_ranks
     metrics = json.loads((run / "metrics.json").read_text())
@@ -84,6 +85,7 @@ def test_one_run_directory_written_once(two_ranks):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_ranks_hold_identical_weights(two_ranks):
     run, (r0, r1), _ = two_ranks
     params = [k for k in r0["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
@@ -95,6 +97,7 @@ def test_ranks_hold_identical_weights(two_ranks):
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_across_ranks(two_ranks):
     _, (r0, r1), _ = two_ranks
     for epoch in (0, 1):
@@ -105,6 +108,7 @@ def test_every_sample_once_per_epoch_across_ranks(two_ranks):
     assert r0["indices"][0] != r0["indices"][1]  # a new order every epoch
 
 
+@pytest.mark.slow
 def test_ranks_draw_their_own_randomness(two_ranks):
     _, (r0, r1), _ = two_ranks
     assert set(r0["seeds"]) == set(r1["seeds"]) == set(range(8))
@@ -120,6 +124,7 @@ def test_rank0_draws_what_a_single_process_draws(two_ranks):
     assert all(r0["seeds"][s] == step_seed(0, s) for s in r0["seeds"])
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_is_bit_identical(two_ranks, tmp_path):
     full, _, _ = two_ranks
     run = tmp_path / "run"
@@ -136,6 +141,7 @@ def test_resume_under_torchrun_is_bit_identical(two_ranks, tmp_path):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(two_ranks, tmp_path, capsys):
     run, _, _ = two_ranks
     before = (run / "checkpoints" / "last.pt").read_bytes()
@@ -146,6 +152,7 @@ def test_resume_with_another_world_size_is_refused(two_ranks, tmp_path, capsys):
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = torchrun(
@@ -163,6 +170,7 @@ def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(tmp_path)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     run, rec = tmp_path / "run", tmp_path / "rec"
     cmd, environ = torchrun_command(
@@ -196,6 +204,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == step + 2
 
 
+@pytest.mark.slow
 def test_a_failed_save_after_a_signal_stops_every_rank_with_one_line(tmp_path):
     """Rank 0 cannot write the stop checkpoint: every rank says so in one line and exits."""
     run, rec = tmp_path / "run", tmp_path / "rec"
@@ -239,6 +248,7 @@ ATTACK_ONLY_BN = ["domains.adv.type=pgd", "domains.adv.bn=aux", "domains.adv.reu
     ],
     ids=["fast_advprop", "attack-only-bn", "accumulation-ema"],
 )
+@pytest.mark.slow
 def test_gradient_reuse_is_averaged_over_ranks(tmp_path, recipe, extra):
     """Fast AdvProp's reused attack gradients are averaged over the ranks, also where no training forward reaches."""
     run = tmp_path / "run"
@@ -257,6 +267,7 @@ def test_gradient_reuse_is_averaged_over_ranks(tmp_path, recipe, extra):
             torch.testing.assert_close(r1["model"][key], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_their_combined_batch(tmp_path):
     """DDP averages the ranks' gradients: on a BN-free model 2 x 8 images per step train as one process's 16."""
     settings = [*SETTINGS, "trainer.max_steps=3", "optim.weight_decay=0.01"]
@@ -337,6 +348,7 @@ def test_ddp_searches_for_unused_parameters_only_where_some_can_be(tmp_path, rec
     assert may_leave_parameters_unused(cfg, plan.specs, plan.heads, plan.objectives) is unused
 
 
+@pytest.mark.slow
 def test_parameters_without_gradient_under_a_forced_false_are_named_in_one_line(tmp_path):
     proc = torchrun(
         str(REPO / "recipes" / "vanilla.yaml"), *SETTINGS, *ATTACK_ONLY_BN, f"trainer.out_dir={tmp_path / 'run'}",
@@ -350,6 +362,7 @@ def test_parameters_without_gradient_under_a_forced_false_are_named_in_one_line(
         assert line.endswith("set trainer.find_unused_parameters=true"), line
 
 
+@pytest.mark.slow
 def test_a_trainer_built_from_a_script_under_torchrun_trains_with_ddp(tmp_path):
     """``build_trainer`` joins the process group torchrun describes: no module global the CLI alone sets."""
     cmd, environ = torchrun_command()

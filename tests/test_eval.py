@@ -79,6 +79,7 @@ def read(out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow
 def test_all_writes_every_schema_key_and_plot(run_dir, cache_dir, tmp_path):
     assert run_eval(run_dir, tmp_path, cache_dir, "--all", "--limit", "16") == 0
     result = read(tmp_path)
@@ -170,6 +171,7 @@ def test_reference_errors_exit_2(run_dir, cache_dir, tmp_path, capsys):
         assert err.startswith("mbn-eval: error: --reference") and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_merge_keeps_sections_not_recomputed(run_dir, cache_dir, tmp_path, capsys):
     common = ("--limit", "8", "--pgd-steps", "2")
     assert run_eval(run_dir, tmp_path, cache_dir, *common, "--adversarial", "--linf-eps", "2", "--l2-eps", "0.5") == 0

@@ -135,6 +135,7 @@ def test_sample_mean_divides_each_owner_by_its_samples():
     assert_close(net[0].weight.grad, torch.full_like(net[0].weight, 1 / 10))
 
 
+@pytest.mark.slow
 def test_nan_between_logging_steps_stops_before_a_bad_checkpoint(tmp_path, capsys, scratch_registry):
     @mbn.register_domain("nan_at_test")
     class NanAt(mbn.Domain):

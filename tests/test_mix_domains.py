@@ -100,6 +100,7 @@ def test_exception_labels_of_another_shape():
         mbn.create_domain("cutmix").generate(images, torch.zeros(6, 2, 2), _ctx())
 
 
+@pytest.mark.slow
 def test_shipped_recipe_trains_with_soft_targets(tmp_path):
     run = tmp_path / "run"
     assert train(REPO / "recipes" / "mixup_cutmix.yaml", run, "trainer.max_steps=4") == 0
@@ -117,6 +118,7 @@ def test_shipped_recipe_trains_with_soft_targets(tmp_path):
     assert perturbations == {"samples_perturbation/mixup", "samples_perturbation/cutmix"}  # each against its half
 
 
+@pytest.mark.slow
 def test_mixup_on_the_main_bn_trains_and_resumes_exactly(tmp_path):
     from mbn.checkpoint import load_checkpoint
     from mbn.cli.train import main as train_main
@@ -137,6 +139,7 @@ def test_exception_a_mixing_domain_after_another_heads_targets(tmp_path, capsys)
     assert len(err) == 1 and "domains.mixr.input" in err[0] and "'rotation'" in err[0]
 
 
+@pytest.mark.slow
 def test_a_targeted_attack_after_mixup_aims_at_a_wrong_class_of_the_dominant_one(tmp_path, monkeypatch):
     from mbn_domains.pgd import PGDDomain
 

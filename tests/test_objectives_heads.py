@@ -43,6 +43,7 @@ def test_objective_soft_targets_equal_hard_ones_when_one_hot():
 # ------------------------------------------------------------------------------------------------- heads
 
 
+@pytest.mark.slow
 def test_export_drops_heads_and_loads_into_fresh_torchvision_model():
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10)
@@ -119,6 +120,7 @@ def test_rotation_weight_changes_the_perturbation(rotation_setup):
 # ----------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_domain_with_own_head_trains_and_logs_its_loss(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -158,6 +160,7 @@ def soft_domains(scratch_registry):
             return 0.5 * (images + images.flip(0)), 0.5 * (target + target.flip(0))
 
 
+@pytest.mark.slow
 def test_soft_targets_train_like_hard_ones(tmp_path, soft_domains):
     hard = ["trainer.max_steps=3", "logging.tensorboard=false"]
     assert train("vanilla.yaml", tmp_path / "hard", *hard) == 0
@@ -178,6 +181,7 @@ def test_attack_maximises_the_trained_objective_with_label_smoothing(tmp_path):
         assert trainer.step.objectives["clean"].label_smoothing == 0.2
 
 
+@pytest.mark.slow
 def test_init_from_loads_the_backbone_exactly(tmp_path, capsys):
     assert train("ssl_pretrain.yaml", tmp_path / "pre", "trainer.max_steps=3") == 0
     pre = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")["model"]
