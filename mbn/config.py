@@ -16,16 +16,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mbn.errors import first_line
+from mbn.errors import RecipeError, first_line
 from mbn.fileio import atomic_write_text
 from mbn.validators import ValueCheckError, check_choice, check_number
 
 #: Keys of a domain entry that the trainer consumes; all other keys are the domain type's parameters.
 DOMAIN_RESERVED_KEYS = ("type", "bn", "weight", "input", "start", "end", "fraction")
-
-
-class RecipeError(ValueError):
-    """A recipe or override is invalid; the message names the key (or file) and what was expected."""
 
 
 @dataclass
@@ -304,7 +300,7 @@ def load_recipe(
     except OmegaConfBaseException as err:
         raise RecipeError(_friendly(err)) from None
     assert isinstance(cfg, DictConfig)
-    from mbn.imports import CLI_OPTION, import_user_modules  # imports mbn.config
+    from mbn.imports import CLI_OPTION, import_user_modules  # the user's modules import mbn: not at import time
 
     import_user_modules(imports, CLI_OPTION)
     import_user_modules(cfg.imports)
@@ -409,10 +405,6 @@ def check_preload_keys(data: Any) -> None:
             "key 'data.on_device': holding the set on the device is for preloaded sets; a streamed tree "
             "(data.preload=false) decodes batch by batch (data.decode=device decodes them on the device)"
         )
-
-
-#: The name :mod:`mbn.data` still imports (to be replaced there by :func:`check_preload_keys`).
-check_data_path = check_preload_keys
 
 
 def domain_specs(cfg: DictConfig) -> list[DomainSpec]:

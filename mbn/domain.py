@@ -25,9 +25,9 @@ from mbn.routing import eval_mode, frozen_stats, use_source
 ATTACK_BN_MODES: tuple[str, ...] = ("eval", "train", "train_update")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DomainContext:
-    """What a domain may use while generating its batch.
+    """What a domain may use while generating its batch; the trainer builds a fresh one for every step (frozen).
 
     Attributes:
         model: the (unwrapped) classifier taking [0, 1] images; normalisation lives inside it.

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,5 +19,10 @@ __all__ = ["TrainState", "Trainer", "step_seed"]
 
 
 def Trainer(cfg: DictConfig, run_dir: Path | str, *, resume: bool = False) -> _Trainer:  # noqa: N802
-    """``build_trainer(cfg, run_dir, resume=resume)``: the 0.3 constructor's signature."""
+    """``build_trainer(cfg, run_dir, resume=resume)``: the 0.3 constructor's signature (deprecated)."""
+    warnings.warn(
+        "mbn.engine.Trainer(cfg, run_dir) is deprecated: use mbn.train.build_trainer(cfg, run_dir)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return build_trainer(cfg, run_dir, resume=resume)

@@ -11,6 +11,10 @@ import signal
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+class RecipeError(ValueError):
+    """A recipe or override is invalid; the message names the key (or file) and what was expected."""
+
+
 class TrainingDivergedError(RuntimeError):
     """A domain's loss became NaN/inf; the last good checkpoint is kept."""
 

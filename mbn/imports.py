@@ -14,8 +14,7 @@ import sys
 from collections.abc import Iterable
 from types import ModuleType
 
-from mbn.config import RecipeError
-from mbn.errors import first_line
+from mbn.errors import RecipeError, first_line
 
 #: How a failure names where a module came from: the recipe key, or the command-line option.
 RECIPE_KEY = "key 'imports'"

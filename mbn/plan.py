@@ -17,11 +17,11 @@ import torch
 from omegaconf import DictConfig
 
 from mbn.builders import build_domains, check_model, resolve_device
-from mbn.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from mbn.config import DomainSpec, RecipeError, bn_sources, dependency_order, domain_specs
 from mbn.distributed import env_world_size
 from mbn.domain import Domain
 from mbn.objective import CLASSES, Objective
+from mbn.train.checkpoints import CheckpointError, read_checkpoint, resolve_checkpoint
 from mbn.validators import is_int
 
 #: Where torchvision's CIFAR loaders expect their extracted archives under ``data.root``.
@@ -138,6 +138,6 @@ def read_init_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``model.init_from`` names (a run directory or a checkpoint file), read safely."""
     try:
         ckpt_path, _ = resolve_checkpoint(Path(path))
-        return ckpt_path, load_checkpoint(ckpt_path)
+        return ckpt_path, dict(read_checkpoint(ckpt_path, "init"))
     except CheckpointError as err:
         raise RecipeError(f"key 'model.init_from': {err}") from None

@@ -25,11 +25,12 @@ def _recipe_reads(path: Path) -> list[str]:
     sections = {"trainer", "data", "model", "optim", "schedule", "logging", "ema", "domains", "eval"}
     reads = []
     for node in ast.walk(ast.parse(path.read_text())):
-        named = (
-            isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("cfg", "recipe")
-        )
-        if named and node.attr in sections:
-            reads.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+        if not isinstance(node, ast.Attribute) or node.attr not in sections:
+            continue
+        owner = node.value  # cfg.trainer, self.cfg.trainer, recipe.data
+        name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+        if name in ("cfg", "recipe"):
+            reads.append(f"{path.name}:{node.lineno} {name}.{node.attr}")
     return reads
 
 

@@ -134,11 +134,11 @@ def test_tiny_cnn_learns_synthetic() -> None:
 
 def test_synthetic_bundle() -> None:
     bundle = build_data(_synthetic_cfg(image_size=24), seed=0, device="cpu")
-    assert bundle.num_classes == 10 and bundle.class_names == list(SYNTHETIC_CLASSES)
-    assert bundle.image_size == 24 and len(bundle.train) == 400 // 32
-    images, labels = bundle.test_arrays()
+    assert bundle.num_classes == 10 and bundle.stats.class_names == list(SYNTHETIC_CLASSES)
+    assert bundle.stats.image_size == 24 and len(bundle.train) == 400 // 32
+    images, labels = bundle.test_split.images, bundle.test_split.labels
     assert images.shape == (100, 24, 24, 3) and images.dtype == np.uint8 and labels.shape == (100,)
-    mean, std = channel_stats(bundle.train_arrays()[0])
+    mean, std = channel_stats(bundle.train_split.images)
     assert bundle.mean == mean and bundle.std == std
     assert all(0.3 < m < 0.7 for m in mean) and all(0.2 < s < 0.4 for s in std)
 
@@ -289,8 +289,8 @@ def test_to_device(device: torch.device) -> None:
 def test_limits_are_fixed_subsets() -> None:
     first = build_data(_synthetic_cfg(train_limit=96, test_limit=30), seed=0, device="cpu")
     second = build_data(_synthetic_cfg(train_limit=96, test_limit=30), seed=7, device="cpu")
-    assert len(first.train_arrays()[1]) == 96 and len(first.test_arrays()[1]) == 30
-    np.testing.assert_array_equal(first.test_arrays()[0], second.test_arrays()[0])
+    assert len(first.train_split.labels) == 96 and len(first.test_split.labels) == 30
+    np.testing.assert_array_equal(first.test_split.images, second.test_split.images)
     idx = subset_indices(1000, 100)
     assert len(set(idx.tolist())) == 100 and idx.max() > 500  # a spread, not the first 100
     with pytest.raises(RecipeError, match=r"data\.train_limit"):
@@ -332,8 +332,8 @@ def test_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = DataCfg(name="imagefolder", root=str(tmp_path / "tree"), batch_size=2, num_workers=0)
     bundle = build_data(cfg, seed=0, device="cpu")
     assert bundle.class_names == ["ant", "bee"] and bundle.num_classes == 2
-    train_images, train_labels = bundle.train_arrays()
-    test_images, test_labels = bundle.test_arrays()
+    train_images, train_labels = bundle.train_split.images, bundle.train_split.labels
+    test_images, test_labels = bundle.test_split.images, bundle.test_split.labels
     assert train_images.shape == (6, 32, 32, 3) and test_images.shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(train_labels, [0, 0, 0, 1, 1, 1])
     np.testing.assert_array_equal(test_labels, [0, 0, 1, 1])
@@ -349,7 +349,7 @@ def test_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(preloaded_mod, "_decode_files", no_decode)
     cached = build_data(cfg, seed=0, device="cpu")
-    np.testing.assert_array_equal(cached.train_arrays()[0], train_images)
+    np.testing.assert_array_equal(cached.train_split.images, train_images)
     assert len(list(cached.train.epoch_batches(0))) == 3
 
 
@@ -395,8 +395,8 @@ def test_shared_cifar10_subset(shared_cifar10: Path) -> None:
     cfg = DataCfg(name="imagefolder", root=str(shared_cifar10), train_limit=300, test_limit=100, batch_size=64)
     bundle = build_data(cfg, seed=0, device="cpu")
     assert bundle.class_names[0] == "airplane" and bundle.class_names[-1] == "truck" and bundle.num_classes == 10
-    train_images, train_labels = bundle.train_arrays()
-    test_images, _ = bundle.test_arrays()
+    train_images, train_labels = bundle.train_split.images, bundle.train_split.labels
+    test_images = bundle.test_split.images
     assert train_images.shape == (300, 32, 32, 3) and test_images.shape == (100, 32, 32, 3)
     assert len(np.unique(train_labels)) == 10 and len(bundle.train) == 4
     images, labels = next(bundle.train.epoch_batches(0))

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mbn.config import RecipeError, check_data_path
+from mbn.config import RecipeError, check_preload_keys
 from mbn.data.arrays import ArraySplit, DataStats
 from mbn.data.files import folder_classes, folder_samples
 from mbn.data.fingerprints import streamed_fingerprints, training_set_fingerprint
@@ -62,28 +61,6 @@ class DataBundle:
         """Per-channel standard deviation in [0, 1] units."""
         return self.stats.std
 
-    @property
-    def class_names(self) -> list[str]:
-        """Names in label order."""
-        return list(self.stats.class_names)
-
-    @property
-    def image_size(self) -> int:
-        """Side length of the images."""
-        return self.stats.image_size
-
-    def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Test images as uint8 (N, H, W, 3) and labels as int64 (N,), in the test loader's order (preloaded sets)."""
-        if self.test_split is None:
-            raise ValueError("a streamed data set (data.preload=false) holds no arrays")
-        return self.test_split.images, self.test_split.labels
-
-    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Unaugmented training images (N, H, W, 3) uint8 and labels (N,) int64 (preloaded sets)."""
-        if self.train_split is None:
-            raise ValueError("a streamed data set (data.preload=false) holds no arrays")
-        return self.train_split.images, self.train_split.labels
-
     def fingerprint(self) -> str:
         """Identity of the training set, checked on resume."""
         if self.train_split is None:
@@ -108,7 +85,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
     device = torch.device(device)
     if cfg.name == "imagefolder" and not getattr(cfg, "preload", True):
         return build_streamed_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size)
-    check_data_path(cfg)
+    check_preload_keys(cfg)
     train, test, stats = load_arrays(cfg)
     stats = _override_normalisation(cfg, stats)
     _check_batch_size(cfg, len(train), world_size)
@@ -157,7 +134,7 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     The normalisation is ``data.mean`` / ``data.std``, else ImageNet's (a streamed set is never decoded as a whole
     to measure its own).
     """
-    check_data_path(cfg)
+    check_preload_keys(cfg)
     root = Path(cfg.root)
     classes = folder_classes(root)
     train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)

@@ -9,6 +9,7 @@ average and update, and the hooks. The :class:`~mbn.train.loop.Trainer` it retur
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,9 @@ from mbn.models import weights_normalisation
 from mbn.objective import CLASSES, Objective
 from mbn.optim import build_optimizer, build_scheduler
 from mbn.plan import RunPlan, plan_run
+from mbn.resume import check_resume_config
 from mbn.rundir import RunLock, check_new_run_dir, clean_run_dir
-from mbn.train.checkpoints import (
-    Checkpoint,
-    RunCheckpoints,
-    init_model_from,
-    read_resume_checkpoint,
-)
+from mbn.train.checkpoints import Checkpoint, RunCheckpoints, init_model_from, read_checkpoint
 from mbn.train.hooks import HookSettings, TrainHooks
 from mbn.train.loop import Trainer
 from mbn.train.runtime import Runtime
@@ -54,7 +51,8 @@ def build_trainer(
         run_dir: output directory (``config.yaml``, ``tb/``, ``checkpoints/``, ``metrics.json``).
         resume: continue from ``run_dir/checkpoints/last.pt``.
         dist: this process's place among the ranks; by default joined from the environment torchrun sets, so a
-            script building a trainer under torchrun trains with DDP as ``mbn-train`` does.
+            script building a trainer under torchrun trains with DDP as ``mbn-train`` does (a script building
+            several trainers passes the one :func:`mbn.distributed.init_from_env` returned).
 
     Raises:
         RecipeError: a recipe problem, naming its key. CheckpointError: an unusable checkpoint to resume.
@@ -76,7 +74,9 @@ def _build(
 ) -> Trainer:
     ckpt_dir = run_dir / "checkpoints"
     device = distributed.rank_device(plan.device, dist)
-    ckpt = read_resume_checkpoint(ckpt_dir / "last.pt", cfg, device) if resume else None
+    ckpt = read_checkpoint(ckpt_dir / "last.pt", "resume", map_location=device) if resume else None
+    if ckpt is not None:  # before anything is built: a resume may not change what was trained
+        check_resume_config(ckpt["config"], cfg)
     if dist.is_main:
         if not resume:
             check_new_run_dir(run_dir)
@@ -101,73 +101,85 @@ def _build(
         compile=cfg.trainer.compile,
         find_unused_parameters=may_leave_parameters_unused(cfg, plan.specs, plan.heads, plan.objectives),
     )
-    length, notes = run_length(cfg, plan, len(data.train))
-    step = MultiDomainStep(
-        runtime,
-        plan.specs,
-        plan.domains,
-        plan.objectives,
-        plan.heads,
-        data.num_classes,
-        total_steps=length.total_steps,
-        accum_steps=length.accum_steps,
-        sample_mean=cfg.optim.grad_normalization == "sample_mean",
-        split_batch=cfg.trainer.split_batch,
-    )
-    optimizer = build_optimizer(model, cfg.optim)  # backbone and every head
-    scheduler = build_scheduler(optimizer, cfg.schedule, length.total_steps, length.steps_per_epoch)
-    checkpoints = RunCheckpoints(
-        ckpt_dir,
-        dist,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=runtime.scaler,
-        ema=None,  # below: the average starts from the weights training starts from
-        cfg=cfg,
-        data=data,
-        sources=plan.sources,
-        heads=plan.heads,
-    )
-    state, init_report = TrainState(), None
-    if ckpt is not None:
-        checkpoints.check_same_run(ckpt, ckpt_dir / "last.pt", cfg.data.root)
-        state = checkpoints.restore(ckpt, ckpt_dir / "last.pt", length.batches_per_epoch)
-    elif plan.init_checkpoint is not None:
-        report = init_model_from(model, plan.init_path, plan.init_checkpoint)
-        notes.append(report.summary(plan.init_path))
-        init_report = {"path": str(plan.init_path), "loaded": len(report.loaded), "fresh": sorted(report.fresh)}
-    ema = WeightEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
-    checkpoints.ema = ema
-    if ckpt is not None and ema is not None and not checkpoints.restore_ema(ckpt, ckpt_dir / "last.pt"):
-        notes.append(
-            f"{ckpt_dir / 'last.pt'} holds no weight average: ema starts from the weights at step {state.step}"
+    with contextlib.ExitStack() as undo:  # a failure below closes what was built (DDP, TensorBoard)
+        undo.callback(runtime.close)
+        length, notes = run_length(cfg, plan, len(data.train))
+        step = MultiDomainStep(
+            runtime,
+            plan.specs,
+            plan.domains,
+            plan.objectives,
+            plan.heads,
+            data.num_classes,
+            total_steps=length.total_steps,
+            accum_steps=length.accum_steps,
+            sample_mean=cfg.optim.grad_normalization == "sample_mean",
+            split_batch=cfg.trainer.split_batch,
+            routed=len(plan.sources) > 1,
         )
-    normalizer = SampleMeanGradients(model) if cfg.optim.grad_normalization == "sample_mean" else None
-    update = Update(
-        model, optimizer, scheduler, runtime.scaler, dist, grad_clip=cfg.optim.grad_clip, normalizer=normalizer, ema=ema
-    )
-    hooks = TrainHooks(cfg, hook_settings(cfg), run_dir, runtime, update, checkpoints, data, plan.specs, length)
-    hooks.init_report = init_report
-    if ckpt is not None:
-        hooks.load_session(ckpt, ckpt_dir / "last.pt")
-        notes.extend(_schedule_change(cfg, ckpt, update, state))
-    for note in notes:
-        hooks.progress.log(note)
-    return Trainer(
-        cfg=cfg,
-        run_dir=run_dir,
-        data=data,
-        runtime=runtime,
-        step=step,
-        update=update,
-        hooks=hooks,
-        checkpoints=checkpoints,
-        length=length,
-        state=state,
-        resumed=ckpt is not None,
-        lock=lock,
-    )
+        optimizer = build_optimizer(model, cfg.optim)  # backbone and every head
+        scheduler = build_scheduler(optimizer, cfg.schedule, length.total_steps, length.steps_per_epoch)
+        checkpoints = RunCheckpoints(
+            ckpt_dir,
+            dist,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=runtime.scaler,
+            ema=None,  # below: the average starts from the weights training starts from
+            cfg=cfg,
+            data=data,
+            sources=plan.sources,
+            heads=plan.heads,
+        )
+        state, init_report = TrainState(), None
+        if ckpt is not None:
+            checkpoints.check_same_run(ckpt, ckpt_dir / "last.pt", cfg.data.root)
+            state = checkpoints.restore(ckpt, ckpt_dir / "last.pt", length.batches_per_epoch)
+            notes.extend(_schedule_change(cfg, ckpt, optimizer, scheduler, state))
+        elif plan.init_checkpoint is not None:
+            report = init_model_from(model, plan.init_checkpoint)
+            notes.append(report.summary(plan.init_path))
+            init_report = {"path": str(plan.init_path), "loaded": len(report.loaded), "fresh": sorted(report.fresh)}
+        ema = WeightEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
+        checkpoints.ema = ema
+        if ckpt is not None and ema is not None and not checkpoints.restore_ema(ckpt, ckpt_dir / "last.pt"):
+            notes.append(
+                f"{ckpt_dir / 'last.pt'} holds no weight average: ema starts from the weights at step {state.step}"
+            )
+        normalizer = SampleMeanGradients(model) if cfg.optim.grad_normalization == "sample_mean" else None
+        update = Update(
+            model,
+            optimizer,
+            scheduler,
+            runtime.scaler,
+            dist,
+            grad_clip=cfg.optim.grad_clip,
+            normalizer=normalizer,
+            ema=ema,
+        )
+        hooks = TrainHooks(cfg, hook_settings(cfg), run_dir, runtime, update, checkpoints, data, plan.specs, length)
+        hooks.init_report = init_report
+        undo.callback(hooks.close)  # TensorBoard's writer thread, the progress bar
+        if ckpt is not None:
+            hooks.load_session(ckpt, ckpt_dir / "last.pt")
+        for note in notes:
+            hooks.progress.log(note)
+        undo.pop_all()
+        return Trainer(
+            cfg=cfg,
+            run_dir=run_dir,
+            data=data,
+            runtime=runtime,
+            step=step,
+            update=update,
+            hooks=hooks,
+            checkpoints=checkpoints,
+            length=length,
+            state=state,
+            resumed=ckpt is not None,
+            lock=lock,
+        )
 
 
 def run_length(cfg: DictConfig, plan: RunPlan, batches: int) -> tuple[RunLength, list[str]]:
@@ -232,14 +244,16 @@ def _normalise_as_trained(cfg: DictConfig, data: DataBundle, ckpt: Checkpoint | 
         data.stats = replace(data.stats, mean=expected[0], std=expected[1])  # and the checkpoint
 
 
-def _schedule_change(cfg: DictConfig, ckpt: Checkpoint, update: Update, state: TrainState) -> list[str]:
+def _schedule_change(
+    cfg: DictConfig, ckpt: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState
+) -> list[str]:
     """A note when a resume changed ``trainer.epochs``: the schedule and windows now span the new length."""
     old_epochs = ckpt["config"].get("trainer", {}).get("epochs")
     if old_epochs is None or old_epochs == cfg.trainer.epochs:
         return []
-    old_lr = update.lr
-    lambdas: list[Any] = [fn(state.step) for fn in getattr(update.scheduler, "lr_lambdas", [])]
-    new_lr = update.optimizer.param_groups[0]["initial_lr"] * lambdas[0] if lambdas else old_lr
+    old_lr = optimizer.param_groups[0]["lr"]
+    lambdas: list[Any] = [fn(state.step) for fn in getattr(scheduler, "lr_lambdas", [])]
+    new_lr = optimizer.param_groups[0]["initial_lr"] * lambdas[0] if lambdas else old_lr
     return [
         f"trainer.epochs {old_epochs} -> {cfg.trainer.epochs}: the learning-rate schedule and the domains' "
         f"start/end windows now span the new length (lr at step {state.step}: {old_lr:.4g} -> {new_lr:.4g})"

@@ -26,7 +26,6 @@ from mbn.distributed import DistContext
 from mbn.errors import TrainingDivergedError, first_line, one_line
 from mbn.fileio import WriteError, atomic_torch_save
 from mbn.init_from import InitReport, init_from_state
-from mbn.resume import check_resume_config
 from mbn.train.state import TrainState
 
 if TYPE_CHECKING:  # mbn-eval reads checkpoints without importing the data pipeline or timm
@@ -146,6 +145,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "evaluate": ("model", "config", "sources"),
     "init": ("model",),
 }
+#: What each use reads when present (a ``None`` entry counts as absent: a checkpoint slimmed for release).
+OPTIONAL: dict[str, tuple[str, ...]] = {
+    "resume": ("ema", "sources", "heads", "data"),
+    "evaluate": ("ema", "heads", "data"),
+    "init": ("sources",),
+}
 _PURPOSE = {
     "resume": "a training checkpoint to resume",
     "evaluate": "a checkpoint written by mbn-train",
@@ -166,8 +171,10 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 def validate(ckpt: Mapping[str, Any], path: Path, purpose: Literal["resume", "evaluate", "init"]) -> Checkpoint:
     """``ckpt`` checked against :class:`Checkpoint` for ``purpose``; a :class:`CheckpointError` names the entry."""
     require_entries(dict(ckpt), REQUIRED[purpose], path, _PURPOSE[purpose])
-    for key, kind in _TYPES.items():
-        if key in ckpt and not isinstance(ckpt[key], kind):
+    for key in (*REQUIRED[purpose], *OPTIONAL[purpose]):
+        kind = _TYPES.get(key)
+        optional_and_absent = key in OPTIONAL[purpose] and ckpt.get(key) is None
+        if kind is not None and not optional_and_absent and not isinstance(ckpt[key], kind):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise CheckpointError(f"{path}: its {key!r} entry is not a {names}")
     return ckpt  # type: ignore[return-value]
@@ -181,16 +188,9 @@ def read_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------- reading for a run
-def read_resume_checkpoint(path: Path, cfg: DictConfig, device: torch.device) -> Checkpoint:
-    """The checkpoint to resume from, checked against the schema and the recipe before anything is built."""
-    ckpt = read_checkpoint(path, "resume", map_location=device)
-    check_resume_config(ckpt["config"], cfg)
-    return ckpt
-
-
-def init_model_from(model: nn.Module, path: Path | None, ckpt: Mapping[str, Any]) -> InitReport:
+def init_model_from(model: nn.Module, ckpt: Mapping[str, Any]) -> InitReport:
     """``model.init_from``: load every tensor of that checkpoint that fits the model; the report says what."""
-    return init_from_state(model, ckpt["model"], ckpt.get("sources", ()))
+    return init_from_state(model, ckpt["model"], ckpt.get("sources") or ())
 
 
 def check_same_data(saved: Any, data: DataBundle, root: Any, path: Path) -> None:
@@ -266,7 +266,7 @@ class RunCheckpoints:
                 f"(torchrun --nproc_per_node x --nnodes), not {self.dist.world_size}; each process's shard of the "
                 "epoch depends on it"
             )
-        if list(ckpt.get("sources", self.sources)) != list(self.sources):
+        if list(ckpt.get("sources") or self.sources) != list(self.sources):
             raise RecipeError(
                 f"resume cannot change the BN sources {list(ckpt['sources'])} -> {list(self.sources)} (the first "
                 "is the main BN); restore the domains' order and bn names"
@@ -329,7 +329,7 @@ class RunCheckpoints:
             raise WriteError(f"rank 0 could not save the checkpoint: {reason}")
 
     def restore(self, ckpt: Checkpoint, path: Path, batches_per_epoch: int) -> TrainState:
-        """Load the trained objects from a resume checkpoint (checked by :func:`check_same_run`); its position."""
+        """Load the trained objects from a resume checkpoint (checked by :meth:`check_same_run`); its position."""
         load_model_state(self.model, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])

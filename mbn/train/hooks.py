@@ -30,7 +30,7 @@ from mbn.tblog import TensorBoardLogger
 from mbn.train.checkpoints import Checkpoint, CheckpointError, RunCheckpoints
 from mbn.train.runtime import Runtime
 from mbn.train.state import RunLength, TrainState
-from mbn.train.step import StepOutput
+from mbn.train.step import StepOutput, StepStats
 from mbn.train.update import Update
 
 
@@ -106,11 +106,11 @@ class TrainHooks:
             self.tb.recipe(OmegaConf.to_yaml(self.cfg, resolve=True))
         self._wall_start = time.perf_counter()
 
-    def after_step(self, state: TrainState, micro: Sequence[StepOutput]) -> None:
+    def after_step(self, state: TrainState, last: StepOutput, stats: Sequence[StepStats]) -> None:
         """After optimisation step ``state.step``: its micro-batches' statistics, logging, images, checkpoints."""
-        for out in micro:
-            self.meter.add(state.step - 1, out.losses, out.accs, out.finite)
-            self.clock.count(out.sizes)
+        for micro in stats:
+            self.meter.add(state.step - 1, micro.losses, micro.accs, micro.finite)
+            self.clock.count(micro.sizes)
         self.progress.update()
         step, log, every = state.step, self.settings, self.settings.log_every
         if step % every == 0 or self.length.done(state):
@@ -127,7 +127,6 @@ class TrainHooks:
             self.progress.log(f"epoch {state.epoch} step {step}: " + _fmt(means))
             self.progress.show({k[5:]: v for k, v in means.items() if k.startswith("loss/")})
             self.last_window = means
-        last = micro[-1]
         if log.image_every and (step % log.image_every == 0 or step == 1):
             for name, made in last.batches.items():
                 self.tb.images(name, made.images, made.source, step)

@@ -26,7 +26,7 @@ from mbn.train.hooks import TrainHooks
 from mbn.train.preemption import Preemption
 from mbn.train.runtime import Batch, Runtime
 from mbn.train.state import RunLength, TrainState
-from mbn.train.step import MultiDomainStep, StepOutput
+from mbn.train.step import MultiDomainStep, StepOutput, StepStats
 from mbn.train.update import Update
 
 
@@ -99,23 +99,29 @@ class Trainer:
         with stack:
             remaining = itertools.islice(batches, max(0, self.length.batches_per_epoch - self.state.batch))
             for group in _groups(remaining, self.length.accum_steps):
-                self.hooks.after_step(self.state, self.train_step(group))
+                last, stats = self.train_step(group)
+                self.hooks.after_step(self.state, last, stats)
                 self.preemption.agree()
                 if self.length.done(self.state) or self.stopping:
                     return
 
-    def train_step(self, group: Sequence[Batch]) -> list[StepOutput]:
-        """One optimisation step over ``group``'s micro-batches; returns what each micro-batch produced."""
+    def train_step(self, group: Sequence[Batch]) -> tuple[StepOutput, list[StepStats]]:
+        """One optimisation step over ``group``'s micro-batches.
+
+        Returns the last micro-batch's output (its batches feed the image grids) and every micro-batch's statistics;
+        the other micro-batches' images are released as soon as their backward is done.
+        """
         ledger = self.update.begin()
-        outputs = []
+        stats = []
         for micro, batch in enumerate(group):
             at = self.step.position(self.state.step, self.state.epoch, micro)
             with self.runtime.no_sync(keep_local=micro < len(group) - 1):  # DDP: one all-reduce per step
-                outputs.append(self.step.run(batch, at, ledger))
+                out = self.step.run(batch, at, ledger)
+            stats.append(out.stats)
         self.update.apply(ledger, self.state.step + 1)
         self.state.step += 1
         self.state.batch += len(group)
-        return outputs
+        return out, stats
 
     def save_checkpoint(self) -> None:
         """``last.pt`` (and ``best.pt``) now (:meth:`TrainHooks.save_checkpoint`)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mbn.validators import is_int
+
 
 @dataclass
 class TrainState:
@@ -21,7 +23,7 @@ class TrainState:
         """A position this run can continue from; a ``ValueError`` names the bad field."""
         for name in ("step", "epoch", "batch", "evaluated_step"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (-1 if name == "evaluated_step" else 0):
+            if not is_int(value, low=-1 if name == "evaluated_step" else 0):
                 raise ValueError(f"state.{name} = {value!r} is not a position")
         if self.batch > batches_per_epoch:
             raise ValueError(f"state.batch = {self.batch} is past the {batches_per_epoch} batches of an epoch")

@@ -30,6 +30,7 @@ from mbn.domain_checks import check_domain_output
 from mbn.errors import DomainError, first_line
 from mbn.gradnorm import SHARED, Owner
 from mbn.objective import CLASSES, Objective
+from mbn.rng import randperm
 from mbn.routing import split_sources, use_source
 from mbn.train.runtime import Batch, Runtime
 
@@ -54,15 +55,21 @@ class DomainBatch:
 
 
 @dataclass(frozen=True)
-class StepOutput:
-    """What one (micro-)batch produced: each domain's batch, and each trained domain's loss and accuracy."""
+class StepStats:
+    """Each trained domain's loss, accuracy and batch size for one (micro-)batch, on the device."""
 
-    clean: Tensor  # the clean images on the device, (B, C, H, W)
-    batches: dict[str, DomainBatch]  # every domain run this step (a domain only feeding another one too)
-    losses: dict[str, Tensor]  # trained domains -> scalar loss (on the device)
+    losses: dict[str, Tensor]  # trained domains -> scalar loss
     accs: dict[str, Tensor]  # trained domains -> scalar accuracy
     sizes: dict[str, int]  # trained domains -> batch size
     finite: Tensor  # (len(losses),) bool: each trained domain's images were finite
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one (micro-)batch produced: each domain's batch (image grids) and its statistics (logging)."""
+
+    batches: dict[str, DomainBatch]  # every domain run this step (a domain only feeding another one too)
+    stats: StepStats
 
 
 @dataclass
@@ -98,6 +105,7 @@ class MultiDomainStep:
         accum_steps: micro-batches per optimisation step (``optim.grad_accum_steps``).
         sample_mean: ``optim.grad_normalization=sample_mean`` (losses summed over samples, counts ledgered).
         split_batch: ``trainer.split_batch`` (one forward for every BN).
+        routed: the model has more than one BN source (else nothing is routed).
     """
 
     def __init__(
@@ -113,12 +121,12 @@ class MultiDomainStep:
         accum_steps: int = 1,
         sample_mean: bool = False,
         split_batch: bool = True,
+        routed: bool = True,
     ) -> None:
         self.runtime, self.specs, self.domains, self.objectives = runtime, list(specs), dict(domains), dict(objectives)
         self.heads, self.num_classes = dict(heads), num_classes
         self.total_steps, self.accum_steps = total_steps, accum_steps
-        self.sample_mean, self.split_batch = sample_mean, split_batch
-        self.sources = tuple(dict.fromkeys(s.bn for s in self.specs))
+        self.sample_mean, self.split_batch, self.routed = sample_mean, split_batch, routed
         self.trainable = [p for p in runtime.model.parameters() if p.requires_grad]
         self._by_name = {s.name: s for s in self.specs}
         self._checked: set[str] = set()  # domains whose first batch passed the contract check (once per run)
@@ -144,7 +152,7 @@ class MultiDomainStep:
         sizes = {name: batches[name].images.shape[0] for name in losses}
         self.backward(losses, sizes, ledger)
         finite = torch.stack([torch.isfinite(batches[name].images).all() for name in losses])
-        return StepOutput(images, batches, losses, accs, sizes, finite)
+        return StepOutput(batches, StepStats(losses, accs, sizes, finite))
 
     def generate(
         self, images: Tensor, labels: Tensor, at: StepPosition, generator: torch.Generator, ledger: UpdateLedger
@@ -220,7 +228,7 @@ class MultiDomainStep:
         chunks = {bn: _cat([batches[s.name].images for s in specs]) for bn, specs in groups.items()}  # bn -> (sum N)
         ddp = self.runtime.ddp is not None
         per_bn: dict[str, dict[str, Tensor]]
-        if len(self.sources) == 1:  # nothing to route
+        if not self.routed:  # one BN source: nothing to route
             per_bn = {bn: self.runtime.forward(x, heads) for bn, x in chunks.items()}
         elif (self.split_batch or ddp) and len(chunks) > 1:
             shapes = {bn: tuple(x.shape[1:]) for bn, x in chunks.items()}
@@ -328,7 +336,7 @@ def _share(
     """
     key, n = spec.input or "", x.shape[0]
     if key not in shares:  # drawn before any domain's own draws: reproducible whatever the domains do
-        shares[key] = (torch.randperm(n, generator=generator, device=generator.device).to(x.device), 0)
+        shares[key] = (randperm(n, generator=generator, device=x.device), 0)
     perm, used = shares[key]
     keep = max(1, round(spec.fraction * n))
     pick = perm[(torch.arange(used, used + keep, device=x.device) % n)] if used + keep > n else perm[used : used + keep]
