@@ -134,8 +134,8 @@ def test_tiny_cnn_learns_synthetic() -> None:
 
 def test_synthetic_bundle() -> None:
     bundle = build_data(_synthetic_cfg(image_size=24), seed=0, device="cpu")
-    assert bundle.num_classes == 10 and bundle.stats.class_names == list(SYNTHETIC_CLASSES)
-    assert bundle.stats.image_size == 24 and len(bundle.train) == 400 // 32
+    assert bundle.num_classes == 10 and bundle.class_names == list(SYNTHETIC_CLASSES)
+    assert bundle.image_size == 24 and len(bundle.train) == 400 // 32
     images, labels = bundle.test_split.images, bundle.test_split.labels
     assert images.shape == (100, 24, 24, 3) and images.dtype == np.uint8 and labels.shape == (100,)
     mean, std = channel_stats(bundle.train_split.images)

@@ -74,6 +74,7 @@ def test_fractions_of_one_input_are_disjoint_seeded_slices(tmp_path, recorder):
     assert {tuple(x.flatten()[:8].tolist()) for x in together} == {tuple(x.flatten()[:8].tolist()) for x in images}
 
 
+@pytest.mark.slow
 def test_fraction_is_honoured_and_seeded(tmp_path, recorder):
     extra = ["domains.part.type=record_input_test", "domains.part.fraction=0.25", "trainer.max_steps=3"]
     assert train(REPO / "recipes" / "vanilla.yaml", tmp_path / "a", *extra) == 0

@@ -60,6 +60,7 @@ def host_reads(monkeypatch):
     ],
     ids=["vanilla", "advprop", "advprop_ssl", "advprop-ema-accumulation", "mixup_cutmix"],
 )
+@pytest.mark.slow
 def test_no_host_sync_outside_logging_steps(recipe, extra, tmp_path, host_reads):
     from mbn.config import load_recipe
 

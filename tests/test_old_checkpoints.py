@@ -10,6 +10,7 @@ import platform
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from mbn.cli.train import main as train_main
@@ -34,6 +35,7 @@ def test_a_0_3_1_checkpoint_passes_the_schema():
     assert ckpt["state"]["step"] == 2 and ckpt["sources"] == ["clean", "adv"] and "ema" in ckpt
 
 
+@pytest.mark.slow
 def test_a_0_3_1_run_resumes_as_if_never_interrupted(tmp_path):
     run = _copy(tmp_path)
     assert train_main(["--resume", str(run), "trainer.max_steps=3"]) == 0

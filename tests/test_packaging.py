@@ -48,6 +48,7 @@ def installed(wheel, tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_wheel_holds_recipes_and_no_bare_domains_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).stem for n in names if n.startswith("mbn/recipes/") and n.endswith(".yaml")}
@@ -71,6 +72,7 @@ def test_wheel_holds_recipes_and_no_bare_domains_package(wheel):
         assert f"{module.replace('.', '/')}.py" in names, line
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_a_recipe_by_name_from_another_directory(installed, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(installed)}
     code = "import mbn.shipped as s; print(s.recipes_dir())"
@@ -85,6 +87,7 @@ def test_installed_wheel_runs_a_recipe_by_name_from_another_directory(installed,
     assert listing.returncode == 0 and "quickstart" in listing.stdout and "fast_advprop" in listing.stdout
 
 
+@pytest.mark.slow
 def test_fast_advprop_budget_resolves_the_shipped_vanilla_outside_the_checkout(installed, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(installed)}
     cmd = [sys.executable, "-m", "mbn.cli.train", "fast_advprop", "data.name=synthetic", "model.name=cifar_resnet8",
@@ -95,6 +98,7 @@ def test_fast_advprop_budget_resolves_the_shipped_vanilla_outside_the_checkout(i
     assert metrics["budget_of"] == "vanilla" and metrics["epochs"] < 30  # 30 epochs of vanilla's cost
 
 
+@pytest.mark.slow
 def test_a_domains_module_in_the_working_directory_changes_nothing(tmp_path):
     (tmp_path / "domains.py").write_text("raise SystemExit('the user module was imported')\n")
     (tmp_path / "domains").mkdir()

@@ -186,6 +186,7 @@ def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_smoke_experiment_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--scale", "smoke", "--seeds", "0", "--configs", "vanilla", "advprop_pgd1"]

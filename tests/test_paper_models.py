@@ -50,6 +50,7 @@ def run(tmp_path: Path, *extra: str) -> int:
     return train_main([str(recipe), *TINY, f"trainer.out_dir={tmp_path / 'run'}", "trainer.max_steps=2", *extra])
 
 
+@pytest.mark.slow
 def test_advprop_efficientnet_trains_with_two_bns(tmp_path):
     assert run(tmp_path, f"model.name={ADVPROP_B0}") == 0
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")

@@ -73,6 +73,7 @@ def _run(code: str, site, extra_env=None) -> subprocess.CompletedProcess:
 
 
 class TestEntryPoints:
+    @pytest.mark.slow
     def test_feature_discovery_in_fresh_process(self, tmp_path):
         site = install_plugin(tmp_path)
         code = (
@@ -91,6 +92,7 @@ class TestEntryPoints:
         assert info["lazy"], "entry points must be imported only when their domain is used"
         assert info["out"] == 1.0 and info["name"] == "invert"
 
+    @pytest.mark.slow
     def test_exception_entry_point_clashing_with_builtin(self, tmp_path):
         site = install_plugin(tmp_path, "[mbn.domains]\npgd = mbn_example_plugin.domains:Invert\n")
         result = _run("import mbn; mbn.available_domains()", site)

@@ -124,6 +124,7 @@ def signal_domains(scratch_registry):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.slow
 def test_stop_signal_saves_checkpoint_and_resume_is_bit_identical(signum, tmp_path, capsys, signal_domains):
     stop = ["domains.stop.type=signal_at_test", "domains.stop.at=2", f"domains.stop.signum={int(signum)}"]
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -154,6 +155,7 @@ def _wait_for_step(proc: subprocess.Popen[str], step: int, timeout: float = 120)
     raise AssertionError(f"training ended before step {step}: {proc.stderr.read() if proc.stderr else ''}")
 
 
+@pytest.mark.slow
 def test_sigterm_subprocess_locked_directory_and_bit_identical_resume(tmp_path, capsys):
     """SLURM's preemption: SIGTERM to the job's process group (trainer and DataLoader workers) mid-run saves and
     the run resumes at once (no stale lock) bit-identically; a second run on the locked directory is refused."""
@@ -242,6 +244,7 @@ def _mount_tmpfs(path: Path, size_kb: int) -> bool:
     return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_disk_full_on_real_tmpfs(tmp_path, capsys):
     """A real full filesystem: a resumed run whose next checkpoint does not fit."""
     src = tmp_path / "src"
@@ -523,6 +526,7 @@ def test_lock_file_symlink_is_refused_and_target_untouched(tmp_path, capsys):
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_lock_is_not_held_by_a_forked_child(tmp_path):
     """DataLoader workers are forked: the lock must die with the trainer, not with its last worker."""
     run = tmp_path / "run"
@@ -541,6 +545,7 @@ def test_lock_is_not_held_by_a_forked_child(tmp_path):
         os.waitpid(child, 0)
 
 
+@pytest.mark.slow
 def test_second_signal_aborts_with_the_truth(tmp_path, capsys, signal_domains):
     @mbn.register_domain("double_signal_test")
     class Twice(mbn.Domain):
@@ -563,6 +568,7 @@ def test_second_signal_aborts_with_the_truth(tmp_path, capsys, signal_domains):
     assert train_main(["--resume", str(run)]) == 0
 
 
+@pytest.mark.slow
 def test_resume_reports_same_train_metrics_as_uninterrupted(tmp_path, signal_domains):
     stop = ["domains.stop.type=signal_at_test", "trainer.log_every=4", "trainer.max_steps=7"]
     ref, run = tmp_path / "ref", tmp_path / "run"

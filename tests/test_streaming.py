@@ -61,6 +61,7 @@ def test_streamed_test_split_equals_the_preloaded_one(tmp_path, monkeypatch, siz
     assert len(streamed.train) == len(preloaded.train)
 
 
+@pytest.mark.slow
 def test_evaluation_decodes_a_streamed_test_split_with_its_crop(tmp_path, monkeypatch, capsys):
     root = make_tree(tmp_path / "tree", (48, 40), fmt="png")
     cfg = data_cfg(root, preload=False, augment="imagenet", crop_fraction=0.8, num_workers=1)
@@ -132,6 +133,7 @@ def test_training_streams_an_imagefolder_tree(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()  # nothing decoded into a cache
 
 
+@pytest.mark.slow
 def test_a_streamed_run_resumes_bit_identically(tmp_path, monkeypatch):
     """RandomResizedCrop seeded by (seed, epoch, index) and the worker-decoded order: a resume repeats them exactly."""
     monkeypatch.setenv("MBN_CACHE_DIR", str(tmp_path / "cache"))
@@ -146,6 +148,7 @@ def test_a_streamed_run_resumes_bit_identically(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed["optimizer"]["state"], full["optimizer"]["state"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resuming_a_streamed_run_on_other_pixels_is_refused(tmp_path, capsys):
     """Same file names, labels and count, other image content: the fingerprint reads 64 files spread over the set."""
     root = make_tree(tmp_path / "tree", (32, 32))
@@ -177,6 +180,7 @@ def test_one_changed_image_changes_the_content_fingerprint_not_the_listing(tmp_p
     assert new_listing == listing and new_content != content
 
 
+@pytest.mark.slow
 def test_a_streamed_run_saved_before_content_fingerprints_still_resumes(tmp_path):
     root = make_tree(tmp_path / "tree", (32, 32))
     run = tmp_path / "run"
@@ -255,6 +259,7 @@ def test_decoding_on_the_device_gives_the_workers_batches(tmp_path, size, fmt, e
     assert torch.equal(resumed[0], _epoch(device, 1)[2][0])  # a resume mid-epoch decodes the same batch
 
 
+@pytest.mark.slow
 def test_training_decodes_on_the_device_and_resumes_exactly(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "tree", (40, 36), fmt="jpg")
     extra = ("data.augment=imagenet", "data.image_size=32", "data.decode=device")

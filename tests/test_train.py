@@ -41,6 +41,7 @@ def test_smoke_every_recipe_trains_on_synthetic(recipe, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_feature_tensorboard_has_per_domain_curves(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -63,6 +64,7 @@ def test_feature_tensorboard_has_per_domain_curves(tmp_path):
     assert groups[:3] == ["acc", "acc_test", "loss"] and groups[-1] == "x_diagnostics"  # what a reader looks for first
 
 
+@pytest.mark.slow
 def test_feature_resume_equals_uninterrupted(tmp_path):
     recipe = REPO / "recipes" / "advprop_autoaug.yaml"
     assert train(recipe, tmp_path / "full", "trainer.max_steps=7") == 0
@@ -74,6 +76,7 @@ def test_feature_resume_equals_uninterrupted(tmp_path):
     torch.testing.assert_close(resumed["optimizer"]["state"], full["optimizer"]["state"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_feature_same_seed_same_weights(tmp_path):
     recipe = REPO / "recipes" / "advprop.yaml"
     for name in ("a", "b"):
@@ -83,6 +86,7 @@ def test_feature_same_seed_same_weights(tmp_path):
     assert not torch.equal(weights(tmp_path / "a")["net.fc.weight"], weights(tmp_path / "c")["net.fc.weight"])
 
 
+@pytest.mark.slow
 def test_feature_split_batch_equals_separate_forwards(tmp_path):
     recipe = REPO / "recipes" / "advprop.yaml"
     assert train(recipe, tmp_path / "split", "trainer.max_steps=2", "trainer.split_batch=true") == 0
@@ -129,6 +133,7 @@ def test_exception_bad_input_one_line_exit_2(args, expected, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_exception_bad_input_no_traceback_in_subprocess(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mbn.cli.train", str(REPO / "recipes" / "vanilla.yaml"), "trainer.epoch=3"],
@@ -208,6 +213,7 @@ def test_feature_ctrl_c_saves_checkpoint_and_resumes(tmp_path, capsys, test_doma
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 6
 
 
+@pytest.mark.slow
 def test_feature_entry_point_domain_trains_from_recipe(tmp_path):
     site = install_plugin(tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}

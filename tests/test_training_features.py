@@ -93,6 +93,7 @@ def test_ema_in_training_equals_hand_average_of_each_steps_weights(tmp_path):
     assert set(metrics["test_acc_ema"]) == {"clean"} and 0 <= metrics["test_acc_ema"]["clean"] <= 1
 
 
+@pytest.mark.slow
 def test_ema_survives_resume_bit_identically_and_is_reported(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -152,6 +153,7 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(bn_free_mo
     torch.testing.assert_close(after, big.model.state_dict(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_accumulation_resumes_bit_identically_and_drops_the_incomplete_group(tmp_path):
     extra = ["optim.grad_accum_steps=3"]  # 4 batches per epoch: one step of 3, the 4th batch dropped
     assert train(ADVPROP, tmp_path / "full", *extra, "trainer.max_steps=3") == 0
@@ -191,6 +193,7 @@ def test_decay_norm_and_bias_true_decays_every_parameter():
     assert [len(g["params"]) for g in param_groups(model, optim)] == [3, 1]
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_key_resumes_decaying_every_parameter(tmp_path):
     run = tmp_path / "run"
     assert train(QUICK, run, "trainer.max_steps=1", "optim.decay_norm_and_bias=true") == 0
@@ -208,6 +211,7 @@ def test_a_run_saved_before_the_key_resumes_decaying_every_parameter(tmp_path):
     assert resumed["config"]["optim"]["decay_norm_and_bias"] is True
 
 
+@pytest.mark.slow
 def test_mbn_eval_scores_the_weight_average(tmp_path, capsys):
     from mbn.cli.eval import main as eval_main
 
@@ -229,6 +233,7 @@ def test_mbn_eval_scores_the_weight_average(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- CSV log
+@pytest.mark.slow
 def test_csv_log_holds_every_logged_scalar_once_across_a_resume(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -258,6 +263,7 @@ def test_csv_log_holds_every_logged_scalar_once_across_a_resume(tmp_path):
             assert logged[step] == pytest.approx(value, rel=1e-6)  # TensorBoard keeps float32
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_crash_leaves_each_step_once_in_tensorboard_and_the_csv(tmp_path):
     """Steps logged after the last checkpoint are trained and logged again: TensorBoard purges the old ones."""
     import shutil

@@ -54,6 +54,7 @@ def imported_again() -> bool:
     return MODULE in sys.modules and DOMAIN in registry.available_domains()
 
 
+@pytest.mark.slow
 def test_import_trains_resumes_and_evaluates_from_the_stored_recipe(user_dir, capsys):
     recipe, run = REPO / "recipes" / "vanilla.yaml", user_dir / "run"
     extra = [f"domains.inv.type={DOMAIN}", "trainer.max_steps=2"]

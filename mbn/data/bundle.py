@@ -61,6 +61,16 @@ class DataBundle:
         """Per-channel standard deviation in [0, 1] units."""
         return self.stats.std
 
+    @property
+    def class_names(self) -> list[str]:
+        """Names in label order."""
+        return list(self.stats.class_names)
+
+    @property
+    def image_size(self) -> int:
+        """Side length of the images."""
+        return self.stats.image_size
+
     def fingerprint(self) -> str:
         """Identity of the training set, checked on resume."""
         if self.train_split is None:

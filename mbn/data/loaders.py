@@ -7,10 +7,7 @@ touching the ones before.
 
 from __future__ import annotations
 
-import contextlib
 import random
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from mbn.data.arrays import ArraySplit
-from mbn.errors import STOP_SIGNALS
+from mbn.train.preemption import ignore_stop_signals_in_worker, stop_signals_blocked
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -111,13 +108,7 @@ def worker_init_fn(worker_id: int) -> None:
     Per-sample seeding already makes the base transforms independent of workers; this also covers
     any transform a user adds that draws from the Compose's own or the global generators.
     """
-    # A scheduler's SIGTERM/SIGHUP (or Ctrl-C's SIGINT) reaches the whole process group: the main process saves
-    # a checkpoint and then shuts the workers down, so they must not die first (the main process would fail).
-    stops = set(STOP_SIGNALS)
-    for sig in stops:
-        signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # forked with them blocked (closing_workers): pending ones are dropped
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    ignore_stop_signals_in_worker()  # the main process checkpoints, then stops the workers (mbn.train.preemption)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -207,31 +198,13 @@ class TrainLoader(ResumableBatches):
         yield from closing_workers(loader)
 
 
-@contextlib.contextmanager
-def _stop_signals_blocked() -> Iterator[None]:
-    """Hold stop signals while DataLoader workers are forked (delivered to this process when the block ends).
-
-    A scheduler's SIGTERM to the process group could otherwise reach a worker between its fork and
-    :func:`worker_init_fn`, kill it, and fail the run instead of saving it.
-    """
-    stops = set(STOP_SIGNALS)
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def closing_workers(loader: DataLoader) -> Iterator[Batch]:
     """Iterate ``loader`` and shut its workers down however the iteration ends.
 
     Workers ignore stop signals (:func:`worker_init_fn`), so a worker left running by an error or an abandoned
     epoch would block the interpreter's exit, which joins its children.
     """
-    with _stop_signals_blocked():  # forked workers start with them blocked, until they ignore them
+    with stop_signals_blocked():  # forked workers start with them blocked, until they ignore them
         iterator = iter(loader)
     try:
         yield from iterator

@@ -8,7 +8,11 @@
   the same preemption (SLURM signals every process; the agent forwards it again, and SIGTERMs the others once one
   rank exits) are absorbed until the ranks have stopped.
 - A signal the user ignored (``nohup``, ``trap '' TERM``) stays ignored.
-- DataLoader workers block these signals (:mod:`mbn.data`), so only the main process decides.
+- DataLoader workers are forked with these signals blocked (:func:`stop_signals_blocked`) and then ignore them
+  (:func:`ignore_stop_signals_in_worker`): a preemption reaching the whole process group must not kill a worker
+  before the main process has saved its checkpoint and shut the workers down.
+
+:mod:`mbn.data`'s loaders call the last two; this module imports nothing of the training loop, so they can.
 """
 
 from __future__ import annotations
@@ -23,6 +27,32 @@ from typing import Any
 
 from mbn.distributed import DistContext, resume_command
 from mbn.errors import STOP_SIGNALS, StopSignal, TrainingInterruptedError
+
+
+def ignore_stop_signals_in_worker() -> None:
+    """In a DataLoader worker: ignore stop signals (and drop those pending since the fork)."""
+    stops = set(STOP_SIGNALS)
+    for sig in stops:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # forked with them blocked (stop_signals_blocked): pending ones dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold stop signals while DataLoader workers are forked (delivered to this process when the block ends).
+
+    A scheduler's SIGTERM to the process group could otherwise reach a worker between its fork and
+    :func:`ignore_stop_signals_in_worker`, kill it, and fail the run instead of saving it.
+    """
+    if not hasattr(signal, "pthread_sigmask") or not in_main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def in_main_thread() -> bool:
