@@ -27,7 +27,7 @@ ATTACK_BN_MODES: tuple[str, ...] = ("eval", "train", "train_update")
 
 @dataclass(frozen=True)
 class DomainContext:
-    """What a domain may use while generating its batch; the trainer builds a fresh one for every step (frozen).
+    """What a domain may use while generating its batch; the trainer builds a fresh one per (micro-)batch (frozen).
 
     Attributes:
         model: the (unwrapped) classifier taking [0, 1] images; normalisation lives inside it.

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Iterable
+from pathlib import PurePath
 from types import ModuleType
 
 from mbn.errors import RecipeError, first_line
@@ -32,7 +33,8 @@ def check_module_name(name: object, source: str = RECIPE_KEY) -> str:
         return name
     hint = ""
     if is_file:
-        hint = f" (a module name, not a file: {str(name)[:-3].replace('/', '.')!r})"
+        module = PurePath(str(name)).with_suffix("").as_posix().removeprefix("./").replace("/", ".")
+        hint = f" (a module name, not a file: {module!r})"
     raise RecipeError(f"{_where(source, name)}: expected a module name such as my_domains or pkg.domains{hint}")
 
 

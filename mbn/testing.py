@@ -144,7 +144,11 @@ def check_domain(
         domain = create_domain(domain)
     name = domain.name or type(domain).__name__
     if not (isinstance(images, Tensor) and images.ndim == 4 and images.is_floating_point()):
-        raise ValueError(f"check_domain: images must be a float (N, C, H, W) tensor in [0, 1], got {images!r:.80}")
+        got = f"{type(images).__name__} of shape {tuple(getattr(images, 'shape', ()))}"
+        raise ValueError(f"check_domain: images must be a float (N, C, H, W) tensor in [0, 1], got {got}")
+    if not (isinstance(labels, Tensor) and labels.ndim in (1, 2) and labels.shape[0] == images.shape[0]):
+        got = f"{type(labels).__name__} of shape {tuple(getattr(labels, 'shape', ()))}"
+        raise ValueError(f"check_domain: labels must be an int64 (N,) or float (N, K) tensor, got {got}")
     if num_classes is None:
         num_classes = _default_classes(labels, ctx)
     if ctx is None:
@@ -197,7 +201,8 @@ def check_domain(
     if not same:
         raise fail(
             "two calls with equally seeded generators returned different batches; draw all randomness from "
-            "ctx.generator (ctx.rand, ctx.randint, ...), not torch's global generator"
+            "ctx.generator (ctx.rand, ctx.randint, ...), not torch's global generator, and base any state the "
+            "domain keeps across steps on ctx.step"
         )
     return out_images, targets
 

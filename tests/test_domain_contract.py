@@ -147,8 +147,15 @@ def test_the_caller_rng_is_left_alone():
 
 
 def test_images_that_are_not_a_float_batch_are_a_value_error():
-    with pytest.raises(ValueError, match="images must be a float"):
+    with pytest.raises(ValueError, match=r"images must be a float .* got Tensor of shape \(2, 3, 4, 4\)$"):
         check_domain("clean", torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+
+
+def test_labels_that_are_not_a_tensor_of_the_batch_are_a_value_error():
+    with pytest.raises(ValueError, match="labels must be an int64 .* got list"):
+        check_domain("clean", torch.rand(2, 3, 4, 4), [0, 1])
+    with pytest.raises(ValueError, match=r"labels must be .* got Tensor of shape \(3,\)"):
+        check_domain("clean", torch.rand(2, 3, 4, 4), torch.zeros(3, dtype=torch.long))
 
 
 def test_the_plugins_doc_example_passes(scratch_registry, monkeypatch):

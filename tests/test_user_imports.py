@@ -110,6 +110,10 @@ def test_without_the_import_the_domain_is_unknown(user_dir, capsys):
             "my_domains.py",
             r"--import my_domains.py: expected a module name .* \(a module name, not a file: 'my_domains'\)",
         ),
+        (
+            "./plugins/my_domains.py",
+            r"expected a module name .* \(a module name, not a file: 'plugins.my_domains'\)",
+        ),
         ("", "--import : expected a module name"),
         ("a-b", "--import a-b: expected a module name"),
     ],

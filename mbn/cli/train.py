@@ -57,8 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE first (e.g. ./my_domains.py registering a domain; repeatable); stored in the recipe's "
-        "imports key, so --resume and mbn-eval import it again",
+        help="import MODULE first (a module name: my_domains for ./my_domains.py registering a domain; repeatable); "
+        "stored in the recipe's imports key, so --resume and mbn-eval import it again",
     )
     args = parser.parse_intermixed_args(argv)  # options may follow the overrides (r.yaml k=v --import m k=v)
     if args.list_recipes:

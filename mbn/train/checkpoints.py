@@ -280,7 +280,7 @@ class RunCheckpoints:
             )
 
     def save(self, state: TrainState, session: Mapping[str, Any]) -> None:
-        """Write ``last.pt`` atomically (and ``best.pt`` when the main BN's accuracy improved); rank 0 only.
+        """Write ``last.pt`` atomically (and ``best.pt`` when these weights were evaluated and improved); rank 0 only.
 
         ``session`` holds the training session's own entries (clock, meter, last window, wall and train time).
         """
@@ -304,7 +304,7 @@ class RunCheckpoints:
             ckpt["ema"] = self.ema.module.state_dict()
         atomic_torch_save(ckpt, self.last)
         main = state.test_acc.get(self.sources[0])
-        if main is not None and main >= state.best_acc:
+        if main is not None and state.evaluated_step == state.step and main >= state.best_acc:  # these weights
             atomic_torch_save(ckpt, self.dir / "best.pt")
 
     def save_on_every_rank(self, save: Any) -> None:

@@ -8,6 +8,10 @@ Read :meth:`MultiDomainStep.run` top to bottom::
       -> each domain's objective on the logits of its head                 (losses)
       -> sum of weight x loss, back-propagated into .grad                  (backward)
 
+In AdvProp's terms (2 BNs): the ``adv`` domain attacks the clean batch with PGD through the auxiliary BN
+(``generate``); the clean images go through the main BN and the adversarial ones through the auxiliary BN, in one
+forward (``forward``); their losses are added (``backward``). At test time only the main BN is kept.
+
 Every value of a step flows through what the step returns (:class:`DomainBatch`, :class:`StepOutput`) or through the
 :class:`UpdateLedger` of the optimisation step it belongs to (sample counts, attack gradients kept for the update);
 nothing of a step is kept on ``self``. The randomness of a (micro-)batch is seeded from ``(trainer.seed, draw,
@@ -147,7 +151,7 @@ class MultiDomainStep:
         self.runtime.sync_buffers()  # every rank attacks with rank 0's BN statistics
         images, labels = self.runtime.to_device(batch)  # (B, C, H, W) in [0, 1], (B,)
         batches = self.generate(images, labels, at, generator, ledger)  # domain -> DomainBatch
-        trained = [s for s in self.specs if self.active(s, at)]
+        trained = [s for s in self.specs if self.active(s, at)]  # a domain can run only to feed another's input
         losses, accs = self.forward_losses_or_blame(trained, batches)  # domain -> scalar, on the device
         sizes = {name: batches[name].images.shape[0] for name in losses}
         self.backward(losses, sizes, ledger)
@@ -201,10 +205,10 @@ class MultiDomainStep:
             step=at.step,
             epoch=at.epoch,
             generator=generator,
-            seed=(generator.initial_seed() + zlib.crc32(spec.name.encode())) % 2**63,  # host-side: no sync
+            seed=(generator.initial_seed() + zlib.crc32(spec.name.encode())) % 2**63,  # per domain, host-side
             num_classes=self.num_classes,
             objective=self.objectives[spec.name],
-            accumulate=partial(self.reuse_attack_gradient, ledger),
+            accumulate=partial(self.reuse_attack_gradient, ledger),  # Fast AdvProp: ctx.reuse_gradient adds here
         )
 
     def forward_losses(
@@ -224,13 +228,13 @@ class MultiDomainStep:
 
     def forward(self, groups: Mapping[str, list[DomainSpec]], batches: Mapping[str, DomainBatch]) -> dict[str, Tensor]:
         """Logits per domain: each BN's domains joined, every BN routed (one split forward, or one per BN)."""
-        heads = tuple(dict.fromkeys(self.objectives[s.name].head for specs in groups.values() for s in specs))
+        heads = tuple(dict.fromkeys(self.objectives[s.name].head for specs in groups.values() for s in specs))  # unique
         chunks = {bn: _cat([batches[s.name].images for s in specs]) for bn, specs in groups.items()}  # bn -> (sum N)
         ddp = self.runtime.ddp is not None
         per_bn: dict[str, dict[str, Tensor]]
         if not self.routed:  # one BN source: nothing to route
             per_bn = {bn: self.runtime.forward(x, heads) for bn, x in chunks.items()}
-        elif (self.split_batch or ddp) and len(chunks) > 1:
+        elif (self.split_batch or ddp) and len(chunks) > 1:  # DDP: one forward per backward, so every BN in one
             shapes = {bn: tuple(x.shape[1:]) for bn, x in chunks.items()}
             if ddp and len(set(shapes.values())) > 1:
                 raise DomainError(
@@ -238,7 +242,7 @@ class MultiDomainStep:
                     f"got {shapes}"
                 )
             sizes = {bn: x.shape[0] for bn, x in chunks.items()}
-            with split_sources(self.model, sizes):
+            with split_sources(self.model, sizes):  # each BN layer normalises its rows with their source's BN
                 joined = self.runtime.forward(torch.cat(list(chunks.values())), heads)  # head -> (sum of sizes, K)
             per_bn = {bn: {} for bn in sizes}
             for head, logits in joined.items():
@@ -262,13 +266,15 @@ class MultiDomainStep:
         With ``sample_mean`` the sum is over samples and the update divides each parameter's gradient by the
         weighted count of samples that reached it (:mod:`mbn.gradnorm`), which ``ledger`` counts.
         """
+        # sample_mean: x N makes a per-sample sum (divided in the update by the ledger's counts); else the mean loss
+        # over the micro-batches of the step
         terms = []
         for name, loss in losses.items():
             spec = self._by_name[name]
             terms.append(spec.weight * (sizes[name] if self.sample_mean else 1.0 / self.accum_steps) * loss)
             if self.sample_mean:
                 ledger.count(spec.weight * sizes[name], spec.bn, self.objectives[name].head)
-        total = terms[0]
+        total = terms[0]  # summed in recipe order, left to right (the order 0.3 summed in: bit-identical weights)
         for term in terms[1:]:
             total = total + term
         self.runtime.scaler.scale(total).backward()
@@ -295,7 +301,7 @@ class MultiDomainStep:
         return grads[0]
 
     # ------------------------------------------------------------------------------------------ helpers
-    def forward_losses_or_blame(
+    def forward_losses_or_blame(  # on failure, re-check every batch to name the domain at fault
         self, trained: Sequence[DomainSpec], batches: Mapping[str, DomainBatch]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """:meth:`forward_losses`; when it fails, a domain whose batch breaks the contract is named instead."""
