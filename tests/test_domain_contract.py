@@ -152,7 +152,7 @@ def test_images_that_are_not_a_float_batch_are_a_value_error():
 
 
 def test_labels_that_are_not_a_tensor_of_the_batch_are_a_value_error():
-    with pytest.raises(ValueError, match="labels must be an int64 .* got list"):
+    with pytest.raises(ValueError, match=r"labels must be an int64 .* got list"):
         check_domain("clean", torch.rand(2, 3, 4, 4), [0, 1])
     with pytest.raises(ValueError, match=r"labels must be .* got Tensor of shape \(3,\)"):
         check_domain("clean", torch.rand(2, 3, 4, 4), torch.zeros(3, dtype=torch.long))
