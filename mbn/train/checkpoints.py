@@ -188,6 +188,15 @@ def read_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------- reading for a run
+#: What loading a saved optimiser, schedule or training-session state raises when it belongs to another run.
+STATE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, RuntimeError)
+
+
+def state_does_not_fit(path: Path, err: BaseException) -> CheckpointError:
+    """The one-line error for a saved state (optimiser, schedule, position, clock, meter) this run cannot take."""
+    return CheckpointError(f"{path}: optimiser or training state does not fit this run ({first_line(err)})")
+
+
 def init_model_from(model: nn.Module, ckpt: Mapping[str, Any]) -> InitReport:
     """``model.init_from``: load every tensor of that checkpoint that fits the model; the report says what."""
     return init_from_state(model, ckpt["model"], ckpt.get("sources") or ())
@@ -337,9 +346,8 @@ class RunCheckpoints:
             self.scaler.load_state_dict(ckpt["scaler"])
             state = TrainState(**ckpt["state"])
             state.check(batches_per_epoch)
-        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            detail = first_line(err)
-            raise CheckpointError(f"{path}: optimiser or training state does not fit this run ({detail})") from None
+        except STATE_ERRORS as err:
+            raise state_does_not_fit(path, err) from None
         return state
 
     def restore_ema(self, ckpt: Checkpoint, path: Path) -> bool:

@@ -20,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from mbn.config import DomainSpec, save_recipe
 from mbn.csvlog import CsvScalarLog
 from mbn.data import DataBundle
-from mbn.errors import TrainingDivergedError, first_line
+from mbn.errors import TrainingDivergedError
 from mbn.eval.accuracy import accuracy
 from mbn.fileio import atomic_write_text
 from mbn.meter import NonFiniteError, StepMeter, TrainClock
 from mbn.objective import CLASSES
 from mbn.progress import Progress
 from mbn.tblog import TensorBoardLogger
-from mbn.train.checkpoints import Checkpoint, CheckpointError, RunCheckpoints
+from mbn.train.checkpoints import STATE_ERRORS, Checkpoint, RunCheckpoints, state_does_not_fit
 from mbn.train.runtime import Runtime
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import StepOutput, StepStats
@@ -198,9 +198,8 @@ class TrainHooks:
             self._wall_before = self._wall_at_save = float(ckpt.get("wall_time", 0.0))
             self.last_window = {str(k): float(v) for k, v in ckpt.get("last_window", {}).items()}
             self.meter.load_state_dict(ckpt.get("meter", {}))
-        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            detail = first_line(err)
-            raise CheckpointError(f"{path}: optimiser or training state does not fit this run ({detail})") from None
+        except STATE_ERRORS as err:
+            raise state_does_not_fit(path, err) from None
 
     def check_finite(self) -> None:
         """Stop on a non-finite loss since the last check (one host sync: logging steps and checkpoints only)."""

@@ -109,7 +109,7 @@ class Trainer:
         """One optimisation step over ``group``'s micro-batches.
 
         Returns the last micro-batch's output (its batches feed the image grids) and every micro-batch's statistics;
-        the other micro-batches' images are released as soon as their backward is done.
+        an earlier micro-batch's images are released once the next one's output replaces it.
         """
         ledger = self.update.begin()
         stats = []
