@@ -131,6 +131,8 @@ class EvalCfg:
     l2_eps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # [0,1]-pixel l2 norm
     pgd_steps: int = 10
     autoattack: bool = False
+    # published robustness suites, KIND[:LABEL] -> DIR (mbn-eval --suites / --all), e.g. {cifar10-c: /data/CIFAR-10-C}
+    suites: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -380,7 +382,19 @@ def validate_recipe(cfg: DictConfig) -> None:
     if cfg.data.std is not None and min(float(v) for v in cfg.data.std) == 0:
         raise RecipeError(f"key 'data.std': expected positive values, got {list(cfg.data.std)}")
     check_preload_keys(cfg.data)
+    check_suites(cfg.eval)
     domain_specs(cfg)
+
+
+def check_suites(ecfg: Any) -> None:
+    """Every ``eval.suites`` entry is ``KIND[:LABEL]: DIR`` with a known kind (the folder is checked by mbn-eval)."""
+    from mbn.eval.suite_spec import SuiteError, SuiteSpec
+
+    for key, root in dict(ecfg.suites or {}).items():
+        try:
+            SuiteSpec.parse(f"{key}={root}", f"key 'eval.suites.{key}'")
+        except SuiteError as err:
+            raise RecipeError(str(err)) from None
 
 
 def check_preload_keys(data: Any) -> None:

@@ -169,6 +169,7 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
         (["--scale", "smoke", "--eval-limit", "0"], "--eval-limit"),
         (["--scale", "smoke", "--override", "trainer.seed"], "--override"),
         (["--scale", "smoke", "--configs", "nope"], "--configs"),
+        (["--scale", "smoke", "--suite", "imagenet-q=/data"], "unknown suite 'imagenet-q'"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, capsys):
@@ -188,8 +189,16 @@ def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smoke_experiment_trains_evaluates_reports_and_resumes(tmp_path, capsys):
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    argv = ["--scale", "smoke", "--seeds", "0", "--configs", "vanilla", "advprop_pgd1"]
+    from PIL import Image
+
+    from mbn.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+
+    out, runs, suite = tmp_path / "out", tmp_path / "runs", tmp_path / "suite"
+    images, labels = generate_synthetic(12, 32, seed=5)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (suite / SYNTHETIC_CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(suite / SYNTHETIC_CLASSES[label] / f"{i}.png")
+    argv = ["--scale", "smoke", "--seeds", "0", "--configs", "vanilla", "advprop_pgd1", "--suite", f"folder={suite}"]
     argv += ["--out", str(out), "--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache")]
     assert run.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -209,6 +218,8 @@ def test_smoke_experiment_trains_evaluates_reports_and_resumes(tmp_path, capsys)
     md = (out / "results.md").read_text()
     assert "| vanilla | " in md and "| advprop_pgd1 | " in md and "mCE vs vanilla (%)" in md
     assert "advprop_pgd1 vs vanilla clean acc:" in md
+    assert "## Robustness suites" in md and "| model | clean | folder |" in md and "| advprop_pgd1-s0 | " in md
+    assert report["suite_rows"]["vanilla-s0"]["suites"]["folder"]["num_images"] == 12
 
     # a second call finds both runs complete and only rewrites the report
     assert run.main(argv) == 0

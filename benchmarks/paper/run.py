@@ -223,8 +223,9 @@ def make_job(
     configs: Mapping[str, Config] | None = None,
     linf_eps: Sequence[float] | None = None,
     l2_eps: Sequence[float] | None = None,
+    suites: Sequence[str] = (),
 ) -> Job:
-    """Build the train command and the evaluation options of one (config, seed)."""
+    """Build the train command and the evaluation options of one (config, seed); ``suites`` as ``mbn-eval --suite``."""
     from mbn.eval.evaluate import EvalOptions
 
     cfg = (configs or CONFIGS)[config]
@@ -242,7 +243,8 @@ def make_job(
         f"trainer.out_dir={run_dir}",
     ]
     options = EvalOptions(
-        sections={"clean", "corruptions", "adversarial"},
+        sections={"clean", "corruptions", "adversarial", *(["suites"] if suites else [])},
+        suites=list(suites) or None,
         limit=eval_limit,
         pgd_steps=scale.pgd_steps,
         linf_eps=tuple(linf_eps if linf_eps is not None else scale.linf_eps),
@@ -258,7 +260,7 @@ def describe_eval(options: Any) -> str:
     radii = f"linf_eps={list(options.linf_eps)} l2_eps={list(options.l2_eps)}"
     return (
         f"evaluate_run(sections={sorted(options.sections)}, pgd_steps={options.pgd_steps}, {radii}, "
-        f"limit={options.limit})"
+        f"limit={options.limit}" + (f", suites={list(options.suites)})" if options.suites else ")")
     )
 
 
@@ -271,7 +273,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def eval_complete(
-    evaluation: Mapping[str, Any] | None, scale: Scale, eval_limit: int | None, linf_eps: Sequence[float] | None = None
+    evaluation: Mapping[str, Any] | None,
+    scale: Scale,
+    eval_limit: int | None,
+    linf_eps: Sequence[float] | None = None,
+    suite_keys: Sequence[str] = (),
 ) -> bool:
     """Whether an ``eval.json`` holds every number the table needs, on the requested images."""
     if not evaluation or evaluation.get("limit") != eval_limit or evaluation.get("clean_acc") is None:
@@ -279,7 +285,10 @@ def eval_complete(
     corruptions, adversarial = evaluation.get("corruptions"), evaluation.get("adversarial")
     if not corruptions or not adversarial or adversarial.get("steps") != scale.pgd_steps:
         return False
-    return all(f"{e:g}" in adversarial.get("linf", {}) for e in (linf_eps or scale.linf_eps))
+    if not all(f"{e:g}" in adversarial.get("linf", {}) for e in (linf_eps or scale.linf_eps)):
+        return False
+    scored = evaluation.get("suites") or {}
+    return all(key in scored and scored[key].get("limit") == eval_limit for key in suite_keys)
 
 
 def _run_logged(cmd: list[str], log: Path, what: str) -> tuple[int, float]:
@@ -318,15 +327,23 @@ def evaluate_logged(job: Job) -> tuple[int, float]:
     return 0, time.perf_counter() - tic
 
 
+def suite_keys(options: Any) -> list[str]:
+    """The ``eval.json`` keys of the suites a job's evaluation names (``--suite KIND[:LABEL]=DIR``)."""
+    from mbn.eval.suite_spec import parse_specs
+
+    return [spec.key for spec in parse_specs(getattr(options, "suites", None) or [])]
+
+
 def execute(job: Job, scale: Scale, eval_limit: int | None) -> None:
     """Train (or resume) and evaluate one run unless its results are already there; sets ``job.status``."""
     linf = job.eval_options.linf_eps if job.eval_options is not None else None
+    keys = suite_keys(job.eval_options)
     metrics = _read_json(job.run_dir / "metrics.json")
     evaluation = _read_json(job.run_dir / "eval.json")
     if metrics is not None and job.eval_options is None:  # trained only (e.g. a pre-training run)
         job.metrics, job.status = metrics, "skipped (done)"
         return
-    if metrics is not None and eval_complete(evaluation, scale, eval_limit, linf):
+    if metrics is not None and eval_complete(evaluation, scale, eval_limit, linf, keys):
         job.metrics, job.evaluation, job.status = metrics, evaluation, "skipped (done)"
         return
     if metrics is None:
@@ -343,7 +360,7 @@ def execute(job: Job, scale: Scale, eval_limit: int | None) -> None:
         return
     code, job.seconds["eval"] = evaluate_logged(job)
     evaluation = _read_json(job.run_dir / "eval.json")
-    if code != 0 or not eval_complete(evaluation, scale, eval_limit, linf):
+    if code != 0 or not eval_complete(evaluation, scale, eval_limit, linf, keys):
         job.status = f"FAILED evaluation (exit {code}): {_last_line(job.log)}"
         return
     job.metrics, job.evaluation, job.status = metrics, evaluation, "done"
@@ -582,6 +599,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "lower is better, vanilla = 100. Train time: seconds in training steps (`train_time_s`); "
         "cost: train time / vanilla's, same seed.",
         "",
+        *_suites_section(report),
         "## Verdicts",
         "",
         *(f"- {line}" for line in report["verdicts"]),
@@ -594,6 +612,24 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _suites_section(report: Mapping[str, Any]) -> list[str]:
+    """The published suites' table, one row per run (``mbn.eval.report.paper_table``), when any were evaluated."""
+    from mbn.eval.report import paper_table
+
+    rows = report.get("suite_rows") or {}
+    if not rows:
+        return []
+    return [
+        "## Robustness suites",
+        "",
+        *paper_table(rows),
+        "",
+        "One row per run (config-seed), through the main BN. IN-C: mCE against AlexNet (lower is better); other "
+        "columns: top-1 accuracy (%), the -C suites' mean over corruptions and severities.",
+        "",
+    ]
 
 
 def _config_record(name: str) -> dict[str, Any]:
@@ -645,6 +681,11 @@ def build_report(
         "summary": summary,
         "verdicts": verdicts(summary, per_run),
         "runs": runs,
+        "suite_rows": {
+            j.name: {"clean_acc": j.evaluation.get("clean_acc"), "suites": j.evaluation["suites"]}
+            for j in jobs
+            if j.evaluation is not None and j.evaluation.get("suites")
+        },
     }
 
 
@@ -688,6 +729,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra mbn-train override for every run, e.g. trainer.max_steps=20 (repeatable)",
     )
+    p.add_argument(
+        "--suite",
+        action="append",
+        default=[],
+        metavar="KIND=DIR",
+        help="also evaluate every run on this published suite, as mbn-eval --suite (repeatable); adds a table",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     if args.eval_limit is not None and args.eval_limit < 1:
@@ -697,6 +745,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--override: expected KEY=VALUE, got {item!r}")
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         p.error(f"--seeds: expected integers >= 0, got {args.seeds}")
+    from mbn.eval.suite_spec import SuiteError, parse_specs
+
+    try:
+        parse_specs(args.suite)
+    except SuiteError as err:
+        p.error(str(err))
     return args
 
 
@@ -723,7 +777,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     common = train_overrides(scale, data_root, eval_limit, args.override)
-    jobs = [make_job(c, s, scale, runs_dir, common, eval_limit, args.cache_dir) for s in seeds for c in configs]
+    jobs = [
+        make_job(c, s, scale, runs_dir, common, eval_limit, args.cache_dir, suites=args.suite)
+        for s in seeds
+        for c in configs
+    ]
     if args.dry_run:
         print_dry_run(jobs)
         return 0
@@ -859,6 +917,7 @@ def main_ssl(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "Accuracies in %, mean ± sample std over seeds, through the main BN in eval mode; L∞ radii in /255, "
         "L2 radii in [0, 1]-pixel units; C-10-C: mean over 15 corruptions x 5 severities.",
         "",
+        *_suites_section(report),
         "## Verdicts",
         "",
         *(f"- {line}" for line in report["verdicts"]),

@@ -24,6 +24,9 @@ EPILOG = """examples:
   mbn-eval runs/advprop --adversarial --linf-eps 1 2 4 8 16 --pgd-steps 20
   mbn-eval runs/advprop --corruptions --reference runs/vanilla   # CE / mCE relative to another run
   mbn-eval runs/advprop --adversarial --autoattack --autoattack-eps 8
+  mbn-eval runs/advprop --suite cifar10-c=/data/CIFAR-10-C --bn-adapt   # a published suite, + BN adaptation
+  mbn-eval runs/in1k --suite imagenet-c=/data/imagenet-c --suite imagenet-a=/data/imagenet-a --limit 5000
+  mbn-eval runs/advprop --write-suite /data/my-cifar10-c     # write a CIFAR-10-C-layout suite from the test split
 """
 
 
@@ -47,6 +50,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sel.add_argument(
         "--autoattack", action="store_true", help="also standard L-inf AutoAttack (slow; implies --adversarial)"
     )
+    sel.add_argument(
+        "--suite",
+        action="append",
+        metavar="KIND=DIR",
+        help="a published suite on disk (repeatable): KIND[:LABEL]=DIR, KIND one of cifar10-c, cifar100-c, "
+        "imagenet-c, imagenet-a, imagenet-r, imagenet-sketch, imagenet-v2, stylized-imagenet, folder",
+    )
+    sel.add_argument("--suites", action="store_true", help="the suites named in the run's eval.suites recipe section")
     opt = p.add_argument_group("options (defaults from the run's `eval` recipe section)")
     opt.add_argument(
         "--limit", type=int, metavar="N", help="use N test images (a fixed seeded subset, as data.test_limit)"
@@ -89,12 +100,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="corruption cache (default: $MBN_CACHE_DIR/corruptions, else ~/.cache/mbn/corruptions)",
     )
     opt.add_argument("--seed", type=int, default=0, help="seed of PGD random starts, AutoAttack and corruptions")
+    opt.add_argument(
+        "--bn", metavar="NAME", help="the BN source to evaluate through (default: the main one; report in RUN/bn-NAME)"
+    )
+    opt.add_argument("--workers", type=int, metavar="W", help="suite image decoders (default: data.num_workers)")
+    bn = p.add_argument_group("test-time BN adaptation and routing (suites)")
+    bn.add_argument(
+        "--bn-adapt",
+        action="store_true",
+        help="also score each suite set with the BN statistics re-estimated on its images (Schneider et al. 2020)",
+    )
+    bn.add_argument(
+        "--bn-adapt-prior",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="prior strength N: statistics = N/(N+n) training + n/(N+n) test (default 0: full re-estimation)",
+    )
+    bn.add_argument(
+        "--bn-route",
+        choices=("main", "auto"),
+        default="main",
+        help="auto: also score through the lowest-entropy BN per batch, reported beside (default: main)",
+    )
+    bn.add_argument(
+        "--write-suite",
+        type=Path,
+        metavar="DIR",
+        help="write the test split corrupted by mbn's generator in CIFAR-10-C's layout to DIR, then stop",
+    )
     return p.parse_args(argv)
 
 
 def selected_sections(args: argparse.Namespace) -> set[str]:
     """The sections this invocation computes (``clean`` always: every other number is read against it)."""
     chosen = {s for s in SECTIONS if getattr(args, s)}
+    if args.suite:
+        chosen.add("suites")
     if args.all:
         chosen = set(SECTIONS)
     if args.autoattack:
@@ -124,6 +166,13 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         cache_dir=args.cache_dir,
         seed=args.seed,
         weights=args.weights,
+        bn=args.bn,
+        suites=args.suite,
+        recipe_suites=args.suites or args.all,
+        bn_adapt=args.bn_adapt,
+        bn_adapt_prior=args.bn_adapt_prior,
+        bn_route=args.bn_route,
+        workers=args.workers,
     )
 
 
@@ -136,6 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_options(options)
         from mbn.eval.corruptions import CacheMismatchError
 
+        if args.write_suite is not None:
+            from mbn.eval.evaluate import write_suite
+
+            files = write_suite(args.path, args.write_suite, options)
+            elapsed = time.perf_counter() - start
+            print(f"mbn-eval: wrote {len(files)} files to {args.write_suite}{os.sep} ({elapsed:.1f} s); "
+                  f"evaluate with --suite cifar10-c={args.write_suite}")  # fmt: skip
+            return 0
         try:
             result, out_dir = evaluate_run(args.path, options)
         except CacheMismatchError as err:

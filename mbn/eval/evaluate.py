@@ -15,12 +15,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mbn.errors import one_line
 from mbn.validators import ValueCheckError, check_int, check_number
 
-SECTIONS = ("clean", "per_bn", "corruptions", "adversarial", "divergence")
+SECTIONS = ("clean", "per_bn", "corruptions", "adversarial", "divergence", "suites")
 SCHEMA_KEYS = (
     "checkpoint",
     "weights",
+    "bn",
     "run_dir",
     "limit",
     "num_images",
@@ -30,6 +32,7 @@ SCHEMA_KEYS = (
     "corruptions",
     "adversarial",
     "divergence",
+    "suites",
 )
 
 
@@ -55,6 +58,14 @@ class EvalOptions:
         progress: show progress bars on a terminal.
         weights: ``model`` (trained weights) or ``ema`` (their moving average); ``ema`` writes to ``RUN/ema/``
             by default so the two reports never merge.
+        bn: the BN source every number except ``per_bn_acc`` goes through (default: the main one); another
+            source writes to ``RUN/bn-<name>/`` by default.
+        suites: ``KIND[:LABEL]=DIR`` published suites to evaluate (adds to the recipe's ``eval.suites``).
+        recipe_suites: also evaluate the recipe's ``eval.suites`` (``--suites``, ``--all``).
+        bn_adapt: also score each suite set with the BN statistics re-estimated on its images.
+        bn_adapt_prior: Schneider et al.'s prior strength ``N`` (0: full re-estimation).
+        bn_route: ``main`` (the chosen BN) or ``auto`` (also the lowest-entropy BN per batch, reported beside).
+        workers: DataLoader workers decoding suite images (default: ``data.num_workers``).
     """
 
     sections: set[str] = field(default_factory=lambda: {"clean", "per_bn"})
@@ -75,6 +86,13 @@ class EvalOptions:
     seed: int = 0
     progress: bool = True
     weights: str = "model"
+    bn: str | None = None
+    suites: Sequence[str] | None = None
+    recipe_suites: bool = False
+    bn_adapt: bool = False
+    bn_adapt_prior: float = 0.0
+    bn_route: str = "main"
+    workers: int | None = None
 
 
 def _option(name: str, check: Any, value: Any, **bounds: Any) -> Any:
@@ -98,8 +116,20 @@ def check_options(options: EvalOptions) -> None:
     for name in ("linf_eps", "l2_eps", "autoattack_eps"):
         if getattr(options, name) is not None:
             radii("--" + name.replace("_", "-"), getattr(options, name))
-    if options.reference is not None and "corruptions" not in options.sections:
-        raise EvalInputError("--reference: only used with --corruptions (or --all)")
+    if options.workers is not None:
+        _option("--workers", check_int, options.workers, low=0)
+    _option("--bn-adapt-prior", check_number, options.bn_adapt_prior, low=0)
+    if options.bn_route not in ("main", "auto"):
+        raise EvalInputError(f"--bn-route: expected main or auto, got {options.bn_route!r}")
+    if options.suites:
+        from mbn.eval.suites import SuiteError, parse_specs
+
+        try:
+            parse_specs(options.suites)
+        except SuiteError as err:
+            raise EvalInputError(str(err)) from None
+    if options.reference is not None and not {"corruptions", "suites"} & options.sections:
+        raise EvalInputError("--reference: only used with --corruptions, a -C --suite (or --all)")
     if options.corruption_types is not None or options.severities is not None:
         from mbn.eval.corruptions import ALL_CORRUPTIONS, SEVERITIES
 
@@ -128,6 +158,7 @@ def load_previous(path: Path, current: dict[str, Any], checkpoint: Path) -> dict
         return {}
     same = all(previous.get(k) == current[k] for k in ("checkpoint", "limit", "num_images"))
     same = same and previous.get("weights", "model") == current.get("weights", "model")
+    same = same and previous.get("bn", current.get("bn")) == current.get("bn")
     if not same:
         print(f"mbn-eval: note: {path} was for another checkpoint or image subset; replacing it", file=sys.stderr)
         return {}
@@ -156,7 +187,7 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
     """Evaluate the run (or checkpoint) at ``path``; return the merged ``eval.json`` content and its directory.
 
     Raises:
-        EvalInputError: a bad option or reference.
+        EvalInputError: a bad option, reference or suite.
         CheckpointError: bad path or checkpoint.
         RecipeError: the run's test data cannot be loaded.
     """
@@ -182,7 +213,11 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
     args, sections = options, options.sections | {"clean"}
     run = load_run(Path(path), args.device, data_root=args.data_root, weights=args.weights)
     ecfg = run.cfg.eval
-    main = run.sources[0]
+    bn = chosen_bn(args.bn, run.sources)
+    suites = suite_specs(options, ecfg) if "suites" in sections else []
+    if not suites and (args.bn_adapt or args.bn_route == "auto"):
+        flag = "--bn-adapt" if args.bn_adapt else "--bn-route auto"
+        raise EvalInputError(f"{flag}: applies to the published suites; give --suite KIND=DIR (or --suites)")
     autoattack = "adversarial" in sections and (args.autoattack or bool(ecfg.autoattack))
     if autoattack and run.stats.num_classes < 4:
         raise EvalInputError(f"--autoattack: needs at least 4 classes (DLR loss), the run has {run.stats.num_classes}")
@@ -214,11 +249,15 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
                 f"{len(labels)}; use the same --limit"
             )
         reference = (str(ref_path.resolve()), ref_table)
+    cifar_suites = any(spec.kind in ("cifar10-c", "cifar100-c") for spec in suites)
+    reference_json = load_reference(args.reference) if cifar_suites and args.reference is not None else None
+    read = read_suites(suites, run.stats.class_names, limit, args.corruption_types, args.severities)
 
-    out_dir = args.out_dir if args.out_dir is not None else run.run_dir / ("ema" if args.weights == "ema" else "")
+    out_dir = args.out_dir if args.out_dir is not None else default_out_dir(run.run_dir, args.weights, bn, run.sources)
     result: dict[str, Any] = {
         "checkpoint": str(run.checkpoint.resolve()),
         "weights": args.weights,
+        "bn": bn,
         "run_dir": str(run.run_dir.resolve()),
         "limit": limit,
         "num_images": len(labels),
@@ -227,9 +266,9 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
     previous = load_previous(out_dir / "eval.json", result, run.checkpoint)
     result.update({key: previous.get(key) for key in SCHEMA_KEYS[SCHEMA_KEYS.index("clean_acc") :]})
 
-    result["clean_acc"] = accuracy(run.model, loader, main, move)
+    result["clean_acc"] = accuracy(run.model, loader, bn, move)
     if "per_bn" in sections:
-        result["per_bn_acc"] = {bn: accuracy(run.model, loader, bn, move) for bn in run.sources}
+        result["per_bn_acc"] = {source: accuracy(run.model, loader, source, move) for source in run.sources}
     if "divergence" in sections:
         result["divergence"] = bn_divergence(run.model)
     if "corruptions" in sections:
@@ -239,7 +278,7 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
             run.model,
             images,
             labels,
-            main,
+            bn,
             move,
             cache_dir=cache_dir,
             dataset_id=dataset_id,
@@ -260,16 +299,16 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
                 raise EvalInputError(f"--reference: {reference[0]}: {err}") from None
     if "adversarial" in sections:
         sweep = robustness_sweep(
-            run.model, loader, main, move, linf_eps=linf, l2_eps=l2, steps=steps, seed=args.seed, progress=args.progress
+            run.model, loader, bn, move, linf_eps=linf, l2_eps=l2, steps=steps, seed=args.seed, progress=args.progress
         )
-        adversarial: dict[str, Any] = {"steps": steps, "bn": main, **sweep, "autoattack": None}
+        adversarial: dict[str, Any] = {"steps": steps, "bn": bn, **sweep, "autoattack": None}
         if autoattack:
             aa_eps = args.autoattack_eps or ([max(linf)] if linf else [8.0])
             adversarial["autoattack"] = {
                 eps_key(e): autoattack_accuracy(
                     run.model,
                     loader,
-                    main,
+                    bn,
                     move,
                     eps=e / 255,
                     num_classes=run.stats.num_classes,
@@ -279,12 +318,182 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
                 for e in aa_eps
             }
         result["adversarial"] = merge_adversarial(adversarial, previous.get("adversarial"))
+    if read:
+        from mbn.eval.suite_eval import Preparation, evaluate_suite
+        from mbn.eval.suites import SuiteError
+
+        data = run.cfg.data
+        streamed_imagenet = not bool(data.preload) and str(data.augment) == "imagenet"
+        prepare = Preparation(run.stats.image_size, float(data.crop_fraction) if streamed_imagenet else 1.0)
+        workers = args.workers if args.workers is not None else int(data.num_workers)
+        scored = dict(result.get("suites") or {})
+        for suite in read:
+            try:
+                entry = evaluate_suite(
+                    run.model,
+                    suite,
+                    source=bn,
+                    to_device=move,
+                    prepare=prepare,
+                    batch_size=batch_size,
+                    workers=workers,
+                    pin_memory=run.device.type == "cuda",
+                    bn_adapt=args.bn_adapt,
+                    bn_adapt_prior=float(args.bn_adapt_prior),
+                    route_sources=run.sources if args.bn_route == "auto" else (),
+                    reference=suite_reference(reference_json, suite.spec.key, suite.spec.kind, suite.sets),
+                    progress=args.progress,
+                )
+            except SuiteError as err:
+                raise EvalInputError(one_line(err)) from None
+            except RuntimeError as err:  # a worker's SuiteError arrives re-raised by the DataLoader
+                if "SuiteError" not in str(err):
+                    raise
+                raise EvalInputError(one_line(err)) from None
+            scored[suite.spec.key] = {**entry, "limit": limit}
+        result["suites"] = scored
     return result, Path(out_dir)
+
+
+def write_suite(path: str | Path, out_dir: Path, options: EvalOptions) -> list[Path]:
+    """Write the run's test split (``--limit`` applied), corrupted by mbn's generator, in CIFAR-10-C's layout.
+
+    Raises:
+        EvalInputError: ``out_dir`` exists and is not empty, or a bad option.
+    """
+    import numpy as np
+
+    from mbn.data import subset_indices
+    from mbn.eval.corruptions import CORRUPTIONS, SEVERITIES
+    from mbn.eval.loading import load_run
+    from mbn.eval.robustness import corruption_dataset_id, default_corruption_cache
+    from mbn.eval.write_suite import write_corruption_suite
+
+    check_options(options)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise EvalInputError(f"--write-suite: {out_dir} exists and is not an empty folder; name a new one")
+    if options.severities is not None and sorted(options.severities) != list(SEVERITIES):
+        raise EvalInputError("--severities: --write-suite writes all five severities (the published layout)")
+    run = load_run(Path(path), "cpu", data_root=options.data_root, weights=options.weights)
+    limit = options.limit if options.limit is not None else run.cfg.eval.limit
+    images, labels = run.test.images, run.test.labels
+    if limit is not None:
+        keep = subset_indices(len(labels), limit, "--limit")
+        images, labels = images[keep], labels[keep]
+    corruptions = list(options.corruption_types or run.cfg.eval.corruptions or CORRUPTIONS)
+    cache_dir = options.cache_dir if options.cache_dir is not None else default_corruption_cache()
+    return write_corruption_suite(
+        out_dir,
+        images,
+        labels,
+        run.stats.class_names,
+        cache_dir=cache_dir,
+        dataset_id=corruption_dataset_id(str(run.cfg.data.name), np.asarray(images), limit, options.seed),
+        corruptions=corruptions,
+        seed=options.seed,
+        progress=options.progress,
+    )
+
+
+def chosen_bn(name: str | None, sources: Sequence[str]) -> str:
+    """The BN source ``--bn`` names (default: the main one), or a one-line error listing the run's sources."""
+    if name is None:
+        return sources[0]
+    if name not in sources:
+        raise EvalInputError(f"--bn: the run has no BN {name!r}; its BNs: {', '.join(sources)}")
+    return name
+
+
+def default_out_dir(run_dir: Path, weights: str, bn: str, sources: Sequence[str]) -> Path:
+    """``RUN``, ``RUN/ema`` for the weight average, and ``.../bn-<name>`` through a BN other than the main one."""
+    out = run_dir / "ema" if weights == "ema" else run_dir
+    return out if bn == sources[0] else out / f"bn-{bn}"
+
+
+def suite_specs(options: EvalOptions, ecfg: Any) -> list[Any]:
+    """The suites to evaluate: the recipe's ``eval.suites`` (with ``--suites``/``--all``) and then ``--suite``'s."""
+    from mbn.eval.suites import SuiteError, parse_specs
+
+    texts: list[str] = []
+    if options.recipe_suites:
+        configured = dict(ecfg.suites or {})
+        if not configured and not options.suites and options.sections != set(SECTIONS):
+            raise EvalInputError("--suites: the run's recipe names no eval.suites; give --suite KIND=DIR")
+        texts += [f"{key}={root}" if "=" not in str(key) else str(key) for key, root in configured.items()]
+    texts += list(options.suites or [])
+    try:
+        specs = parse_specs(texts, "eval.suites" if options.recipe_suites and not options.suites else "--suite")
+    except SuiteError as err:
+        raise EvalInputError(str(err)) from None
+    return specs
+
+
+def read_suites(
+    specs: Sequence[Any],
+    class_names: Sequence[str],
+    limit: int | None,
+    corruptions: Sequence[str] | None,
+    severities: Sequence[int] | None,
+) -> list[Any]:
+    """Read every suite's listing before anything is scored, so a bad one fails in seconds."""
+    from mbn.eval.corruptions import ALL_CORRUPTIONS, SEVERITIES
+    from mbn.eval.suites import SuiteError, read_suite
+
+    try:
+        return [
+            read_suite(
+                spec,
+                class_names,
+                limit=limit,
+                corruptions=corruptions or ALL_CORRUPTIONS,
+                severities=severities or SEVERITIES,
+            )
+            for spec in specs
+        ]
+    except SuiteError as err:
+        raise EvalInputError(str(err)) from None
+
+
+def load_reference(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """An ``eval.json`` (or a run directory holding one) to compute CE / mCE against."""
+    path = Path(path)
+    file = path / "eval.json" if path.is_dir() else path
+    if not file.is_file():
+        raise EvalInputError(f"--reference: {file} not found (expected an eval.json or a run directory holding one)")
+    try:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"--reference: cannot read {file} ({one_line(err)})") from None
+    return file, data
+
+
+def suite_reference(
+    reference: tuple[Path, dict[str, Any]] | None, key: str, kind: str, sets: Sequence[Any]
+) -> dict[str, Any] | None:
+    """The corruption table of suite ``key`` in the reference ``eval.json``, for a CIFAR ``-C`` suite's CE / mCE."""
+    if reference is None or kind not in ("cifar10-c", "cifar100-c"):
+        return None
+    path, data = reference
+    entry = (data.get("suites") or {}).get(key)
+    if not isinstance(entry, dict) or not isinstance(entry.get("corruptions"), dict):
+        raise EvalInputError(f"--reference: {path} holds no suites.{key} results (evaluate it with --suite first)")
+    images_per_set = len(sets[0]) if sets else 0
+    if entry.get("num_images") != sum(len(s) for s in sets):
+        raise EvalInputError(
+            f"--reference: {path} scored suites.{key} on {entry.get('num_images')} images, this run on "
+            f"{images_per_set} per set x {len(sets)} sets; use the same --limit, --corruption-types and --severities"
+        )
+    return {"path": str(path.resolve()), "table": entry["corruptions"]}
 
 
 def summary_line(result: dict[str, Any]) -> str:
     """One line with the headline numbers."""
-    parts = [f"clean {result['clean_acc']:.4f}"]
+    bn = result.get("bn")
+    parts = [
+        f"clean {result['clean_acc']:.4f}" + (f" (BN {bn})" if bn and bn != (result.get("sources") or [bn])[0] else "")
+    ]
     if result.get("corruptions"):
         parts.append(f"corruption mean {result['corruptions']['mean_acc']:.4f}")
         if result["corruptions"].get("mce") is not None:
@@ -293,4 +502,11 @@ def summary_line(result: dict[str, Any]) -> str:
     if adv and adv.get("linf"):
         eps, acc = max(adv["linf"].items(), key=lambda kv: float(kv[0]))
         parts.append(f"PGD-{adv['steps']} linf {eps}/255 {acc:.4f}")
+    for key, entry in (result.get("suites") or {}).items():
+        if entry.get("kind") == "imagenet-c" and entry.get("mce") is not None:
+            parts.append(f"{key} mCE {entry['mce']:.4f}")
+        else:
+            parts.append(f"{key} {entry['top1']:.4f}")
+        if entry.get("bn_adapt"):
+            parts[-1] += f" (BN adapted {entry['bn_adapt']['top1']:.4f})"
     return ", ".join(parts)

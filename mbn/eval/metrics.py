@@ -30,8 +30,10 @@ import numpy as np
 from mbn.eval.corruptions import CORRUPTIONS, SEVERITIES
 
 __all__ = [
+    "ALEXNET_ERRORS",
     "ce",
     "corruption_errors",
+    "imagenet_c_ce",
     "mce",
     "mean_corruption_accuracy",
     "mean_corruption_error",
@@ -228,3 +230,47 @@ def relative_mce(
         for c in corruptions
     ]
     return float(np.mean(values))
+
+
+ALEXNET_ERRORS: dict[str, float] = {
+    "gaussian_noise": 0.886428,
+    "shot_noise": 0.894468,
+    "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880,
+    "glass_blur": 0.826268,
+    "motion_blur": 0.785948,
+    "zoom_blur": 0.798360,
+    "snow": 0.866816,
+    "frost": 0.826572,
+    "fog": 0.819324,
+    "brightness": 0.564592,
+    "contrast": 0.853204,
+    "elastic_transform": 0.646056,
+    "pixelate": 0.717840,
+    "jpeg_compression": 0.606500,
+}
+"""AlexNet's top-1 error on each ImageNet-C corruption, averaged over the five severities: the normaliser of
+ImageNet-C's CE and mCE (Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
+Perturbations", ICLR 2019; the values released with their ImageNet-C evaluation code and used by AugMix's
+``imagenet.py`` as ``ALEXNET_ERR``)."""
+
+
+def imagenet_c_ce(accuracies: Table, severities: Sequence[int] = SEVERITIES) -> dict[str, float]:
+    """ImageNet-C CE of every benchmark corruption present with all ``severities``, against AlexNet.
+
+    ``CE_c = mean_s error[c, s] / ALEXNET_ERRORS[c]`` (equal to ``sum_s E / sum_s E_AlexNet``, since AlexNet's
+    constants are its means over the five severities).
+
+    Args:
+        accuracies: ``{(corruption, severity): accuracy}``.
+        severities: the severities a corruption must have (the five, for numbers comparable with published ones).
+
+    Returns:
+        ``{corruption: CE}`` for each corruption of :data:`ALEXNET_ERRORS` that is complete in ``accuracies``.
+    """
+    out = {}
+    for name, reference in ALEXNET_ERRORS.items():
+        if all((name, s) in accuracies for s in severities):
+            errors = [1.0 - _check_fraction(accuracies[(name, s)], f"accuracies[{(name, s)}]") for s in severities]
+            out[name] = float(np.mean(errors)) / reference
+    return out

@@ -17,6 +17,7 @@ from mbn.fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "PLOT_FILES",
+    "paper_table",
     "plot_bn_divergence",
     "plot_corruptions",
     "plot_robustness",
@@ -98,6 +99,10 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         ]
         lines += [*_table(header, rows), ""]
 
+    suites = result.get("suites")
+    if suites:
+        lines += _suites_markdown(result, suites)
+
     div = result.get("divergence")
     if div:
         aux = list(div)
@@ -106,6 +111,99 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         rows = [[f"`{layer}`", *[f"{div[s].get(layer, float('nan')):.4g}" for s in aux]] for layer in layers]
         lines += [*_table(["layer", *aux], rows), ""]
     return "\n".join(lines)
+
+
+SUITE_HEADERS = {
+    "imagenet-c": "IN-C mCE",
+    "imagenet-a": "IN-A",
+    "imagenet-r": "IN-R",
+    "imagenet-sketch": "IN-Sketch",
+    "imagenet-v2": "IN-V2",
+    "stylized-imagenet": "SIN",
+    "cifar10-c": "C10-C",
+    "cifar100-c": "C100-C",
+    "folder": "folder",
+}
+"""Column names of the paper-style table (AdvProp's Table 3 reads: ImageNet, IN-C mCE, IN-A, SIN)."""
+
+
+def _headline(entry: Mapping[str, Any] | None, kind: str) -> float | None:
+    """A suite's number in the paper's table: ImageNet-C's mCE (lower is better), else top-1 (the -C mean)."""
+    if not entry:
+        return None
+    if kind == "imagenet-c" and entry.get("mce") is not None:
+        return float(entry["mce"])
+    return None if entry.get("top1") is None else float(entry["top1"])
+
+
+def paper_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One row per model, laid out like AdvProp's robustness table: clean top-1, then each suite's headline.
+
+    ImageNet-C gives mCE (%, lower is better, AlexNet = 100), every other suite top-1 accuracy (%; the -C suites
+    their mean over corruptions and severities). A suite scored with ``--bn-adapt`` gets a second column.
+
+    Args:
+        rows: ``{model name: eval.json content}``.
+
+    Returns:
+        Markdown lines (a header, a rule, one line per model).
+    """
+    keys: list[str] = list(dict.fromkeys(k for r in rows.values() for k in (r.get("suites") or {})))
+    kinds = {k: next(r["suites"][k]["kind"] for r in rows.values() if k in (r.get("suites") or {})) for k in keys}
+    columns: list[tuple[str, str, bool]] = []
+    for key in keys:
+        name = SUITE_HEADERS.get(kinds[key], key) + ("" if key == kinds[key] else f" ({key})")
+        columns.append((key, name, False))
+        if any(((r.get("suites") or {}).get(key) or {}).get("bn_adapt") for r in rows.values()):
+            columns.append((key, f"{name} + BN adapt", True))
+    header = ["model", "clean", *[name for _, name, _ in columns]]
+    body = []
+    for model, result in rows.items():
+        cells = [model, _pct(result.get("clean_acc"))]
+        for key, _, adapted in columns:
+            entry = (result.get("suites") or {}).get(key)
+            cells.append(_pct(_headline(entry.get("bn_adapt") if adapted and entry else entry, kinds[key])))
+        body.append(cells)
+    return _table(header, body)
+
+
+def _suites_markdown(result: Mapping[str, Any], suites: Mapping[str, Any]) -> list[str]:
+    bns = {entry.get("bn") for entry in suites.values()}
+    lines = [f"## Robustness suites (through the {', '.join(sorted(map(str, bns)))} BN)", ""]
+    lines += [*paper_table({"this run": result}), ""]
+    lines.append("IN-C: mCE against AlexNet (lower is better); other columns: top-1 accuracy (%).")
+    lines.append("")
+    rows = []
+    for key, entry in suites.items():
+        adapt, auto = entry.get("bn_adapt") or {}, entry.get("bn_route_auto") or {}
+        classes = str(entry["num_classes"]) + (" (subset)" if entry.get("restricted") else "")
+        rows.append([
+            key, entry["kind"], str(entry["num_images"]), classes,
+            _pct(entry.get("top1")), _pct(entry.get("top5")), _pct(adapt.get("top1")), _pct(auto.get("top1")),
+        ])  # fmt: skip
+    header = ["suite", "kind", "images", "classes", "top-1", "top-5", "top-1, BN adapted", "top-1, auto BN"]
+    lines += [*_table(header, rows), ""]
+    for key, entry in suites.items():
+        if not entry.get("corruptions"):
+            continue
+        severities = sorted({s for row in entry["corruptions"].values() for s in row}, key=int)
+        ce = entry.get("ce") or {}
+        adapted = (entry.get("bn_adapt") or {}).get("per_corruption_mean") or {}
+        lines += [f"### {key}: accuracy per corruption and severity (%)", ""]
+        if entry.get("mce") is not None:
+            lines += [f"mCE **{_pct(entry['mce'])}** against {entry.get('mce_reference')}.", ""]
+        head = ["corruption", *[f"s{s}" for s in severities], "mean", *(["CE"] if ce else []),
+                *(["mean, BN adapted"] if adapted else [])]  # fmt: skip
+        body = [
+            [name, *[_pct(row.get(s)) for s in severities], _pct(entry["per_corruption_mean"][name])]
+            + ([_pct(ce.get(name))] if ce else [])
+            + ([_pct(adapted.get(name))] if adapted else [])
+            for name, row in entry["corruptions"].items()
+        ]
+        lines += [*_table(head, body), ""]
+        for note in entry.get("notes") or []:
+            lines += [f"Note: {note}.", ""]
+    return lines
 
 
 # -------------------------------------------------------------------------------------------------- plots
