@@ -211,7 +211,7 @@ def test_folder_subset_is_scored_among_its_classes(run_dir, loaded, tmp_path):
     logits = logits_of(loaded.model, x[keep])[:, keep_classes]
     target = torch.as_tensor([keep_classes.index(int(c)) for c in y[keep]])
     assert entry["top1"] == pytest.approx(float((logits.argmax(1) == target).float().mean()))
-    assert entry["top5"] == 1.0  # 3 competing classes: top-3
+    assert entry["top5"] is None  # among 3 classes, top-5 would always be right
 
 
 class Linear1k(nn.Module):
@@ -397,6 +397,15 @@ def _bad_suites(root: Path, x: np.ndarray, y: np.ndarray, names) -> dict[str, tu
     (root / "empty" / "cls").mkdir(parents=True)
     (root / "flat").mkdir()
     (root / "flat" / "a.png").write_bytes(b"")
+    write_tree(root / "loop", x[:2], np.array([0, 1]), names)
+    (root / "loop" / names[0] / "again").symlink_to("..")
+    write_tree(root / "one", x[:2], np.array([3, 3]), names)
+    write_cifar_c(root / "npz", {"fog": [x] * 5}, y, names)
+    np.savez(root / "npz" / "fog.npy", x)
+    (root / "npz" / "fog.npy.npz").replace(root / "npz" / "fog.npy")
+    write_cifar_c(root / "latin1", {"fog": [x] * 5}, y)
+    (root / "latin1" / "classes.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    write_cifar_c(root / "flat0", {"fog": [np.zeros((len(y), 0, 0, 3), np.uint8)] * 5}, y, names)
     write_tree(root / "broken", x[:3], np.array([0, 1, 2]), names)
     (root / "broken" / names[1] / "0001.png").write_bytes(b"not an image")
     return {
@@ -412,6 +421,12 @@ def _bad_suites(root: Path, x: np.ndarray, y: np.ndarray, names) -> dict[str, tu
         "broken": (f"folder={root / 'broken'}", f"cannot decode image {root / 'broken' / names[1] / '0001.png'}"),
         "syntax": (str(root), "expected KIND=DIR"),
         "twice": ("folder=a", "named twice"),
+        "loop": (f"folder={root / 'loop'}", "symlink loop"),
+        "one class": (f"folder={root / 'one'}", "holds one of the model's classes"),
+        "npz": (f"cifar10-c={root / 'npz'}", "is not a .npy array"),
+        "latin1": (f"cifar10-c={root / 'latin1'}", "as UTF-8 text"),
+        "zero size": (f"cifar10-c={root / 'flat0'}", "must be uint8 (N, H, W, 3)"),
+        "label": (f"folder:caf\xe9={root}", "must be letters, digits"),
     }
 
 
@@ -428,9 +443,23 @@ def test_bad_suites_are_one_line_errors_and_keep_eval_json(run_dir, loaded, tmp_
         assert err.startswith("mbn-eval: error: ") and err.count("\n") == 1, (case, err)
         assert words in err, (case, err)
         assert (out / "eval.json").read_bytes() == good, case
-    capsys.readouterr()
-    assert run_eval(run_dir, out, "--bn-adapt") == 2
-    assert "--bn-adapt: applies to the published suites" in capsys.readouterr().err
+    suite = f"cifar10-c={tmp_path / 'npz'}"
+    options = {
+        "--bn-adapt: applies to the published suites": ("--bn-adapt",),
+        "--bn-adapt-prior: only used with --bn-adapt": ("--suite", suite, "--bn-adapt-prior", "4"),
+        "--batch-size: --bn-adapt estimates statistics per batch": (
+            "--suite", f"folder={tmp_path / 'foreign'}", "--bn-adapt", "--batch-size", "1"),
+        "--reference: used by --corruptions and the CIFAR -C suites": ("--suite", f"folder={tmp_path}",
+                                                                        "--reference", str(out)),
+        "--write-suite: writes a suite and stops": ("--write-suite", str(tmp_path / "new"), "--suite", suite),
+        "--write-suite: cannot create": ("--write-suite", str(out / "eval.json" / "sub")),
+    }  # fmt: skip
+    for words, flags in options.items():
+        capsys.readouterr()
+        assert run_eval(run_dir, out, *flags) == 2, words
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+        assert (out / "eval.json").read_bytes() == good, words
 
 
 def test_paper_table_one_row_per_model():
@@ -444,3 +473,20 @@ def test_paper_table_one_row_per_model():
     assert lines[0] == "| model | clean | IN-C mCE | IN-C mCE + BN adapt | IN-A |"
     assert lines[2] == "| vanilla | 76.00 | 65.00 | 55.00 | 3.00 |"
     assert lines[3] == "| advprop | 77.00 | - | - | 5.00 |"
+    # a partial ImageNet-C has no mCE: its column stays empty rather than showing an accuracy
+    rows["advprop"]["suites"]["imagenet-c"] = {"kind": "imagenet-c", "top1": 0.45, "mce": None, "complete": False}
+    assert paper_table(rows)[3] == "| advprop | 77.00 | - | - | 5.00 |"
+    rows["advprop"]["suites"]["imagenet-a"]["complete"] = False
+    assert paper_table(rows)[3].endswith("| 5.00 (partial) |")
+
+
+def test_imagenet_c_files_are_not_cropped_twice():
+    """ImageNet-C's files are already 224/256 centre crops: a 224-px model (crop 0.875) sees them unchanged, a
+    64-px one sees all of the file shrunk, never a second centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    image = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8)
+    assert torch.equal(Preparation(224, 0.875, cropped=224 / 256)(image), image)
+    shrunk = Preparation(64, 0.875, cropped=224 / 256)(image)
+    assert torch.equal(shrunk, TF.resize(image, 64, antialias=True))
+    assert not torch.equal(Preparation(64, 0.875)(image), shrunk)  # an uncropped source is cropped as usual

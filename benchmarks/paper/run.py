@@ -277,7 +277,7 @@ def eval_complete(
     scale: Scale,
     eval_limit: int | None,
     linf_eps: Sequence[float] | None = None,
-    suite_keys: Sequence[str] = (),
+    suite_keys: Mapping[str, str] | None = None,
 ) -> bool:
     """Whether an ``eval.json`` holds every number the table needs, on the requested images."""
     if not evaluation or evaluation.get("limit") != eval_limit or evaluation.get("clean_acc") is None:
@@ -288,7 +288,9 @@ def eval_complete(
     if not all(f"{e:g}" in adversarial.get("linf", {}) for e in (linf_eps or scale.linf_eps)):
         return False
     scored = evaluation.get("suites") or {}
-    return all(key in scored and scored[key].get("limit") == eval_limit for key in suite_keys)
+    wanted = (suite_keys or {}).items()  # the same folder on the same images, or it is scored again
+    return all(key in scored and (scored[key].get("limit"), scored[key].get("dir")) == (eval_limit, root)
+               for key, root in wanted)  # fmt: skip
 
 
 def _run_logged(cmd: list[str], log: Path, what: str) -> tuple[int, float]:
@@ -327,11 +329,11 @@ def evaluate_logged(job: Job) -> tuple[int, float]:
     return 0, time.perf_counter() - tic
 
 
-def suite_keys(options: Any) -> list[str]:
-    """The ``eval.json`` keys of the suites a job's evaluation names (``--suite KIND[:LABEL]=DIR``)."""
+def suite_keys(options: Any) -> dict[str, str]:
+    """``{eval.json key: absolute folder}`` of the suites a job's evaluation names (``--suite KIND[:LABEL]=DIR``)."""
     from mbn.eval.suite_spec import parse_specs
 
-    return [spec.key for spec in parse_specs(getattr(options, "suites", None) or [])]
+    return {spec.key: str(spec.root.resolve()) for spec in parse_specs(getattr(options, "suites", None) or [])}
 
 
 def execute(job: Job, scale: Scale, eval_limit: int | None) -> None:

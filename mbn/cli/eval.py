@@ -188,6 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.write_suite is not None:
             from mbn.eval.evaluate import write_suite
 
+            others = [flag for flag, used in (("--suite", args.suite), ("--suites", args.suites), ("--all", args.all),
+                      ("--bn-adapt", args.bn_adapt), ("--bn-route auto", args.bn_route == "auto"),
+                      ("--adversarial", args.adversarial), ("--corruptions", args.corruptions)) if used]  # fmt: skip
+            if others:
+                raise EvalInputError(f"--write-suite: writes a suite and stops; evaluate ({', '.join(others)}) in a "
+                                     "second call")  # fmt: skip
+
             files = write_suite(args.path, args.write_suite, options)
             elapsed = time.perf_counter() - start
             print(f"mbn-eval: wrote {len(files)} files to {args.write_suite}{os.sep} ({elapsed:.1f} s); "

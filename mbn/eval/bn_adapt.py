@@ -8,10 +8,11 @@ Their prior-weighted version mixes the two:
     mean = N / (N + n) * mean_train + n / (N + n) * mean_test   (the same for the variance)
 
 with ``n`` the number of test images the statistics come from and ``N`` the prior's strength in images; ``N = 0``
-is full re-estimation. Here the test statistics of a set are estimated over the whole set (``n`` = its size, or
+is full re-estimation. Here the test statistics of a set are estimated on all of its images (``n`` = its size, or
 ``max_images``) the way :func:`torch.optim.swa_utils.update_bn` re-estimates BN statistics: a forward pass in
-which only the chosen BN layers are in training mode with a cumulative average (``momentum=None``). Schneider et
-al. estimate per test batch instead (``n`` = batch size), so the same ``N`` is a much weaker prior here.
+which only the chosen BN layers are in training mode, averaging the per-batch means and variances
+(``momentum=None``), so the estimate depends slightly on the batch size. Schneider et al. estimate per test batch
+instead (``n`` = batch size), so the same ``N`` is a much weaker prior here.
 
 Only the chosen source's BN layers change, and only inside :func:`adapted_bn`: the saved statistics are put back
 when the block ends, whatever happens, so the model (and any checkpoint it came from) is never altered.

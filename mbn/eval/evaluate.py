@@ -119,6 +119,8 @@ def check_options(options: EvalOptions) -> None:
     if options.workers is not None:
         _option("--workers", check_int, options.workers, low=0)
     _option("--bn-adapt-prior", check_number, options.bn_adapt_prior, low=0)
+    if options.bn_adapt_prior and not options.bn_adapt:
+        raise EvalInputError("--bn-adapt-prior: only used with --bn-adapt")
     if options.bn_route not in ("main", "auto"):
         raise EvalInputError(f"--bn-route: expected main or auto, got {options.bn_route!r}")
     if options.suites:
@@ -250,6 +252,12 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
             )
         reference = (str(ref_path.resolve()), ref_table)
     cifar_suites = any(spec.kind in ("cifar10-c", "cifar100-c") for spec in suites)
+    if args.reference is not None and "corruptions" not in sections and not cifar_suites:
+        raise EvalInputError("--reference: used by --corruptions and the CIFAR -C suites; neither is evaluated here")
+    if args.bn_adapt and batch_size < 2:
+        raise EvalInputError(
+            f"--batch-size: --bn-adapt estimates statistics per batch; expected 2 or more, got {batch_size}"
+        )
     reference_json = load_reference(args.reference) if cifar_suites and args.reference is not None else None
     read = read_suites(suites, run.stats.class_names, limit, args.corruption_types, args.severities)
 
@@ -382,6 +390,10 @@ def write_suite(path: str | Path, out_dir: Path, options: EvalOptions) -> list[P
         images, labels = images[keep], labels[keep]
     corruptions = list(options.corruption_types or run.cfg.eval.corruptions or CORRUPTIONS)
     cache_dir = options.cache_dir if options.cache_dir is not None else default_corruption_cache()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EvalInputError(f"--write-suite: cannot create {out_dir} ({err.strerror or err})") from None
     return write_corruption_suite(
         out_dir,
         images,
@@ -411,21 +423,25 @@ def default_out_dir(run_dir: Path, weights: str, bn: str, sources: Sequence[str]
 
 
 def suite_specs(options: EvalOptions, ecfg: Any) -> list[Any]:
-    """The suites to evaluate: the recipe's ``eval.suites`` (with ``--suites``/``--all``) and then ``--suite``'s."""
-    from mbn.eval.suites import SuiteError, parse_specs
+    """The suites to evaluate: the recipe's ``eval.suites`` (with ``--suites``/``--all``), then ``--suite``'s.
 
-    texts: list[str] = []
-    if options.recipe_suites:
-        configured = dict(ecfg.suites or {})
-        if not configured and not options.suites and options.sections != set(SECTIONS):
-            raise EvalInputError("--suites: the run's recipe names no eval.suites; give --suite KIND=DIR")
-        texts += [f"{key}={root}" if "=" not in str(key) else str(key) for key, root in configured.items()]
-    texts += list(options.suites or [])
+    A ``--suite`` with the key of a recipe suite replaces it.
+    """
+    from mbn.eval.suite_spec import SuiteError, parse_specs
+
+    specs: dict[str, Any] = {}
     try:
-        specs = parse_specs(texts, "eval.suites" if options.recipe_suites and not options.suites else "--suite")
+        if options.recipe_suites:
+            configured = dict(ecfg.suites or {})
+            if not configured and not options.suites and options.sections != set(SECTIONS):
+                raise EvalInputError("--suites: the run's recipe names no eval.suites; give --suite KIND=DIR")
+            for key, root in configured.items():
+                spec = parse_specs([f"{key}={root}"], f"key 'eval.suites.{key}'", "eval.suites")[0]
+                specs[spec.key] = spec
+        specs.update({spec.key: spec for spec in parse_specs(list(options.suites or []))})
     except SuiteError as err:
         raise EvalInputError(str(err)) from None
-    return specs
+    return list(specs.values())
 
 
 def read_suites(

@@ -131,16 +131,17 @@ def _headline(entry: Mapping[str, Any] | None, kind: str) -> float | None:
     """A suite's number in the paper's table: ImageNet-C's mCE (lower is better), else top-1 (the -C mean)."""
     if not entry:
         return None
-    if kind == "imagenet-c" and entry.get("mce") is not None:
-        return float(entry["mce"])
+    if kind == "imagenet-c":  # the column is mCE: nothing when it could not be computed (a partial suite)
+        return None if entry.get("mce") is None else float(entry["mce"])
     return None if entry.get("top1") is None else float(entry["top1"])
 
 
 def paper_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One row per model, laid out like AdvProp's robustness table: clean top-1, then each suite's headline.
 
-    ImageNet-C gives mCE (%, lower is better, AlexNet = 100), every other suite top-1 accuracy (%; the -C suites
-    their mean over corruptions and severities). A suite scored with ``--bn-adapt`` gets a second column.
+    ImageNet-C gives mCE (%, lower is better, AlexNet = 100; "-" unless all 15 corruptions x 5 severities were
+    scored), every other suite top-1 accuracy (%; the -C suites their mean over corruptions and severities, marked
+    "(partial)" when fewer than the whole benchmark). A suite scored with ``--bn-adapt`` gets a second column.
 
     Args:
         rows: ``{model name: eval.json content}``.
@@ -162,7 +163,9 @@ def paper_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
         cells = [model, _pct(result.get("clean_acc"))]
         for key, _, adapted in columns:
             entry = (result.get("suites") or {}).get(key)
-            cells.append(_pct(_headline(entry.get("bn_adapt") if adapted and entry else entry, kinds[key])))
+            value = _pct(_headline(entry.get("bn_adapt") if adapted and entry else entry, kinds[key]))
+            partial = entry is not None and entry.get("complete") is False and value != "-"
+            cells.append(value + (" (partial)" if partial else ""))
         body.append(cells)
     return _table(header, body)
 

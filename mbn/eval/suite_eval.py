@@ -18,6 +18,7 @@ Variants reported beside the plain score:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,18 +47,19 @@ class Preparation:
 
     image_size: int
     crop_fraction: float = 1.0  # resize the shorter side to image_size / crop_fraction, then centre-crop
-    resize: bool = True  # False: centre-crop only (ImageNet-C's files are already crops), resizing only if smaller
+    cropped: float | None = None  # the fraction of the shorter side the suite's files already are (ImageNet-C: 0.875)
 
     def __call__(self, image: Tensor) -> Tensor:
-        """uint8 (3, H, W) -> uint8 (3, S, S)."""
-        from torchvision.transforms.v2 import functional as TF
+        """uint8 (3, H, W) -> uint8 (3, S, S).
 
+        Files already cropped to a fraction ``c`` of their shorter side are cropped further only by what remains,
+        ``crop_fraction / c`` (never below 1): ImageNet-C's 224 crops go to a 224-px model unchanged, as the authors
+        evaluate them, and a model whose own crop is wider sees the whole file.
+        """
         from mbn.data.transforms import resize_centre_crop
 
-        size = self.image_size
-        if not self.resize and min(image.shape[-2:]) >= size:
-            return TF.center_crop(image, [size, size]) if image.shape[-2:] != (size, size) else image
-        return resize_centre_crop(image, size, self.crop_fraction)
+        fraction = self.crop_fraction if self.cropped is None else min(1.0, self.crop_fraction / self.cropped)
+        return resize_centre_crop(image, self.image_size, fraction)
 
 
 class SuiteFiles(Dataset):
@@ -87,8 +89,13 @@ class SuiteFiles(Dataset):
 def set_batches(
     suite_set: SuiteSet, prepare: Preparation, batch_size: int, workers: int = 0, pin_memory: bool = False
 ) -> Iterable[Batch]:
-    """``(uint8 N3SS images, suite labels)`` batches of a set, in order, streamed (never the whole set at once)."""
+    """``(uint8 N3SS images, suite labels)`` batches of a set, in order, streamed (never the whole set at once).
+
+    Workers are capped by the CPU count and the number of batches (a one-batch set is read in-process).
+    """
     if suite_set.files is not None:
+        batches = -(-len(suite_set) // batch_size)
+        workers = min(workers, os.cpu_count() or 1, batches if batches > 1 else 0)
         return _file_batches(suite_set, prepare, batch_size, workers, pin_memory)
     return _array_batches(suite_set, prepare, batch_size)
 
@@ -200,19 +207,21 @@ def _summary(
         for name, n in c.picked.items():
             total.picked[name] = total.picked.get(name, 0) + n
     out: dict[str, Any] = {**total.metrics(), "num_images": total.total}
+    if suite.classes.num_classes <= 5:  # top-5 among five or fewer classes is always right
+        out["top5"] = None
     if total.picked:
         out["picked"] = {name: n / max(total.total, 1) for name, n in sorted(total.picked.items())}
     if suite.spec.kind not in CORRUPTION_KINDS:
         return out
     acc = {(s.corruption, s.severity): c.metrics()["top1"] for s, c in counts}
-    top5 = {(s.corruption, s.severity): c.metrics()["top5"] for s, c in counts}
+    top5 = {(s.corruption, s.severity): c.metrics()["top5"] for s, c in counts} if out["top5"] is not None else None
     return {**out, **corruption_metrics(suite.spec.kind, acc, top5, reference)}
 
 
 def corruption_metrics(
     kind: str,
     acc: Mapping[tuple[Any, Any], float],
-    top5: Mapping[tuple[Any, Any], float],
+    top5: Mapping[tuple[Any, Any], float] | None,
     reference: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A ``-C`` suite's tables: accuracy per corruption and severity, means, and CE / mCE.
@@ -230,7 +239,7 @@ def corruption_metrics(
         raise SuiteError(f"{kind}: none of the 15 benchmark corruptions was evaluated")
     out: dict[str, Any] = {
         "top1": float(np.mean([acc[k] for k in standard])),
-        "top5": float(np.mean([top5[k] for k in standard])),
+        "top5": float(np.mean([top5[k] for k in standard])) if top5 is not None else None,
         "corruptions": {c: {str(s): acc[(c, s)] for s in severities if (c, s) in acc} for c in names},
         "per_corruption_mean": {c: float(np.mean([acc[k] for k in acc if k[0] == c])) for c in names},
         "per_severity_mean": {str(s): float(np.mean([acc[k] for k in standard if k[1] == s])) for s in severities},
@@ -241,6 +250,7 @@ def corruption_metrics(
         "mce_reference": None,
     }
     complete = [c for c in CORRUPTIONS if all((c, s) in acc for s in (1, 2, 3, 4, 5))]
+    out["complete"] = len(complete) == len(CORRUPTIONS)  # the whole benchmark, 15 corruptions x 5 severities
     if kind == "imagenet-c":
         ce = imagenet_c_ce(acc)
         out["ce"] = ce or None
@@ -300,7 +310,7 @@ def evaluate_suite(
 
     from mbn.eval.bn_adapt import adapted_bn
 
-    prepare = replace(prepare, resize=suite.resize)
+    prepare = replace(prepare, cropped=suite.cropped)
     plain: list[tuple[SuiteSet, Counts]] = []
     routed: list[tuple[SuiteSet, Counts]] = []
     adapted: list[tuple[SuiteSet, Counts]] = []
@@ -315,7 +325,9 @@ def evaluate_suite(
         if auto is not None:
             routed.append((suite_set, auto))
         if bn_adapt:
-            with adapted_bn(model, batches(), source, to_device, prior=bn_adapt_prior):
+            with adapted_bn(model, batches(), source, to_device, prior=bn_adapt_prior) as n:
+                if n < 2:
+                    raise SuiteError(f"{suite.spec.name}: --bn-adapt needs batches of 2 or more images")
                 counts, _ = score_set(model, batches(), source, to_device, suite.classes)
             adapted.append((suite_set, counts))
     entry: dict[str, Any] = {
@@ -330,7 +342,7 @@ def evaluate_suite(
         "bn_route_auto": None,
     }
     if adapted:
-        entry["bn_adapt"] = {"prior": bn_adapt_prior, **_summary(suite, adapted, None)}
+        entry["bn_adapt"] = {"prior": bn_adapt_prior, **_summary(suite, adapted, reference)}
     if routed:
         entry["bn_route_auto"] = {"sources": list(route_sources), **_summary(suite, routed, None)}
     return entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,15 @@ class SuiteSpec:
     kind: str
     key: str
     root: Path
+    origin: str = "--suite"  # where it was named: the command line, or the recipe's eval.suites
+
+    @property
+    def name(self) -> str:
+        """How messages name the suite: ``--suite imagenet-a`` or ``key 'eval.suites.imagenet-a'``."""
+        return f"key 'eval.suites.{self.key}'" if self.origin == "eval.suites" else f"{self.origin} {self.key}"
 
     @classmethod
-    def parse(cls, text: str, what: str = "--suite") -> SuiteSpec:
+    def parse(cls, text: str, what: str = "--suite", origin: str = "--suite") -> SuiteSpec:
         """Parse ``KIND[:LABEL]=DIR``.
 
         Raises:
@@ -60,14 +67,14 @@ class SuiteSpec:
             raise SuiteError(f"{what}: expected KIND=DIR (KIND one of {', '.join(KINDS)}), got {text!r}")
         if kind not in KINDS:
             raise SuiteError(f"{what}: unknown suite {kind!r}; expected one of {', '.join(KINDS)}")
-        if ":" in name and not label:
-            raise SuiteError(f"{what}: empty label in {text!r} (use KIND:LABEL=DIR)")
-        return cls(kind, label or kind, Path(os.path.expanduser(root.strip())))
+        if ":" in name and not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+            raise SuiteError(f"{what}: the label in {text!r} must be letters, digits, '_', '.' or '-' (KIND:LABEL=DIR)")
+        return cls(kind, label or kind, Path(os.path.expanduser(root.strip())), origin)
 
 
-def parse_specs(texts: Sequence[str], what: str = "--suite") -> list[SuiteSpec]:
+def parse_specs(texts: Sequence[str], what: str = "--suite", origin: str = "--suite") -> list[SuiteSpec]:
     """Parse several specs; two with the same key are refused (give one a label: ``folder:sketch2=DIR``)."""
-    specs = [SuiteSpec.parse(t, what) for t in texts]
+    specs = [SuiteSpec.parse(t, what, origin) for t in texts]
     seen: set[str] = set()
     for spec in specs:
         if spec.key in seen:

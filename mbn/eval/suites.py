@@ -72,15 +72,15 @@ class SuiteSet:
 class Suite:
     """A suite read from disk: its sets, how its labels map onto the model, and how its images are prepared.
 
-    ``resize`` is False for ImageNet-C, whose files are already the 224-pixel centre crops of the validation images
-    (the authors' generator resized to 256 and cropped): they are centre-cropped to the model's input size, not
-    resized and cropped a second time, as the authors' evaluation does.
+    ``cropped`` is the fraction of the shorter side a publisher already kept: ImageNet-C's files are the central
+    224 x 224 of validation images resized to 256 (0.875), so they are not cropped a second time (see
+    :class:`mbn.eval.suite_eval.Preparation`).
     """
 
     spec: SuiteSpec
     sets: list[SuiteSet]
     classes: ClassMap
-    resize: bool = True
+    cropped: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -96,27 +96,36 @@ def _folder(spec: SuiteSpec, layout: str) -> Path:
     root = spec.root
     if not root.is_dir():
         state = "does not exist" if not root.exists() else "is not a directory"
-        raise SuiteError(f"--suite {spec.key}: {root} {state} (expected {layout})")
+        raise SuiteError(f"{spec.name}: {root} {state} (expected {layout})")
     return root
 
 
-def _subdirs(path: Path) -> list[str]:
+def _subdirs(path: Path, spec: SuiteSpec) -> list[str]:
     try:
         return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     except OSError as err:
-        raise SuiteError(f"cannot read {path} ({err.strerror})") from None
+        raise SuiteError(f"{spec.name}: cannot read {path} ({err.strerror})") from None
 
 
 def _image_folder(spec: SuiteSpec, root: Path, layout: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class folders (sorted) and ``(path, class index)`` samples of ``root/<class>/*``, as torchvision lists them."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    classes = _subdirs(root)
+    from mbn.config import RecipeError
+    from mbn.data.files import check_tree
+
+    classes = _subdirs(root, spec)
     if not classes:
-        raise SuiteError(f"--suite {spec.key}: no class folders in {root} (expected {layout})")
-    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+        raise SuiteError(f"{spec.name}: no class folders in {root} (expected {layout})")
+    try:
+        check_tree(root)  # make_dataset follows links: a loop would repeat images under wrong labels
+        samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    except RecipeError as err:
+        raise SuiteError(f"{spec.name}: {_unkeyed(err)}") from None
+    except (OSError, TypeError) as err:  # an unreadable folder, a name that is not text
+        raise SuiteError(f"{spec.name}: cannot list {root} ({err})") from None
     if not samples:
-        raise SuiteError(f"--suite {spec.key}: no images in {root}/<class>/ (expected {layout})")
+        raise SuiteError(f"{spec.name}: no images in {root}/<class>/ (expected {layout})")
     return classes, samples
 
 
@@ -126,16 +135,30 @@ def _subset(num: int, limit: int | None) -> np.ndarray:
     return subset_indices(num, limit, "--limit")
 
 
-def _files_set(samples: list[tuple[str, int]], limit: int | None, corruption: str | None = None,
+def _unkeyed(err: Exception) -> str:
+    """A training-data message without its recipe key (the suite is named instead)."""
+    return str(err).removeprefix("key 'data.root': ")
+
+
+def _files_set(spec: SuiteSpec, samples: list[tuple[str, int]], limit: int | None, corruption: str | None = None,
                severity: int | None = None) -> SuiteSet:  # fmt: skip
+    """The (limited) files of one set, each checked to be a readable, non-empty file before anything is scored."""
+    from mbn.config import RecipeError
+    from mbn.data.files import check_image_files
+
     keep = _subset(len(samples), limit)
-    labels = np.asarray([samples[i][1] for i in keep], dtype=np.int64)
-    return SuiteSet(corruption, severity, labels, files=[samples[i][0] for i in keep])
+    chosen = [samples[i] for i in keep]
+    try:
+        check_image_files(chosen)
+    except RecipeError as err:
+        raise SuiteError(f"{spec.name}: {_unkeyed(err)}") from None
+    labels = np.asarray([label for _, label in chosen], dtype=np.int64)
+    return SuiteSet(corruption, severity, labels, files=[path for path, _ in chosen])
 
 
 def _match(spec: SuiteSpec, labels: Sequence[str], model_classes: Sequence[str], **kw: Any) -> ClassMap:
     try:
-        return match_classes(f"--suite {spec.key}", labels, model_classes, **kw)
+        return match_classes(f"{spec.name}", labels, model_classes, **kw)
     except ClassMatchError as err:
         raise SuiteError(str(err)) from None
 
@@ -150,17 +173,25 @@ def _read_tree_suite(spec: SuiteSpec, model_classes: Sequence[str], limit: int |
         synsets = imagenet_synsets()
         bad = [c for c in classes if not (c.isdigit() and int(c) < len(synsets))]
         if bad:
-            raise SuiteError(f"--suite {spec.key}: folder {spec.root / bad[0]} is not a class index 0-999 ({layout})")
+            raise SuiteError(f"{spec.name}: folder {spec.root / bad[0]} is not a class index 0-999 ({layout})")
         labels = [synsets[int(c)] for c in classes]
     restrict: Sequence[str] | None = None
+    notes = []
     if spec.kind in ("imagenet-a", "imagenet-r"):
         restrict = imagenet_subset(spec.kind)
     elif spec.kind == "folder":
         present = set(labels)
         if present < set(model_classes):  # a subset of the model's classes is scored among itself
             restrict = [c for c in model_classes if c in present]
+            if len(restrict) < 2:
+                raise SuiteError(
+                    f"{spec.name}: {spec.root} holds one of the model's classes; scored among itself it would be "
+                    "100 % (give a folder with at least two classes)"
+                )
     classes_map = _match(spec, labels, model_classes, restrict_to=restrict)
-    return Suite(spec, [_files_set(samples, limit)], classes_map)
+    if restrict is None and len(set(labels)) < len(model_classes):
+        notes.append(f"images of {len(set(labels))} of the model's {len(model_classes)} classes, scored among all")
+    return Suite(spec, [_files_set(spec, samples, limit)], classes_map, notes=notes)
 
 
 def _read_imagenet_c(spec: SuiteSpec, model_classes: Sequence[str], limit: int | None,
@@ -174,8 +205,8 @@ def _read_imagenet_c(spec: SuiteSpec, model_classes: Sequence[str], limit: int |
         )
     present = [c for c in corruptions if c in folders]
     if not present:
-        found = ", ".join(_subdirs(root)[:5]) or "nothing"
-        raise SuiteError(f"--suite {spec.key}: no corruption folders in {root} (found {found}; expected {layout})")
+        found = ", ".join(_subdirs(root, spec)[:5]) or "nothing"
+        raise SuiteError(f"{spec.name}: no corruption folders in {root} (found {found}; expected {layout})")
     sets, labels, notes, first = [], None, [], root
     for corruption in present:
         for severity in severities:
@@ -187,26 +218,40 @@ def _read_imagenet_c(spec: SuiteSpec, model_classes: Sequence[str], limit: int |
             if labels is None:
                 labels, first = classes, folder
             elif classes != labels:
-                raise SuiteError(f"--suite {spec.key}: {folder} has other class folders than {first}")
-            sets.append(_files_set(samples, limit, corruption, severity))
+                raise SuiteError(f"{spec.name}: {folder} has other class folders than {first}")
+            sets.append(_files_set(spec, samples, limit, corruption, severity))
     if not sets or labels is None:
-        raise SuiteError(f"--suite {spec.key}: no severity folders 1-5 under {root}/<corruption>/ ({layout})")
-    missing = [c for c in corruptions if c in CORRUPTIONS and c not in present]
-    notes = ([f"missing corruptions: {', '.join(missing)}"] if missing else []) + (
-        [f"missing severity folders: {', '.join(notes)}"] if notes else []
-    )
-    return Suite(spec, sets, _match(spec, labels, model_classes), resize=False, notes=notes)
+        raise SuiteError(f"{spec.name}: no severity folders 1-5 under {root}/<corruption>/ ({layout})")
+    notes = [f"missing severity folders: {', '.join(notes)}"] if notes else []
+    classes_map = _match(spec, labels, model_classes)
+    return Suite(spec, sets, classes_map, cropped=IMAGENET_C_CROP, notes=_coverage(sets) + notes)
 
+
+IMAGENET_C_CROP = 224 / 256
+"""ImageNet-C's generator resized validation images to 256 and kept the central 224 (``make_imagenet_c.py``)."""
 
 CATEGORIES = ("noise", "blur", "weather", "digital", "extra")
 """ImageNet-C's tarballs (``noise.tar``, ...): their corruption folders may sit one level down, under these names."""
+
+
+def _coverage(sets: Sequence[SuiteSet]) -> list[str]:
+    """Notes on a -C suite's sets that fall short of the 15 benchmark corruptions x 5 severities."""
+    present = {(s.corruption, s.severity) for s in sets}
+    missing = [c for c in CORRUPTIONS if not any(k[0] == c for k in present)]
+    partial = [c for c in CORRUPTIONS if c not in missing and any((c, v) not in present for v in SEVERITIES)]
+    notes = [f"missing benchmark corruptions: {', '.join(missing)}"] if missing else []
+    if partial:
+        notes.append(f"not all five severities: {', '.join(partial)}")
+    return notes
 
 
 def _load_array(path: Path, spec: SuiteSpec) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise SuiteError(f"--suite {spec.key}: cannot read {path} ({str(err).splitlines()[0]})") from None
+        raise SuiteError(f"{spec.name}: cannot read {path} ({str(err).splitlines()[0]})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive saved under a .npy name
+        raise SuiteError(f"{spec.name}: {path} is not a .npy array (np.save's format), found {type(array).__name__}")
     return array
 
 
@@ -216,57 +261,57 @@ def _read_cifar_c(spec: SuiteSpec, model_classes: Sequence[str], limit: int | No
     root = _folder(spec, layout)
     labels_file = root / "labels.npy"
     if not labels_file.is_file():
-        raise SuiteError(f"--suite {spec.key}: {labels_file} not found (expected {layout})")
+        raise SuiteError(f"{spec.name}: {labels_file} not found (expected {layout})")
     labels = _load_array(labels_file, spec)
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) == 0 or len(labels) % len(SEVERITIES):
         raise SuiteError(
-            f"--suite {spec.key}: {labels_file} must be a 1-D integer array of 5 x N labels (5 severities "
+            f"{spec.name}: {labels_file} must be a 1-D integer array of 5 x N labels (5 severities "
             f"stacked), got shape {labels.shape} {labels.dtype}"
         )
     names = _class_names(spec, root)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
         raise SuiteError(
-            f"--suite {spec.key}: {labels_file} holds labels {int(labels.min())}..{int(labels.max())}, "
+            f"{spec.name}: {labels_file} holds labels {int(labels.min())}..{int(labels.max())}, "
             f"outside the suite's {len(names)} classes"
         )
     per_severity = len(labels) // len(SEVERITIES)
     base = np.asarray(labels[:per_severity])
     for s in range(1, len(SEVERITIES)):
         if not np.array_equal(labels[s * per_severity : (s + 1) * per_severity], base):
-            raise SuiteError(f"--suite {spec.key}: {labels_file} is not 5 repeats of one label list (severity {s + 1})")
+            raise SuiteError(f"{spec.name}: {labels_file} is not 5 repeats of one label list (severity {s + 1})")
     present = [c for c in corruptions if (root / f"{c}.npy").is_file()]
     if not present:
         found = ", ".join(sorted(p.name for p in root.glob("*.npy"))[:5]) or "no .npy files"
-        raise SuiteError(f"--suite {spec.key}: no corruption arrays in {root} (found {found}; expected {layout})")
+        raise SuiteError(f"{spec.name}: no corruption arrays in {root} (found {found}; expected {layout})")
     keep = _subset(per_severity, limit)
     sets = []
     for corruption in present:
         path = root / f"{corruption}.npy"
         array = _load_array(path, spec)
-        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8 or min(array.shape[1:3]) < 1:
             raise SuiteError(
-                f"--suite {spec.key}: {path} must be uint8 (N, H, W, 3) images, got shape {array.shape} {array.dtype}"
+                f"{spec.name}: {path} must be uint8 (N, H, W, 3) images, got shape {array.shape} {array.dtype}"
             )
         if len(array) != len(labels):
-            raise SuiteError(
-                f"--suite {spec.key}: {path} holds {len(array)} images but {labels_file} {len(labels)} labels"
-            )
+            raise SuiteError(f"{spec.name}: {path} holds {len(array)} images but {labels_file} {len(labels)} labels")
         for severity in severities:
             rows = (severity - 1) * per_severity + keep
             sets.append(SuiteSet(corruption, severity, base[keep].astype(np.int64), array=array, rows=rows))
-    missing = [c for c in corruptions if c in CORRUPTIONS and c not in present]
-    notes = [f"missing corruptions: {', '.join(missing)}"] if missing else []
     label_names = [names[i] for i in range(len(names))]
-    return Suite(spec, sets, _match(spec, label_names, model_classes), notes=notes)
+    return Suite(spec, sets, _match(spec, label_names, model_classes), notes=_coverage(sets))
 
 
 def _class_names(spec: SuiteSpec, root: Path) -> tuple[str, ...]:
     """CIFAR's label order, or ``DIR/classes.txt`` (one name per line; written by ``mbn-eval --write-suite``)."""
     listed = root / "classes.txt"
     if listed.is_file():
-        names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
+        try:
+            text = listed.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SuiteError(f"{spec.name}: cannot read {listed} as UTF-8 text ({err})") from None
+        names = tuple(line.strip() for line in text.splitlines() if line.strip())
         if not names or len(set(names)) != len(names):
-            raise SuiteError(f"--suite {spec.key}: {listed} must list distinct class names, one per line")
+            raise SuiteError(f"{spec.name}: {listed} must list distinct class names, one per line")
         return names
     return CIFAR10_CLASSES if spec.kind == "cifar10-c" else CIFAR100_CLASSES
 

@@ -38,7 +38,6 @@ def write_corruption_suite(
     Returns:
         The files written.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     sets = load_or_generate(
         images, labels, cache_dir, dataset_id, corruptions, SEVERITIES, seed=seed, progress=progress
     )
