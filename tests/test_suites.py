@@ -26,7 +26,7 @@ from mbn.eval.corruptions import CORRUPTIONS
 from mbn.eval.loading import load_run
 from mbn.eval.metrics import ALEXNET_ERRORS
 from mbn.eval.report import paper_table
-from mbn.eval.suite_eval import Preparation, corruption_metrics, evaluate_suite, score_set
+from mbn.eval.suite_eval import Preparation, corruption_metrics, evaluate_suite, score_set, set_batches
 from mbn.eval.suites import SuiteError, SuiteSpec, read_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -490,3 +490,52 @@ def test_imagenet_c_files_are_not_cropped_twice():
     shrunk = Preparation(64, 0.875, cropped=224 / 256)(image)
     assert torch.equal(shrunk, TF.resize(image, 64, antialias=True))
     assert not torch.equal(Preparation(64, 0.875)(image), shrunk)  # an uncropped source is cropped as usual
+
+
+@pytest.mark.parametrize(
+    "kind", ["cifar10-c", "cifar100-c", "imagenet-c", "imagenet-a", "imagenet-r", "imagenet-sketch", "imagenet-v2",
+             "stylized-imagenet", "folder"],
+)  # fmt: skip
+def test_every_published_layout_loads(kind, tmp_path):
+    """A few images per class in each layout as its authors ship it; listed, matched and streamed batch by batch."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 12, 10, 3), dtype=np.uint8)
+    labels = np.arange(6) % 3
+    synsets = imagenet_synsets()
+    subset = imagenet_subset("imagenet-r" if kind == "imagenet-r" else "imagenet-a")
+    model_classes, expected = synsets, [synsets[7], synsets[8], synsets[9]]
+    root = tmp_path / kind
+    if kind in ("cifar10-c", "cifar100-c"):
+        from mbn.eval.classes import CIFAR100_CLASSES
+
+        model_classes = CIFAR10_CLASSES if kind == "cifar10-c" else CIFAR100_CLASSES
+        expected = list(model_classes[:3])
+        write_cifar_c(root, {"gaussian_noise": [images] * 5, "speckle_noise": [images] * 5}, labels)
+    elif kind == "imagenet-c":
+        for corruption in ("gaussian_noise", "extra/speckle_noise"):
+            for severity in range(1, 6):
+                write_tree(root / corruption / str(severity), images, labels, None, names=expected)
+    elif kind in ("imagenet-a", "imagenet-r"):
+        expected = [subset[0], subset[1], subset[2]]
+        write_tree(root, images, labels, None, names=expected)
+    elif kind == "imagenet-v2":
+        write_tree(root, images, labels, None, names=["7", "8", "9"])
+    elif kind == "folder":
+        model_classes, expected = ("x", "y", "z"), ["x", "y", "z"]
+        write_tree(root, images, labels, model_classes)
+    else:  # sketch, stylized: wnid folders
+        write_tree(root, images, labels, None, names=expected)
+    suite = read_suite(SuiteSpec.parse(f"{kind}={root}"), model_classes)
+    index = {name: i for i, name in enumerate(model_classes)}
+    outputs = suite.classes.outputs.tolist()
+    named = [model_classes[outputs[t]] for t in suite.classes.targets.tolist()]  # suite label -> model class
+    assert named[: len(expected)] == expected
+    if kind in ("cifar10-c", "cifar100-c", "imagenet-c"):
+        corruptions = {(s.corruption, s.severity) for s in suite.sets}
+        assert corruptions == {(c, v) for c in ("gaussian_noise", "speckle_noise") for v in range(1, 6)}
+    else:
+        assert len(suite.sets) == 1
+    batches = list(set_batches(suite.sets[0], Preparation(8), batch_size=4))
+    assert [tuple(b[0].shape) for b in batches] == [(4, 3, 8, 8), (2, 3, 8, 8)]
+    got = sorted(index[expected[int(t)]] for b in batches for t in b[1])
+    assert got == sorted(index[expected[int(label)]] for label in labels)
