@@ -61,7 +61,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "# Evaluation",
         "",
         f"- checkpoint: `{result.get('checkpoint')}`",
-        f"- test images: {result.get('num_images')}" + ("" if limit is None else f" (first {limit})"),
+        f"- test images: {result.get('num_images')}" + ("" if limit is None else f" (seeded subset, --limit {limit})"),
         f"- BN sources: {', '.join(sources)} (main: {main}); accuracies in %, eval mode",
         "",
     ]
