@@ -135,19 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             signum = stop.signum if isinstance(stop, StopSignal) else int(signal.SIGINT)
             name = signal.Signals(signum).name
             if not started:
-                print(f"{_prog()}: {name} before training started; nothing was written", file=sys.stderr)
+                _say(f"{_prog()}: {name} before training started; nothing was written")
             elif not (started[0].ckpt_dir / "last.pt").is_file():
-                print(
+                _say(
                     f"{_prog()}: aborted by {name} at step {started[0].state.step}, before the first checkpoint; "
-                    f"nothing to resume (delete {started[0].run_dir} to start again)",
-                    file=sys.stderr,
+                    f"nothing to resume (delete {started[0].run_dir} to start again)"
                 )
             else:
                 trainer = started[0]
-                print(
+                _say(
                     f"{_prog()}: aborted by {name} at step {trainer.state.step}; the last checkpoint in "
-                    f"{trainer.ckpt_dir} is kept (resume with: {distributed.resume_command(trainer.run_dir)})",
-                    file=sys.stderr,
+                    f"{trainer.ckpt_dir} is kept (resume with: {distributed.resume_command(trainer.run_dir)})"
                 )
             return 128 + signum
 
@@ -167,7 +165,7 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
     except (RecipeError, CheckpointError, RunDirError) as err:
         return _fail(err, 2)
     except TrainingInterruptedError as err:
-        print(f"{_prog()}: {err}", file=sys.stderr)
+        _say(f"{_prog()}: {err}")
         return err.exit_code
     except (TrainingDivergedError, DomainError, WriteError) as err:
         return _fail(err, 1)
@@ -193,6 +191,16 @@ def list_recipes() -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    """One line on stderr in a single write.
+
+    The ranks share one stream, and an unbuffered ``print`` writes the text and its newline separately, so two ranks'
+    lines could run together.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _prog() -> str:
     """``mbn-train``, with the rank under torchrun (the ranks' messages share one terminal)."""
     rank = os.environ.get("RANK")
@@ -203,7 +211,7 @@ def _fail(err: BaseException, code: int) -> int:
     """One line on stderr (the traceback too when ``MBN_TRACEBACK=1``); returns ``code``."""
     if os.environ.get("MBN_TRACEBACK"):
         traceback.print_exception(err)
-    print(f"{_prog()}: error: {one_line(err)}", file=sys.stderr)
+    _say(f"{_prog()}: error: {one_line(err)}")
     return code
 
 
