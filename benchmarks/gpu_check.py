@@ -20,11 +20,17 @@ scale) in a few minutes and writes the same sections; the test suite runs it, so
 Usage:
     python benchmarks/gpu_check.py --out DIR [--dry-run] [--budget-s 480] [--parts environment tests ...]
         [--data-root ../shared/datasets/cifar10]
+
+Needs mbn installed with its dependencies (``pip install -e .``): the environment part checks them and the domains
+first, and skips every other part with one line naming what is missing. The budget counts from the script's start;
+give the command's own time limit about 60 s more. Only ``results.json``, ``results.md`` and the harness's
+``paper/results.{json,md}`` are written under ``--out``; run directories and logs go to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -40,11 +46,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+STARTED: float | None = time.monotonic()  # the budget counts from here, before the heavy imports (first run)
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # the sibling benchmarks (bench_overhead's loops, common's helpers)
+sys.path.insert(1, str(REPO))  # mbn from this checkout when it is not installed
 
 from common import cpu_model  # noqa: E402
 
@@ -53,8 +62,11 @@ from mbn.fileio import atomic_write_text  # noqa: E402
 PARTS = ("environment", "tests", "throughput", "paper")
 #: Seconds each part needs at least to be started (GPU run, dry run).
 NEEDS = {"environment": (1, 1), "tests": (60, 10), "throughput": (90, 20), "paper": (120, 30)}
-#: Harness configs in the order the paper part adds them, and their training cost per epoch relative to vanilla.
-PAPER_CONFIGS = {"vanilla": 1.0, "advprop_pgd1": 2.6, "advtrain": 2.6, "fast_advprop": 1.0}
+#: Harness configs in the order the paper part adds them, with their step cost relative to vanilla when the throughput
+#: part did not measure it (AdvProp's and adversarial training's are alike; Fast AdvProp trains vanilla's budget).
+PAPER_CONFIGS = {"vanilla": 1.0, "advprop_pgd1": 2.6, "fast_advprop": 1.0, "advtrain": 2.6}
+#: Modules a run needs beyond torch: checked first, so a bare machine fails in one line rather than in every part.
+NEEDED = ("omegaconf", "albumentations", "kornia", "timm", "torchvision", "pytest")
 
 
 # ------------------------------------------------------------------------------------------------ the check
@@ -63,10 +75,12 @@ PAPER_CONFIGS = {"vanilla": 1.0, "advprop_pgd1": 2.6, "advtrain": 2.6, "fast_adv
 class Check:
     """Runs parts against the clock and keeps ``results.json`` / ``results.md`` current after each."""
 
-    def __init__(self, out: Path, budget_s: float, dry_run: bool, data_root: Path) -> None:
+    def __init__(self, out: Path, budget_s: float, dry_run: bool, data_root: Path, started: float) -> None:
         self.out, self.budget_s, self.dry_run, self.data_root = out, budget_s, dry_run, data_root
-        self.started = time.monotonic()
+        self.started = started
         self.device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
+        self.abort: str | None = None  # set by the environment part when the machine cannot run the rest
+        self.scratch = Path(tempfile.mkdtemp(prefix="gpu_check-"))  # run directories, logs: only results go to out
         self.results: dict[str, Any] = {
             "script": "benchmarks/gpu_check.py",
             "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
@@ -86,7 +100,9 @@ class Check:
         """Run ``part`` if the clock leaves it its minimum; record ok / failed / skipped and save."""
         need = NEEDS[name][1 if self.dry_run else 0]
         record: dict[str, Any]
-        if self.remaining() < need:
+        if self.abort is not None:
+            record = {"status": "skipped", "why": f"the environment cannot run it: {self.abort}"}
+        elif self.remaining() < need:
             record = {"status": "skipped", "why": f"{self.remaining():.0f} s left, the part needs at least {need} s"}
         else:
             tic = time.monotonic()
@@ -138,11 +154,23 @@ def environment(check: Check) -> dict[str, Any]:
         )
         if shutil.which("nvidia-smi"):
             query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-            done = subprocess.run(query, capture_output=True, text=True, timeout=20, check=False)
-            info["driver"] = done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
+            try:
+                done = subprocess.run(query, capture_output=True, text=True, timeout=20, check=False)
+                info["driver"] = done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
+            except (OSError, subprocess.SubprocessError) as err:
+                info["driver"] = f"nvidia-smi failed: {err}"
+    import importlib.util
+
+    info["missing_modules"] = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     import mbn
 
     info["mbn"] = mbn.__version__
+    info["domains"] = len(mbn.available_domains())
+    if info["missing_modules"] or not info["domains"]:
+        check.abort = (
+            f"missing {', '.join(info['missing_modules']) or 'nothing'}; {info['domains']} domains registered "
+            "(install the checkout first: pip install -e .)"
+        )
     info["summary"] = f"torch {info['torch']}, CUDA {info['cuda_build']}, " + (
         f"{info['gpu']} ({info['gpu_memory_gib']} GiB), driver {info.get('driver')}" if "gpu" in info else "no GPU"
     )
@@ -154,17 +182,18 @@ def environment(check: Check) -> dict[str, Any]:
 
 def tests(check: Check) -> dict[str, Any]:
     """The CUDA tests in a subprocess (a dry run: one quick CPU test file, to exercise the plumbing)."""
-    report = check.out / "tests.xml"
+    report = check.scratch / "tests.xml"
     if check.dry_run:
         selection = ["tests/test_metrics.py", "--device", "cpu"]
     else:
-        selection = ["tests", "--device", "cuda", "-k", "cuda or gpu"]
-    limit = max(30.0, min(check.remaining() * 0.35, 240.0))
+        selection = ["tests", "--device", "cuda", "-k", "(cuda or gpu) and not gpu_check", "--timeout=60",
+                     "--continue-on-collection-errors"]  # fmt: skip
+    limit = max(30.0, min(check.remaining() * 0.25, 120.0))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection, f"--junitxml={report}"]
     try:
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit, check=False)
-        exit_code: int | str = done.returncode
-        tail = (done.stdout or "").strip().splitlines()[-1:] or [""]
+        exit_code: int | str
+        exit_code, stdout = _run_group(cmd, limit)
+        tail = stdout.strip().splitlines()[-1:] or [""]
     except subprocess.TimeoutExpired:
         exit_code, tail = f"timed out after {limit:.0f} s", [""]
     counts: dict[str, Any] = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
@@ -187,6 +216,21 @@ def tests(check: Check) -> dict[str, Any]:
         f"{counts['skipped']} skipped (exit {exit_code})"
     )
     return counts
+
+
+def _run_group(cmd: list[str], limit: float) -> tuple[int, str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (no orphan keeps the GPU busy)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out or ""
 
 
 # ------------------------------------------------------------------------------------------------ throughput
@@ -275,12 +319,13 @@ def _jpeg_tree(check: Check, tmp: Path) -> Path:
     """The shared CIFAR-10 tree when present (not in a dry run), else a small generated JPEG tree."""
     if not check.dry_run and (check.data_root / "train").is_dir():
         return check.data_root
+    n_train = 128 if check.dry_run else 4096  # enough batches that the loader's steady state is measured
     from PIL import Image
 
     from mbn.synthetic import generate_synthetic
 
     root = tmp / "jpeg-tree"
-    for split, n in (("train", 128), ("test", 16)):
+    for split, n in (("train", n_train), ("test", 16)):
         images, labels = generate_synthetic(n, 64, seed=1 if split == "test" else 0)
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             folder = root / split / f"c{label}"
@@ -308,14 +353,23 @@ def _host_syncs(stepper: Stepper, steps: int) -> float | None:
     if stepper.device.type != "cuda":
         return None
     stepper.loop(1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            stepper.loop(steps)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+    def count(n: int) -> tuple[int, list[str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                stepper.loop(n)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        hits = [w for w in caught if "synchroniz" in str(w.message)]
+        return len(hits), [f"{Path(w.filename).name}:{w.lineno}" for w in hits]
+
+    # each call ends with the engine's end-of-run logging: the difference of two lengths is the per-step count
+    one, _ = count(1)
+    many, sites = count(steps + 1)
+    stepper.sync_sites = sorted(set(sites))[:10]  # type: ignore[attr-defined]
+    return (many - one) / steps
 
 
 def throughput(check: Check) -> dict[str, Any]:
@@ -351,13 +405,23 @@ def throughput(check: Check) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 skipped.append(name)
                 continue
+            if name == "vanilla_compile" and deadline - time.monotonic() < 120:
+                skipped.append(name)  # a cold inductor compile alone can take a minute or two
+                continue
             try:
                 stepper = Stepper(recipe, [*base, *overrides], Path(tmp) / name, hand=hand)
                 warmup[name], per_step[name] = stepper.seconds_per_step(steps)
-                if name == "advprop_fast":
-                    extra["host_syncs_per_step"] = _host_syncs(stepper, steps)
+                if name in ("advprop_fast", "vanilla_on_device"):
+                    extra[f"host_syncs_per_step_{name}"] = _host_syncs(stepper, steps)
+                    extra[f"host_sync_sites_{name}"] = getattr(stepper, "sync_sites", None)
+                del stepper
             except Exception as err:  # one case's failure (say, fp16 on some GPU) is a finding, not the end
                 errors[name] = f"{type(err).__name__}: {err}".splitlines()[0]
+            gc.collect()
+            if check.device.type == "cuda":
+                torch.cuda.empty_cache()
+            check.results["parts"]["throughput"] = {"status": "running", "per_step_s": dict(per_step)}
+            check.save()  # a kill mid-part keeps the cases measured so far
         for name, measure in (("split_forward", _split_vs_per_bn), ("streamed", _streamed)):
             if time.monotonic() > deadline:
                 skipped.append(name)
@@ -414,10 +478,14 @@ def _streamed(check: Check, tmp: Path, base: list[str], steps: int) -> dict[str,
     out: dict[str, Any] = {"tree": str(root)}
     for decode in ("workers", "device"):
         stepper = Stepper("vanilla", [*streamed, f"data.decode={decode}"], tmp / f"streamed-{decode}")
-        out[f"loader_images_per_s_{decode}"] = _loader_images_per_s(stepper, 3 if check.dry_run else 40)
+        out[f"loader_images_per_s_{decode}"] = _loader_images_per_s(stepper, 3 if check.dry_run else 24)
         _, step_s = stepper.seconds_per_step(steps)
         out[f"step_images_per_s_{decode}"] = stepper.batch / step_s
-    out["gpu_fed_with_workers"] = out["loader_images_per_s_workers"] >= out["step_images_per_s_workers"]
+    out["real_tree"] = root == check.data_root
+    out["note"] = (
+        "loader images/s include worker start-up; compare step_images_per_s_* with the synthetic vanilla_engine "
+        "case (the same model fed from memory): below it, the GPU waits for data"
+    )
     return out
 
 
@@ -430,17 +498,23 @@ def paper(check: Check) -> dict[str, Any]:
     budget = check.remaining() - reserve
     if check.dry_run:
         configs, epochs, scale = ["vanilla", "advprop_pgd1"], 1, "smoke"
-        data = []
+        data: list[str] = []
     else:
         if not (check.data_root / "train").is_dir():
             return {"summary": f"skipped: no CIFAR-10 tree at {check.data_root}", "skipped": True}
-        step_s = ((check.results["parts"].get("throughput") or {}).get("per_step_s") or {}).get("vanilla_fast", 0.05)
-        epoch_s = 50_000 / 128 * step_s
+        measured = (check.results["parts"].get("throughput") or {}).get("per_step_s") or {}
+        step_s = measured.get("vanilla_on_device") or measured.get("vanilla_fast") or 0.05
+        train_images = sum(1 for _ in (check.data_root / "train").glob("*/*"))
+        epoch_s = train_images / 128 * step_s
+        ratios = (check.results["parts"].get("throughput") or {}).get("ratios") or {}
+        costs = dict(PAPER_CONFIGS)
+        if ratios.get("advprop_over_vanilla"):
+            costs["advprop_pgd1"] = costs["advtrain"] = float(ratios["advprop_over_vanilla"])
         overhead = 40.0  # process start, corruptions and PGD on 1000 images; the first run also decodes CIFAR-10 once
         configs, epochs = [], 0
         for n in range(len(PAPER_CONFIGS), 0, -1):
             chosen = list(PAPER_CONFIGS)[:n]
-            cost = sum(PAPER_CONFIGS[c] for c in chosen) * epoch_s
+            cost = sum(costs[c] for c in chosen) * epoch_s
             fit = int((budget - overhead * n - 60.0) // cost) if cost > 0 else 0
             if fit >= 1:
                 configs, epochs = chosen, min(fit, 30)
@@ -448,7 +522,7 @@ def paper(check: Check) -> dict[str, Any]:
         if not configs:
             return {"summary": f"skipped: {budget:.0f} s left is less than one vanilla epoch", "skipped": True}
         scale, data = "gpu", [f"--data-root={check.data_root}"]
-    out_dir, runs_dir = check.out / "paper", check.out / "paper-runs"
+    out_dir, runs_dir = check.out / "paper", check.scratch / "paper-runs"
     cmd = [
         sys.executable, str(REPO / "benchmarks" / "paper" / "run.py"), "--scale", scale, "--seeds", "0",
         "--configs", *configs, "--out", str(out_dir), "--runs-dir", str(runs_dir), *data,
@@ -456,9 +530,10 @@ def paper(check: Check) -> dict[str, Any]:
     ]  # fmt: skip
     if not check.dry_run:
         cmd += ["--override", f"trainer.epochs={epochs}"]
+    stdout = ""
     try:
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(budget, 10), check=False)
-        harness = f"exit {done.returncode}"
+        code, stdout = _run_group(cmd, max(budget, 10))
+        harness = f"exit {code}"
     except subprocess.TimeoutExpired:
         harness = f"killed after {budget:.0f} s (the budget)"
     report = out_dir / "results.json"
@@ -478,6 +553,7 @@ def paper(check: Check) -> dict[str, Any]:
         if not check.dry_run
         else "dry run: the harness's smoke scale (synthetic data)",
         "harness": harness,
+        "harness_output": stdout.strip().splitlines()[-12:],
         "table": summary_rows,
         "results_md": str(out_dir / "results.md"),
         "summary": f"harness {harness}; clean {shown}" if shown else f"harness {harness}",
@@ -489,6 +565,8 @@ def paper(check: Check) -> dict[str, Any]:
 
 def summary(name: str, record: dict[str, Any]) -> str:
     """One line for a part."""
+    if record["status"] == "running":  # saved mid-part: the cases measured so far
+        return f"interrupted while running; {len(record.get('per_step_s') or {})} cases measured"
     if record["status"] == "skipped":
         return f"skipped ({record['why']})"
     if record["status"] == "failed":
@@ -533,7 +611,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines += ["", "Ratios of seconds per step, first case over second (below 1: the first is faster).", ""]
             lines += ["| ratio | value |", "|---|---:|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in record["ratios"].items()]
-            lines += ["", f"- host syncs per AdvProp step: {_fmt(record.get('host_syncs_per_step'))}"]
+            lines += ["", f"- host syncs per step, AdvProp: {_fmt(record.get('host_syncs_per_step_advprop_fast'))}, "
+                      f"vanilla on device: {_fmt(record.get('host_syncs_per_step_vanilla_on_device'))}"]  # fmt: skip
             streamed = record.get("streamed") or {}
             lines += [f"- streamed {k}: {_fmt(v)}" for k, v in streamed.items()]
             if record.get("skipped_cases"):
@@ -562,11 +641,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="every part on the CPU at toy sizes (minutes)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="never run past this many seconds")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10")
+    parser.add_argument("--data-root", type=Path, help="CIFAR-10 ImageFolder tree (default: ../shared or ./shared)")
     args = parser.parse_args(argv)
+    if args.data_root is None:  # a device machine gets the checkout (with shared/ inside it), not its parent
+        found = [p / "datasets" / "cifar10" for p in (REPO.parent / "shared", REPO / "shared")]
+        args.data_root = next((p for p in found if (p / "train").is_dir()), found[0])
     if args.budget_s <= 0:
         parser.error(f"--budget-s: expected a positive number of seconds, got {args.budget_s}")
-    check = Check(args.out, args.budget_s, args.dry_run, args.data_root.resolve())
+    global STARTED
+    started, STARTED = (STARTED if STARTED is not None else time.monotonic()), None  # a later call counts anew
+    check = Check(args.out, args.budget_s, args.dry_run, args.data_root.resolve(), started)
     if not args.dry_run and check.device.type != "cuda":
         print("gpu_check: no CUDA device: running on the CPU (use --dry-run for toy sizes)", flush=True)
     parts: dict[str, Callable[[Check], dict[str, Any]]] = {
