@@ -472,17 +472,12 @@ def read_suites(
 
 def load_reference(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """An ``eval.json`` (or a run directory holding one) to compute CE / mCE against."""
-    path = Path(path)
-    file = path / "eval.json" if path.is_dir() else path
-    if not file.is_file():
-        raise EvalInputError(f"--reference: {file} not found (expected an eval.json or a run directory holding one)")
+    from mbn.eval.robustness import read_eval_json
+
     try:
-        data = json.loads(file.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        raise EvalInputError(f"--reference: cannot read {file} ({one_line(err)})") from None
-    return file, data
+        return read_eval_json(path)
+    except ValueError as err:
+        raise EvalInputError(f"--reference: {one_line(err)}") from None
 
 
 def suite_reference(

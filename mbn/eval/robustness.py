@@ -52,6 +52,7 @@ __all__ = [
     "default_step_size",
     "eps_key",
     "load_reference_corruptions",
+    "read_eval_json",
     "robust_accuracy",
     "robustness_sweep",
 ]
@@ -364,6 +365,25 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
+def read_eval_json(path: Path | str) -> tuple[Path, dict[str, Any]]:
+    """An ``eval.json``, or the one in a run directory: ``(its path, its content)``.
+
+    Raises:
+        ValueError: missing, unreadable, or not a JSON object.
+    """
+    path = Path(path)
+    file = path / "eval.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{file} not found (expected an eval.json or a run directory holding one)")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file} is not a readable eval.json ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a readable eval.json (not a JSON object)")
+    return file, data
+
+
 def load_reference_corruptions(path: Path | str) -> tuple[Path, dict[tuple[str, int], float], dict[str, Any]]:
     """Read the corruption accuracies of a reference evaluation (an ``eval.json`` or a run directory holding one).
 
@@ -373,14 +393,10 @@ def load_reference_corruptions(path: Path | str) -> tuple[Path, dict[tuple[str, 
     Raises:
         ValueError: missing or unreadable file, or no corruption results in it.
     """
-    path = Path(path)
-    file = path / "eval.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"{file} not found (expected an eval.json or a run directory holding one)")
+    file, data = read_eval_json(path)
     try:
-        data = json.loads(file.read_text())
         table = data["corruptions"]["accuracy"] if data.get("corruptions") else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+    except (TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"{file} is not a readable eval.json ({err})") from None
     if not table:
         raise ValueError(f"{file} has no corruption results; evaluate it with mbn-eval --corruptions first")
