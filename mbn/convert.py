@@ -7,10 +7,14 @@ auxiliary BNs at test time (Xie et al. 2020, §4.2): it returns a plain model ho
 
 from __future__ import annotations
 
+import argparse
 import copy
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mbn.heads import drop_heads
@@ -128,4 +132,92 @@ def convert_sync_batchnorm(model: nn.Module, process_group: object | None = None
     model = timm_convert_sync_batchnorm(model, process_group)
     for norm in multi_source_norms(model):
         norm.tie_shared()
+    return model
+
+
+# ------------------------------------------------------------------------------------------- timm's --split-bn
+
+_AUX_KEY = re.compile(r"^(?P<path>.+)\.aux_bn\.(?P<index>\d+)\.(?P<leaf>[^.]+)$")
+_BN_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def split_bn_count(state: Mapping[str, Tensor]) -> int:
+    """How many BNs each layer of a timm ``--split-bn`` state dict holds (1 + its ``aux_bn`` layers; 1 if none)."""
+    indices = [int(m["index"]) for m in map(_AUX_KEY.match, state) if m is not None]
+    return 1 + (max(indices) + 1 if indices else 0)
+
+
+def read_timm_checkpoint(path: str | Path, *, ema: bool = False) -> dict[str, Tensor]:
+    """The model state dict of a checkpoint written by timm's ``train.py`` (or a bare state dict).
+
+    Read with ``weights_only=True``; timm stores its command line as an ``argparse.Namespace``, the one object
+    allowed besides tensors and containers. A ``module.`` prefix (DDP) is removed.
+
+    Args:
+        path: ``checkpoint-*.pth.tar``, ``model_best.pth.tar``, ``last.pth.tar`` or a saved state dict.
+        ema: the ``state_dict_ema`` entry (timm's ``--model-ema``) instead of ``state_dict``.
+
+    Raises:
+        ValueError: unreadable file, or no such entry; the message names the file.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({str(err).strip().splitlines()[0]})") from None
+    key = "state_dict_ema" if ema else "state_dict"
+    if isinstance(ckpt, dict) and key in ckpt:
+        state = ckpt[key]
+    elif isinstance(ckpt, dict) and not ema and all(isinstance(v, Tensor) for v in ckpt.values()):
+        state = ckpt
+    else:
+        raise ValueError(f"{path}: no {key!r} entry (a checkpoint of timm's train.py was expected)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_split_bn(
+    model: nn.Module, state: Mapping[str, Tensor], sources: Sequence[str] | None = None, *, strict: bool = True
+) -> nn.Module:
+    """Convert ``model`` to one BN per source and load a state dict trained with timm's ``--split-bn``.
+
+    timm's ``SplitBatchNorm2d`` normalises split 0 of each batch with the layer's own BN (keys ``<layer>.weight``,
+    ...) and split ``i`` with ``<layer>.aux_bn.<i-1>``; with ``--aug-splits`` split 0 holds the clean images.
+    Here split ``i`` becomes source ``sources[i]``: each source's BN holds that split's affine pair and running
+    statistics, so ``mbn.split_sources`` / ``use_source`` reproduce timm's training forward per split, and
+    ``mbn-eval`` can compare the BNs (``--bn``, per-BN accuracy).
+
+    Args:
+        model: the *plain* architecture the checkpoint was trained with (e.g. ``timm.create_model("resnet50")``).
+        state: the checkpoint's state dict (:func:`read_timm_checkpoint`).
+        sources: one name per split, main first (default: ``clean``, ``aug1``, ``aug2``, ...).
+        strict: every key must match, as ``load_state_dict(strict=True)``.
+
+    Returns:
+        ``model``, converted in place, holding the weights.
+
+    Raises:
+        ValueError: ``sources`` of another length than the splits, or keys that do not fit the model.
+    """
+    splits = split_bn_count(state)
+    names = validate_source_names(sources or ("clean", *(f"aug{i}" for i in range(1, splits))))
+    if len(names) != splits:
+        raise ValueError(f"sources: the checkpoint has {splits} BNs per layer, got {len(names)} names {list(names)}")
+    convert_model(model, names)
+    norm_paths = {name for name, module in model.named_modules() if isinstance(module, MultiSourceBatchNorm)}
+    renamed: dict[str, Tensor] = {}
+    for key, value in state.items():
+        aux = _AUX_KEY.match(key)
+        path, _, leaf = key.rpartition(".")
+        if aux is not None:
+            index = int(aux["index"])
+            renamed[f"{aux['path']}.bns.{names[index + 1]}.{aux['leaf']}"] = value
+        elif path in norm_paths and leaf in _BN_LEAVES:
+            renamed[f"{path}.bns.{names[0]}.{leaf}"] = value
+        else:
+            renamed[key] = value
+    result = model.load_state_dict(renamed, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        kind, keys = ("missing", result.missing_keys) if result.missing_keys else ("unexpected", result.unexpected_keys)
+        raise ValueError(f"the state dict does not fit the model ({kind} keys, e.g. {', '.join(keys[:3])})")
     return model

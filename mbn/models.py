@@ -70,13 +70,26 @@ class CifarResNet(nn.Module):
             from the second stage on.
         num_classes: output logits.
         width: channels of the stem and the first stage.
+        in_chans: input channels.
+        global_pool: only ``avg`` (timm records and passes this argument).
+
+    The attributes and methods timm's tools look for (``num_classes``, ``num_features``, ``global_pool``,
+    ``forward_features``, ``forward_head``, ``get_classifier``, ``reset_classifier``) are there, so the
+    network also serves as a timm model (:mod:`mbn.timm_models`).
     """
 
-    def __init__(self, layers: Sequence[int], num_classes: int = 10, width: int = 64) -> None:
+    def __init__(
+        self, layers: Sequence[int], num_classes: int = 10, width: int = 64, in_chans: int = 3, global_pool: str = "avg"
+    ) -> None:
         super().__init__()
-        if width < 1 or num_classes < 1:
-            raise ValueError(f"width/num_classes: expected positive values, got {width} and {num_classes}")
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        if width < 1 or num_classes < 1 or in_chans < 1:
+            raise ValueError(
+                f"width/num_classes/in_chans: expected positive values, got {width}, {num_classes} and {in_chans}"
+            )
+        if global_pool != "avg":
+            raise ValueError(f"global_pool: only 'avg' is offered, got {global_pool!r}")
+        self.num_classes, self.in_chans, self.global_pool = num_classes, in_chans, "avg"
+        self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         stages, channels = [], width
@@ -86,6 +99,7 @@ class CifarResNet(nn.Module):
             channels = planes
         self.layers = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = channels
         self.fc = nn.Linear(channels, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -101,10 +115,29 @@ class CifarResNet(nn.Module):
         first = BasicBlock(inplanes, planes, stride, downsample)
         return nn.Sequential(first, *(BasicBlock(planes, planes) for _ in range(blocks - 1)))
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map for normalised NCHW images."""
+        return self.layers(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from a feature map."""
+        x = torch.flatten(self.pool(x), 1)
+        return x if pre_logits else self.fc(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for normalised NCHW images."""
-        x = self.layers(self.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh linear layer with ``num_classes`` outputs (only average pooling is offered)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool: only 'avg' is offered, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
 
 
 def cifar_resnet18(num_classes: int = 10, width: int = 64) -> CifarResNet:
@@ -156,6 +189,21 @@ def _cifar_depth(name: str) -> int | None:
         return None
     depth = int(match.group(1))
     return depth if depth in (18, 34) or (depth >= 8 and (depth - 2) % 6 == 0) else None
+
+
+def cifar_resnet_layers(depth: int) -> list[int]:
+    """Blocks per stage of the CIFAR ResNet of this depth: 18, 34, or 6n+2 (three stages of n).
+
+    Raises:
+        ValueError: any other depth.
+    """
+    if depth == 18:
+        return [2, 2, 2, 2]
+    if depth == 34:
+        return [3, 4, 6, 3]
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth: expected 6n+2 (8, 14, 20, 32, 44, 56, 110), 18 or 34, got {depth}")
+    return [(depth - 2) // 6] * 3
 
 
 def check_model_config(cfg: ModelCfg) -> None:

@@ -1,0 +1,227 @@
+"""Write an export folder: timm's Hugging Face layout, a model card, on request a state dict and an ONNX graph.
+
+The layout: ``config.json``, ``model.safetensors`` and ``README.md``; ``--format pth`` adds ``pytorch_model.bin``
+and ``--format onnx`` adds ``model.onnx``.
+
+The folder is written beside ``OUT_DIR`` under a temporary name and renamed into place when complete, so an export
+that fails half-way leaves nothing (and with ``--force``, the previous export intact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import mbn
+from mbn.errors import first_line
+from mbn.export.trained import ExportError, TrainedNetwork
+
+#: ``--format`` values: the Hugging Face folder (always written), a torch.save state dict, an ONNX graph.
+FORMATS = ("hf", "pth", "onnx")
+#: Entries of timm's pretrained_cfg that describe the weights a model started from, not the exported ones.
+_SOURCE_WEIGHT_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "description", "hf_hub_id")
+#: Test-time recommendations of those weights (another size or crop); an export is evaluated as its run was.
+_TEST_TIME_KEYS = ("test_input_size", "test_crop_pct", "test_pool_size", "pool_size", "label_names")
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """``OUT_DIR`` is new, empty, or replaced with ``force``.
+
+    Raises:
+        ExportError: a file, or a non-empty folder without ``force``.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"{out_dir}: exists and is not empty; choose another OUT_DIR or pass --force to replace it")
+
+
+def mbn_metadata(trained: TrainedNetwork) -> dict[str, Any]:
+    """What ``config.json`` records of the run under its ``mbn`` key (timm ignores it)."""
+    return {
+        "version": mbn.__version__,
+        "model": trained.model_name,
+        "source": trained.source,
+        "sources": list(trained.sources),
+        "weights": trained.weights,
+        "step": trained.state.get("step"),
+        "checkpoint": str(trained.checkpoint),
+    }
+
+
+def plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's tensors, contiguous and unshared (what safetensors writes)."""
+    return {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+
+
+def timm_network(trained: TrainedNetwork) -> nn.Module:
+    """The network as timm builds it (its ``pretrained_cfg`` and construction arguments), holding the weights.
+
+    timm models are already timm's; mbn's CIFAR ResNets are rebuilt through timm's registry
+    (:mod:`mbn.timm_models`) and loaded with the trained weights.
+    """
+    import timm
+
+    from mbn.timm_models import GENERIC, architecture_name, register
+
+    name = trained.model_name
+    if name.startswith("timm."):
+        net = trained.net
+    else:
+        from mbn.models import _cifar_depth, cifar_resnet_layers
+
+        depth = _cifar_depth(name)
+        if depth is None:
+            raise ExportError(f"model {name!r}: timm cannot describe it (not a timm model or an mbn CIFAR ResNet)")
+        register()
+        arch = architecture_name(depth)
+        kwargs: dict[str, Any] = {"num_classes": trained.num_classes, "width": trained.width}
+        if arch == GENERIC:
+            kwargs["layers"] = cifar_resnet_layers(depth)
+        net = timm.create_model(arch, **kwargs)
+        net.load_state_dict(trained.net.state_dict())
+    if not isinstance(getattr(net, "pretrained_cfg", None), dict):
+        raise ExportError(f"model {name!r}: timm cannot describe it (the network has no pretrained_cfg)")
+    return net.eval()
+
+
+def _write_timm(trained: TrainedNetwork, folder: Path) -> None:
+    from timm.models import save_for_hf
+
+    net = timm_network(trained)
+    try:
+        save_for_hf(
+            net,
+            str(folder),
+            model_config={"label_names": list(trained.class_names), "mbn": mbn_metadata(trained)},
+            safe_serialization=True,
+        )
+    except (ValueError, TypeError, AssertionError, AttributeError) as err:
+        raise ExportError(f"model {trained.model_name!r}: timm cannot describe it ({first_line(err)})") from None
+    # the run's preprocessing replaces what timm knows of the weights the model started from
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    pretrained_cfg = config["pretrained_cfg"]
+    for key in (*_SOURCE_WEIGHT_KEYS, *_TEST_TIME_KEYS):
+        pretrained_cfg.pop(key, None)
+    pretrained_cfg.update(trained.preprocessing.data_config())
+    pretrained_cfg["num_classes"] = trained.num_classes
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_torchvision(trained: TrainedNetwork, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    prep = trained.preprocessing
+    pretrained_cfg = {
+        **prep.data_config(),
+        "num_classes": trained.num_classes,
+        "label_names": list(trained.class_names),
+    }
+    config = {
+        "architecture": trained.model_name,
+        "library": "torchvision",
+        "num_classes": trained.num_classes,
+        "label_names": list(trained.class_names),
+        "model_args": {"num_classes": trained.num_classes},
+        "pretrained_cfg": pretrained_cfg,
+        "mbn": mbn_metadata(trained),
+    }
+    save_file(plain_state_dict(trained.net), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_onnx(trained: TrainedNetwork, folder: Path) -> None:
+    from mbn.models import ImageClassifier
+
+    prep = trained.preprocessing
+    wrapped = ImageClassifier(trained.net, prep.mean, prep.std).eval()  # normalisation folded into the graph
+    example = torch.rand(2, len(prep.mean), prep.image_size, prep.image_size)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torch's exporter narrates its passes on stdout
+            _onnx_export(wrapped, example, folder / "model.onnx")
+    except ImportError as err:
+        raise ExportError(
+            f"--format onnx: needs the onnx extra (pip install 'mbn-advprop[onnx]'): {first_line(err)}"
+        ) from None
+
+
+def _onnx_export(wrapped: nn.Module, example: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(
+        wrapped,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+        dynamo=True,
+        external_data=False,
+    )
+
+
+def write_export(
+    trained: TrainedNetwork,
+    out_dir: Path,
+    formats: Sequence[str] = ("hf",),
+    *,
+    force: bool = False,
+    license_id: str | None = None,
+) -> list[Path]:
+    """Write ``trained`` into ``out_dir``; returns the files written.
+
+    Raises:
+        ExportError: a bad ``out_dir`` or format, or a model timm cannot describe; ``out_dir`` is left as it was.
+    """
+    from mbn.export.card import model_card
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ExportError(f"--format: unknown {', '.join(unknown)}; expected some of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        (_write_torchvision if trained.library == "torchvision" else _write_timm)(trained, staging)
+        if license_id:
+            _set_license(staging / "config.json", license_id)
+        if "pth" in formats:
+            torch.save(plain_state_dict(trained.net), staging / "pytorch_model.bin")
+        if "onnx" in formats:
+            _write_onnx(trained, staging)
+        (staging / "README.md").write_text(
+            model_card(trained, sorted([*(p.name for p in staging.iterdir()), "README.md"]), license_id)
+        )
+        _replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted(out_dir.iterdir())
+
+
+def _set_license(config_path: Path, license_id: str) -> None:
+    config = json.loads(config_path.read_text())
+    config["pretrained_cfg"]["license"] = license_id
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Move the complete ``staging`` folder to ``out_dir``; an earlier ``out_dir`` is removed only afterwards."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

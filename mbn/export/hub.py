@@ -1,0 +1,40 @@
+"""Upload an export folder to the Hugging Face Hub with huggingface_hub's own client.
+
+The token is huggingface_hub's: ``HF_TOKEN`` or ``hf auth login``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mbn.errors import first_line
+from mbn.export.trained import ExportError
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool = False, commit_message: str | None = None) -> str:
+    """Create ``repo_id`` if needed and upload every file of ``folder``; returns the repository's URL.
+
+    Raises:
+        ExportError: a malformed repository id, or the Hub refused (no network, no token, no rights), in one line.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ExportError(f"--push-to-hub: {repo_id!r} is not a repository id (USER/NAME): {first_line(err)}") from None
+    import mbn
+
+    api = HfApi(library_name="mbn-advprop", library_version=mbn.__version__)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=url.repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message or f"Add {folder.name} (mbn-export)",
+        )
+    except Exception as err:  # requests / huggingface_hub errors: offline, 401, 403
+        raise ExportError(f"--push-to-hub {repo_id}: upload failed ({type(err).__name__}: {first_line(err)}); the "
+                          f"folder {folder} is complete, push it again later") from None  # fmt: skip
+    return str(url)

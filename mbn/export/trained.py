@@ -1,0 +1,119 @@
+"""Read what to export from a run or checkpoint: the plain network of one BN source, its labels and preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mbn.errors import one_line
+from mbn.export.preprocessing import Preprocessing
+
+#: ``--weights`` values: the trained weights (``model`` is mbn-eval's name for them) or their moving average.
+WEIGHTS = ("trained", "model", "ema")
+
+
+class ExportError(ValueError):
+    """An export cannot be done as asked; the message (one line) names the input and what was expected."""
+
+
+@dataclass
+class TrainedNetwork:
+    """One BN source of a trained run as a plain network (no normalisation inside), in eval mode on the CPU."""
+
+    net: nn.Module
+    model_name: str  # the recipe's model.name: cifar_resnet20, timm.<name>, torchvision.<name>
+    width: int
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    source: str
+    sources: tuple[str, ...]
+    weights: str  # trained | ema
+    checkpoint: Path
+    run_dir: Path
+    cfg: DictConfig
+    state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training position and accuracies
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output logits."""
+        return len(self.class_names)
+
+    @property
+    def library(self) -> str:
+        """``timm`` (timm models and mbn's CIFAR ResNets, registered with timm) or ``torchvision``."""
+        return "torchvision" if self.model_name.startswith("torchvision.") else "timm"
+
+
+def read_trained(path: Path, source: str | None = None, weights: str = "trained") -> TrainedNetwork:
+    """The network of a run directory (its ``last.pt``) or a checkpoint, through ``source``'s BN.
+
+    Args:
+        path: run directory or checkpoint file written by mbn-train.
+        source: the BN source to keep (default: the main one); the auxiliary BNs and heads are dropped.
+        weights: ``trained`` (or ``model``) or ``ema`` (the weight average of runs with ``ema.decay > 0``).
+
+    Raises:
+        ExportError: bad path or checkpoint, an unknown source, EMA asked of a run without it.
+    """
+    from mbn.builders import build_model
+    from mbn.config import RecipeCfg, RecipeError
+    from mbn.convert import export_model
+    from mbn.data.arrays import DataStats
+    from mbn.imports import import_user_modules
+    from mbn.models import ImageClassifier
+    from mbn.train.checkpoints import CheckpointError, load_model_state, read_checkpoint, resolve_checkpoint
+
+    if weights not in WEIGHTS:
+        raise ExportError(f"--weights: expected one of {', '.join(WEIGHTS)}, got {weights!r}")
+    weights = "ema" if weights == "ema" else "trained"
+    try:
+        ckpt_path, run_dir = resolve_checkpoint(Path(path))
+        ckpt = read_checkpoint(ckpt_path, "evaluate")
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    sources = tuple(str(s) for s in ckpt["sources"])
+    chosen = sources[0] if source is None else source
+    if chosen not in sources:
+        raise ExportError(f"--source: the run has no BN named {chosen!r}; its BNs: {', '.join(sources)}")
+    if weights == "ema" and not isinstance(ckpt.get("ema"), dict):
+        raise ExportError(f"{ckpt_path}: holds no weight average (trained with ema.decay=0); use --weights trained")
+    if not isinstance(ckpt.get("data"), dict):
+        raise ExportError(
+            f"{ckpt_path}: written before checkpoints stored class names and normalisation; evaluate or resume it "
+            "with this mbn version once, or train again"
+        )
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"])
+        assert isinstance(cfg, DictConfig)
+        stats = DataStats.from_dict(ckpt["data"])
+    except Exception as err:
+        raise ExportError(f"{ckpt_path}: stored recipe does not fit this mbn version ({one_line(err)})") from None
+    try:
+        import_user_modules(cfg.imports)
+        cfg.model.pretrained = False  # the weights come from the checkpoint; nothing is downloaded
+        model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources, heads=ckpt.get("heads"))
+        load_model_state(model, ckpt["ema" if weights == "ema" else "model"], ckpt_path)
+    except (RecipeError, CheckpointError) as err:
+        raise ExportError(str(err)) from None
+    except RuntimeError as err:  # shape mismatches
+        raise ExportError(f"{ckpt_path}: checkpoint does not match the model ({one_line(err)})") from None
+    plain = export_model(model.eval(), chosen)
+    assert isinstance(plain, ImageClassifier)
+    return TrainedNetwork(
+        net=plain.net.eval(),
+        model_name=str(cfg.model.name),
+        width=int(cfg.model.width),
+        class_names=stats.class_names,
+        preprocessing=Preprocessing.of_run(cfg.data, stats.mean, stats.std, stats.image_size),
+        source=chosen,
+        sources=sources,
+        weights=weights,
+        checkpoint=ckpt_path,
+        run_dir=run_dir,
+        cfg=cfg,
+        state=dict(ckpt.get("state") or {}),
+    )

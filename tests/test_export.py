@@ -1,0 +1,469 @@
+"""``mbn-export`` and ``mbn.load_exported``: timm's folder layout, fresh-process loading, equal logits and accuracy,
+the run's normalisation and labels, ``--source``/``--weights``, ONNX, the Hub upload (offline), timm's split BN, and
+one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mbn
+from mbn.checkpoint import load_checkpoint
+from mbn.cli.eval import main as eval_main
+from mbn.cli.export import main as export_main
+from mbn.cli.train import main as train_main
+from mbn.eval.loading import load_run
+from mbn.export import ExportError, Preprocessing, load_exported, read_trained
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("apple", "bus", "cloud")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+def make_tree(root: Path, per_class: dict[str, int]) -> Path:
+    """A tiny ImageFolder tree of 32-px PNGs (lossless: every reader sees the same pixels), one colour per class."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                image = rng.integers(0, 96, (32, 32, 3), dtype=np.uint8)
+                image[..., c] += 150  # learnable in a few steps: the class is the brightest channel
+                Image.fromarray(image).save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+def train(out: Path, *extra: str) -> Path:
+    code = train_main(
+        [
+            str(REPO / "recipes" / "advprop.yaml"),
+            "data.batch_size=12",
+            "data.eval_batch_size=32",
+            "data.num_workers=0",
+            "model.name=cifar_resnet8",
+            "model.width=8",
+            "trainer.max_steps=3",
+            "trainer.progress=none",
+            "logging.tensorboard=false",
+            f"trainer.out_dir={out}",
+            *extra,
+        ]
+    )
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("tree"), {"train": 12, "test": 8})
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Path:
+    """An AdvProp run (clean + adv BNs, weight EMA) of a CIFAR ResNet on the tree, evaluated by mbn-eval."""
+    os.environ.setdefault("MBN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    run = train(
+        tmp_path_factory.mktemp("cifar") / "run",
+        "data.name=imagefolder",
+        f"data.root={tree}",
+        "ema.decay=0.5",
+        "optim.lr=0.05",
+    )
+    assert eval_main([str(run), "--device", "cpu"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(
+        tmp_path_factory.mktemp("timm") / "run",
+        "data.name=synthetic",
+        "data.synthetic_train_size=24",
+        "data.synthetic_test_size=8",
+        "model.name=timm.resnet10t",
+        "trainer.max_steps=1",
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, cifar_run: Path, timm_run: Path) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("exports")
+    folders = {
+        "cifar": (cifar_run, []),
+        "cifar_adv": (cifar_run, ["--source", "adv"]),
+        "cifar_ema": (cifar_run, ["--weights", "ema"]),
+        "timm": (timm_run, []),
+    }
+    for name, (run, flags) in folders.items():
+        assert export_main([str(run), str(out / name), *flags]) == 0
+    return {name: out / name for name in folders}
+
+
+def reference_logits(run: Path, x: torch.Tensor, source: str = "clean", weights: str = "model") -> torch.Tensor:
+    """What ``mbn.export_model`` gives for images in [0, 1] (normalisation inside)."""
+    loaded = load_run(run, "cpu", weights=weights)
+    with torch.no_grad():
+        return mbn.export_model(loaded.model, source).eval()(x)
+
+
+FRESH = r"""
+import json, sys, torch, torchvision
+import mbn, timm  # mbn first: the import hook registers its CIFAR ResNets when timm is imported
+out = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+    x = torch.load(sys.argv[2])
+    config = timm.data.resolve_data_config({}, model=model)
+    with torch.no_grad():
+        logits = model(torchvision.transforms.functional.normalize(x, config["mean"], config["std"]))
+    torch.save(logits, f"{sys.argv[3]}/{name}.pt")
+    entry = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+             "label_names": model.pretrained_cfg.get("label_names")}
+    if name == "cifar":  # accuracy through timm's own transform pipeline on the test tree
+        dataset = torchvision.datasets.ImageFolder(sys.argv[4], transform=timm.data.create_transform(**config))
+        index = [entry["label_names"].index(c) for c in dataset.classes]
+        with torch.no_grad():
+            correct = sum(int((model(img.unsqueeze(0)).argmax(1) == index[label]).item()) for img, label in dataset)
+        entry["correct"], entry["images"] = correct, len(dataset)
+    out[name] = entry
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory, exported: dict[str, Path], tree: Path) -> dict:
+    """Every export loaded by ``timm.create_model("local-dir:...")`` in a new interpreter."""
+    scratch = tmp_path_factory.mktemp("fresh")
+    torch.manual_seed(0)
+    torch.save(torch.rand(6, 3, 32, 32), scratch / "x.pt")
+    folders = json.dumps({k: str(v) for k, v in exported.items()})
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH, folders, str(scratch / "x.pt"), str(scratch), str(tree / "test")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=scratch,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in exported:
+        result[name]["logits"] = torch.load(scratch / f"{name}.pt")
+    result["x"] = torch.load(scratch / "x.pt")
+    return result
+
+
+def test_folder_is_timms_layout_with_the_runs_normalisation_and_labels(exported, cifar_run):
+    folder = exported["cifar"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    data = load_checkpoint(cifar_run / "checkpoints" / "last.pt")["data"]
+    assert config["architecture"] == "mbn_cifar_resnet8"
+    assert config["num_classes"] == 3 and config["label_names"] == list(CLASSES) == data["class_names"]
+    cfg = config["pretrained_cfg"]
+    assert cfg["mean"] == pytest.approx(data["mean"]) and cfg["std"] == pytest.approx(data["std"])
+    assert cfg["mean"] != pytest.approx(IMAGENET_MEAN)
+    assert cfg["input_size"] == [3, 32, 32] and cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
+    assert config["mbn"]["source"] == "clean" and config["mbn"]["sources"] == ["clean", "adv"]
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(folder / "model.safetensors")))
+    assert keys and not any(k.startswith("net.") or ".bns." in k for k in keys)  # plain, un-prefixed keys
+
+
+def test_timm_loads_each_export_in_a_fresh_process_with_mbns_logits(fresh, cifar_run, timm_run):
+    x = fresh["x"]
+    torch.testing.assert_close(fresh["cifar"]["logits"], reference_logits(cifar_run, x))
+    torch.testing.assert_close(fresh["timm"]["logits"], reference_logits(timm_run, x))
+    torch.testing.assert_close(fresh["cifar_adv"]["logits"], reference_logits(cifar_run, x, "adv"))
+    torch.testing.assert_close(fresh["cifar_ema"]["logits"], reference_logits(cifar_run, x, weights="ema"))
+    # the auxiliary BN and the average are other networks, not copies of the main one
+    assert not torch.allclose(fresh["cifar_adv"]["logits"], fresh["cifar"]["logits"])
+    assert not torch.allclose(fresh["cifar_ema"]["logits"], fresh["cifar"]["logits"])
+
+
+def test_timms_transform_pipeline_gives_mbn_evals_accuracy(fresh, cifar_run):
+    entry = fresh["cifar"]
+    report = json.loads((cifar_run / "eval.json").read_text())
+    assert entry["images"] == report["num_images"] == 24
+    assert entry["correct"] / entry["images"] == pytest.approx(report["clean_acc"])
+    assert entry["label_names"] == list(CLASSES)
+    assert entry["config"]["crop_pct"] == 1.0 and entry["config"]["mean"] != pytest.approx(IMAGENET_MEAN)
+
+
+def test_load_exported_returns_the_model_and_mbns_exact_transform(exported, cifar_run):
+    model, transform = load_exported(exported["cifar"])
+    loaded = load_run(cifar_run, "cpu")
+    images = loaded.test.images[:5]  # uint8 NHWC, as mbn-eval feeds them
+    pil = [transform(Image.fromarray(img)) for img in images]
+    tensors = [transform(torch.from_numpy(img).permute(2, 0, 1)) for img in images]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+    plain = mbn.export_model(loaded.model, "clean").eval()
+    torch.testing.assert_close(torch.stack(pil), plain.normalize(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(tensors), plain.normalize(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.stack(pil)), plain(x))
+
+
+def test_model_card_describes_training_bn_results_and_inputs(exported, cifar_run):
+    card = (exported["cifar_adv"] / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm")
+    assert "through the `adv` BN" in card and "| adv | pgd | adv (exported) |" in card
+    assert "No `mbn-eval` report" in card  # the run was evaluated through its main BN only
+    card = (exported["cifar"] / "README.md").read_text()
+    report = json.loads((cifar_run / "eval.json").read_text())
+    assert f"{100 * report['clean_acc']:.2f}" in card and "The mbn-eval report" in card
+    mean = json.loads((exported["cifar"] / "config.json").read_text())["pretrained_cfg"]["mean"]
+    assert f"{mean[0]:.4f}" in card and "subtract the per-channel mean" in card
+    assert "import mbn" in card and 'timm.create_model("local-dir:FOLDER"' in card
+
+
+def test_torchvision_model_exports_a_state_dict_for_its_constructor(tmp_path):
+    import torchvision
+    from safetensors.torch import load_file
+
+    run = train(
+        tmp_path / "run",
+        "data.name=synthetic",
+        "data.synthetic_train_size=12",
+        "data.synthetic_test_size=4",
+        "model.name=torchvision.resnet18",
+        "trainer.max_steps=1",
+    )
+    assert export_main([str(run), str(tmp_path / "out"), "--format", "hf", "pth"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "torchvision.resnet18" and config["library"] == "torchvision"
+    x = torch.rand(2, 3, 32, 32)
+    reference = reference_logits(run, x)
+    for weights in (load_file(str(tmp_path / "out" / "model.safetensors")),
+                    torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)):  # fmt: skip
+        net = torchvision.models.resnet18(num_classes=10).eval()
+        net.load_state_dict(weights)
+        prep = Preprocessing.from_pretrained_cfg(config["pretrained_cfg"])
+        with torch.no_grad():
+            normalised = torchvision.transforms.functional.normalize(x, prep.mean, prep.std)
+            torch.testing.assert_close(net(normalised), reference)
+    model, _ = load_exported(tmp_path / "out")
+    assert isinstance(model, torchvision.models.ResNet)
+
+
+def test_onnx_graph_has_the_normalisation_folded_in(cifar_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    assert export_main([str(cifar_run), str(tmp_path / "out"), "--format", "onnx"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    x = torch.rand(5, 3, 32, 32)  # another batch size than the export's example: the batch axis is dynamic
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), reference_logits(cifar_run, x), rtol=1e-4, atol=1e-5)
+    assert "normalisation folded in" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_folder_through_huggingface_hub(cifar_run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls: dict[str, object] = {}
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            calls["client"] = kwargs
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls["upload"] = (repo_id, sorted(p.name for p in Path(folder_path).iterdir()), commit_message)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "out"
+    assert export_main([str(cifar_run), str(out), "--push-to-hub", "someone/advprop-r8", "--private",
+                        "--license", "mit"]) == 0  # fmt: skip
+    assert calls["create"] == ("someone/advprop-r8", True, True)
+    assert calls["upload"][:2] == ("someone/advprop-r8", ["README.md", "config.json", "model.safetensors"])
+    assert calls["client"]["library_name"] == "mbn-advprop"
+    assert "license: mit" in (out / "README.md").read_text()
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["license"] == "mit"
+    assert "uploaded to https://huggingface.co/someone/advprop-r8" in capsys.readouterr().out
+
+
+def test_a_failed_upload_is_one_line_and_keeps_the_folder(cifar_run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    class OfflineApi:
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    assert export_main([str(cifar_run), str(tmp_path / "out"), "--push-to-hub", "someone/x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Network is unreachable" in err and "push it again later" in err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_mbns_cifar_resnets_are_in_timms_registry_whichever_is_imported_first():
+    script = (
+        "import {first}; import {second}; import timm, torch; "
+        "m = timm.create_model('mbn_cifar_resnet20', num_classes=7); "
+        "g = timm.create_model('mbn_cifar_resnet', layers=[4, 4, 4], width=4); "
+        "print(m(torch.rand(1, 3, 32, 32)).shape[1], len(g.layers[0]), sorted(timm.list_models('mbn_*'))[0])"
+    )
+    for first, second in (("mbn", "timm"), ("timm", "mbn")):
+        done = subprocess.run([sys.executable, "-c", script.format(first=first, second=second)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-1500:]
+        assert done.stdout.split() == ["7", "4", "mbn_cifar_resnet"]
+
+
+def test_timm_registered_cifar_resnet_equals_mbns_own():
+    import timm
+
+    from mbn.models import cifar_resnet20
+
+    ours = cifar_resnet20(num_classes=5, width=8).eval()
+    theirs = timm.create_model("mbn_cifar_resnet20", num_classes=5, width=8).eval()
+    assert theirs.load_state_dict(ours.state_dict()) is not None
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(theirs(x), ours(x))
+    assert theirs.pretrained_cfg["architecture"] == "mbn_cifar_resnet20" and theirs.num_features == 32
+
+
+# ----------------------------------------------------------------------------------------------- timm split BN
+
+
+def test_timm_split_bn_checkpoint_gives_timms_outputs_per_source(tmp_path):
+    import timm
+    from timm.layers import convert_splitbn_model
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet10t", num_classes=5)
+    split = convert_splitbn_model(copy.deepcopy(base), 3)
+    for module in split.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # every BN of every split its own affine pair
+            torch.nn.init.normal_(module.weight, 1.0, 0.3)
+            torch.nn.init.normal_(module.bias, 0.0, 0.3)
+    chunks = [torch.rand(4, 3, 32, 32) * scale for scale in (1.0, 0.5, 2.0)]
+    split.train()
+    with torch.no_grad():
+        split(torch.cat(chunks))  # running statistics of every split move apart
+    args = argparse.Namespace(model="resnet10t", split_bn=True)  # what timm's CheckpointSaver stores
+    torch.save(
+        {"epoch": 3, "arch": "resnet10t", "state_dict": split.state_dict(), "args": args}, tmp_path / "c.pth.tar"
+    )
+
+    state = mbn.convert.read_timm_checkpoint(tmp_path / "c.pth.tar")
+    assert mbn.convert.split_bn_count(state) == 3
+    model = mbn.convert.load_split_bn(copy.deepcopy(base), state, ("clean", "aug1", "aug2"))
+    assert mbn.model_sources(model) == ("clean", "aug1", "aug2")
+    x = torch.cat(chunks)
+    with torch.no_grad():
+        expected = split(x)  # timm: split i through its own BN, batch statistics
+        with mbn.split_sources(model.train(), {"clean": 4, "aug1": 4, "aug2": 4}):
+            got = model(x)
+    torch.testing.assert_close(got, expected)
+    # eval mode: each source uses its split's running statistics (timm keeps only split 0 at test time)
+    split.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(chunks[0]), split(chunks[0]))
+        for index, name in ((0, "aug1"), (1, "aug2")):
+            aux_only = copy.deepcopy(split)
+            for module in aux_only.modules():
+                if hasattr(module, "aux_bn"):
+                    module.load_state_dict({**module.aux_bn[index].state_dict()}, strict=False)
+            with mbn.use_source(model, name):
+                torch.testing.assert_close(model(chunks[1]), aux_only(chunks[1]))
+
+
+def test_split_bn_with_the_wrong_number_of_names_is_refused():
+    from timm.layers import convert_splitbn_model
+
+    from tests.nets import TinyNet
+
+    state = convert_splitbn_model(TinyNet(), 3).state_dict()
+    with pytest.raises(ValueError, match="3 BNs per layer, got 2 names"):
+        mbn.convert.load_split_bn(TinyNet(), state, ("clean", "adv"))
+    assert mbn.model_sources(mbn.convert.load_split_bn(TinyNet(), state)) == ("clean", "aug1", "aug2")
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
+    assert export_main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mbn-export: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_one_line(cifar_run, timm_run, tmp_path, capsys):
+    assert "not a run directory" in one_line_error(capsys, [str(tmp_path), str(tmp_path / "o1")])
+    err = one_line_error(capsys, [str(cifar_run), str(tmp_path / "o2"), "--source", "autoaug"])
+    assert "no BN named 'autoaug'" in err and "clean, adv" in err
+    err = one_line_error(capsys, [str(timm_run), str(tmp_path / "o3"), "--weights", "ema"])
+    assert "ema.decay=0" in err
+    (tmp_path / "o4").mkdir()
+    (tmp_path / "o4" / "keep.txt").write_text("mine")
+    assert "--force" in one_line_error(capsys, [str(cifar_run), str(tmp_path / "o4")])
+    assert (tmp_path / "o4" / "keep.txt").read_text() == "mine"
+    (tmp_path / "o5").write_text("a file")
+    assert "not a folder" in one_line_error(capsys, [str(cifar_run), str(tmp_path / "o5")])
+    assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())  # no staging folder left behind
+
+
+def test_force_replaces_only_a_complete_export(cifar_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert export_main([str(cifar_run), str(out)]) == 0
+    before = (out / "model.safetensors").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise ExportError("simulated failure while writing")
+
+    monkeypatch.setattr("mbn.export.card.model_card", broken)
+    one_line_error(capsys, [str(cifar_run), str(out), "--force", "--source", "adv"])
+    assert (out / "model.safetensors").read_bytes() == before  # the earlier export is intact
+    monkeypatch.undo()
+    assert export_main([str(cifar_run), str(out), "--force", "--source", "adv"]) == 0
+    assert json.loads((out / "config.json").read_text())["mbn"]["source"] == "adv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_model_timm_cannot_describe_is_one_line(timm_run, tmp_path, monkeypatch, capsys):
+    import mbn.export.folder as folder
+
+    real = folder.timm_network
+
+    def unserialisable(trained):
+        net = real(trained)
+        net._model_args = {**getattr(net, "_model_args", {}), "act_layer": object()}
+        return net
+
+    monkeypatch.setattr(folder, "timm_network", unserialisable)
+    err = one_line_error(capsys, [str(timm_run), str(tmp_path / "out")])
+    assert "timm cannot describe it" in err and "act_layer" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_trained_and_load_exported_errors(tmp_path, cifar_run):
+    with pytest.raises(ExportError, match="--weights"):
+        read_trained(cifar_run, weights="average")
+    with pytest.raises(ExportError, match="no such export folder"):
+        load_exported(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match=r"config\.json: not found"):
+        load_exported(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not readable JSON"):
+        load_exported(tmp_path / "bad")
