@@ -11,7 +11,9 @@ import argparse
 import copy
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -147,7 +149,16 @@ def split_bn_count(state: Mapping[str, Tensor]) -> int:
     return 1 + (max(indices) + 1 if indices else 0)
 
 
-def read_timm_checkpoint(path: str | Path, *, ema: bool = False) -> dict[str, Tensor]:
+@dataclass
+class TimmCheckpoint:
+    """What mbn reads of a checkpoint of timm's ``train.py``: the model state, the architecture, the command line."""
+
+    state: dict[str, Tensor]
+    arch: str | None = None  # timm's model name (``args.model``)
+    args: dict[str, Any] = field(default_factory=dict)  # timm's argparse namespace, as a dict
+
+
+def read_timm_checkpoint(path: str | Path, *, ema: bool = False) -> TimmCheckpoint:
     """The model state dict of a checkpoint written by timm's ``train.py`` (or a bare state dict).
 
     Read with ``weights_only=True``; timm stores its command line as an ``argparse.Namespace``, the one object
@@ -165,15 +176,20 @@ def read_timm_checkpoint(path: str | Path, *, ema: bool = False) -> dict[str, Te
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable checkpoint ({str(err).strip().splitlines()[0]})") from None
+        lines = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+        raise ValueError(f"{path}: not a readable checkpoint ({lines[0]})") from None
     key = "state_dict_ema" if ema else "state_dict"
-    if isinstance(ckpt, dict) and key in ckpt:
-        state = ckpt[key]
-    elif isinstance(ckpt, dict) and not ema and all(isinstance(v, Tensor) for v in ckpt.values()):
-        state = ckpt
+    if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+        state, arch, args = ckpt[key], ckpt.get("arch"), ckpt.get("args")
+    elif isinstance(ckpt, dict) and ckpt and not ema and all(isinstance(v, Tensor) for v in ckpt.values()):
+        state, arch, args = ckpt, None, None
     else:
         raise ValueError(f"{path}: no {key!r} entry (a checkpoint of timm's train.py was expected)")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return TimmCheckpoint(
+        {k.removeprefix("module."): v for k, v in state.items()},
+        arch if isinstance(arch, str) else None,
+        vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {},
+    )
 
 
 def load_split_bn(
@@ -189,7 +205,7 @@ def load_split_bn(
 
     Args:
         model: the *plain* architecture the checkpoint was trained with (e.g. ``timm.create_model("resnet50")``).
-        state: the checkpoint's state dict (:func:`read_timm_checkpoint`).
+        state: the checkpoint's state dict (:func:`read_timm_checkpoint` ``.state``).
         sources: one name per split, main first (default: ``clean``, ``aug1``, ``aug2``, ...).
         strict: every key must match, as ``load_state_dict(strict=True)``.
 

@@ -362,7 +362,9 @@ def test_timm_split_bn_checkpoint_gives_timms_outputs_per_source(tmp_path):
         {"epoch": 3, "arch": "resnet10t", "state_dict": split.state_dict(), "args": args}, tmp_path / "c.pth.tar"
     )
 
-    state = mbn.convert.read_timm_checkpoint(tmp_path / "c.pth.tar")
+    ckpt = mbn.convert.read_timm_checkpoint(tmp_path / "c.pth.tar")
+    assert ckpt.arch == "resnet10t" and ckpt.args["split_bn"] is True
+    state = ckpt.state
     assert mbn.convert.split_bn_count(state) == 3
     model = mbn.convert.load_split_bn(copy.deepcopy(base), state, ("clean", "aug1", "aug2"))
     assert mbn.model_sources(model) == ("clean", "aug1", "aug2")
@@ -415,8 +417,13 @@ def test_bad_inputs_are_one_line(cifar_run, timm_run, tmp_path, capsys):
     assert "ema.decay=0" in err
     (tmp_path / "o4").mkdir()
     (tmp_path / "o4" / "keep.txt").write_text("mine")
-    assert "--force" in one_line_error(capsys, [str(cifar_run), str(tmp_path / "o4")])
+    for flags in ([], ["--force"]):  # --force replaces only an earlier export, never another folder
+        assert "not written by mbn-export" in one_line_error(capsys, [str(cifar_run), str(tmp_path / "o4"), *flags])
     assert (tmp_path / "o4" / "keep.txt").read_text() == "mine"
+    err = one_line_error(capsys, [str(cifar_run), str(cifar_run), "--force"])  # the run directory itself
+    assert "not written by mbn-export" in err and (cifar_run / "checkpoints" / "last.pt").is_file()
+    assert export_main([str(cifar_run), str(tmp_path / "o6")]) == 0
+    assert "--force" in one_line_error(capsys, [str(cifar_run), str(tmp_path / "o6")])
     (tmp_path / "o5").write_text("a file")
     assert "not a folder" in one_line_error(capsys, [str(cifar_run), str(tmp_path / "o5")])
     assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())  # no staging folder left behind
@@ -467,3 +474,64 @@ def test_read_trained_and_load_exported_errors(tmp_path, cifar_run):
     (tmp_path / "bad" / "config.json").write_text("{not json")
     with pytest.raises(ExportError, match="not readable JSON"):
         load_exported(tmp_path / "bad")
+
+
+def test_mbn_eval_reads_a_timm_split_bn_checkpoint(tmp_path):
+    import timm
+    from timm.layers import convert_splitbn_model
+
+    from mbn.synthetic import generate_synthetic
+
+    torch.manual_seed(1)
+    split = convert_splitbn_model(timm.create_model("resnet10t", num_classes=10), 2)
+    split.train()
+    with torch.no_grad():
+        for _ in range(3):  # the two splits see different data: their statistics differ
+            split(torch.cat([torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32) * 0.3]))
+    args = argparse.Namespace(model="resnet10t", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), split_bn=True)
+    checkpoint = tmp_path / "exp" / "model_best.pth.tar"
+    checkpoint.parent.mkdir()
+    torch.save({"arch": "resnet10t", "state_dict": split.state_dict(), "args": args}, checkpoint)
+    recipe = tmp_path / "data.yaml"
+    recipe.write_text(
+        "domains:\n  clean: {type: clean}\n"
+        "data: {name: synthetic, synthetic_train_size: 16, synthetic_test_size: 24, num_workers: 0}\n"
+    )
+    flags = ["--timm-recipe", str(recipe), "--split-names", "clean,weak", "--device", "cpu"]
+    assert eval_main([str(checkpoint), *flags]) == 0
+    report = json.loads((checkpoint.parent / "eval.json").read_text())
+    assert report["sources"] == ["clean", "weak"] and report["num_images"] == 24
+
+    images, labels = generate_synthetic(24, 32, seed=1)  # the synthetic test split
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+    x = (x - 0.5) / 0.25  # timm's --mean/--std from the checkpoint's args
+    expected = {}
+    for index in (0, 1):
+        net = copy.deepcopy(split).eval()
+        if index:  # split 1's BN, as timm would use it if it kept the auxiliary BNs at test time
+            for module in net.modules():
+                if hasattr(module, "aux_bn"):
+                    module.load_state_dict(module.aux_bn[0].state_dict(), strict=False)
+        with torch.no_grad():
+            expected[index] = (net(x).argmax(1).numpy() == labels).mean()
+    assert report["per_bn_acc"]["clean"] == pytest.approx(expected[0])
+    assert report["per_bn_acc"]["weak"] == pytest.approx(expected[1])
+    assert report["clean_acc"] == pytest.approx(expected[0])
+
+
+def test_a_timm_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):
+    import timm
+
+    checkpoint = tmp_path / "c.pth.tar"
+    torch.save({"arch": "resnet10t", "state_dict": timm.create_model("resnet10t", num_classes=7).state_dict()},
+               checkpoint)  # fmt: skip
+    recipe = tmp_path / "data.yaml"
+    recipe.write_text(
+        "domains:\n  clean: {type: clean}\ndata: {name: synthetic, synthetic_train_size: 8, num_workers: 0}\n"
+    )
+    assert eval_main([str(checkpoint), "--timm-recipe", str(recipe), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not fit timm.resnet10t" in err
+    (tmp_path / "garbage.pth.tar").write_bytes(b"not a checkpoint")
+    assert eval_main([str(tmp_path / "garbage.pth.tar"), "--timm-recipe", str(recipe)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err

@@ -27,6 +27,7 @@ EPILOG = """examples:
   mbn-eval runs/advprop --suite cifar10-c=/data/CIFAR-10-C --bn-adapt   # a published suite, + BN adaptation
   mbn-eval runs/in1k --suite imagenet-c=/data/imagenet-c --suite imagenet-a=/data/imagenet-a --limit 5000
   mbn-eval runs/advprop --write-suite /data/my-cifar10-c     # write a CIFAR-10-C-layout suite from the test split
+  mbn-eval output/train/exp/model_best.pth.tar --timm-recipe data.yaml --split-names clean,augmix1,augmix2
 """
 
 
@@ -104,6 +105,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bn", metavar="NAME", help="the BN source to evaluate through (default: the main one; report in RUN/bn-NAME)"
     )
     opt.add_argument("--workers", type=int, metavar="W", help="suite image decoders (default: data.num_workers)")
+    timm_group = p.add_argument_group("a checkpoint of timm's train.py (--split-bn: one BN source per split)")
+    timm_group.add_argument(
+        "--timm-recipe",
+        type=Path,
+        metavar="RECIPE",
+        help="PATH is a timm checkpoint; evaluate it on this recipe's data (report beside the checkpoint)",
+    )
+    timm_group.add_argument(
+        "--split-names", metavar="A,B,...", help="source name of each split, main first (default: clean,aug1,...)"
+    )
     bn = p.add_argument_group("test-time BN adaptation and routing (suites)")
     bn.add_argument(
         "--bn-adapt",
@@ -173,6 +184,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         bn_adapt_prior=args.bn_adapt_prior,
         bn_route=args.bn_route,
         workers=args.workers,
+        timm_recipe=args.timm_recipe,
+        split_names=args.split_names.split(",") if args.split_names else None,
     )
 
 

@@ -51,7 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="hf: config.json + model.safetensors + README.md (always written); pth: also pytorch_model.bin "
         "(torch.save of the plain state dict); onnx: also model.onnx (normalisation folded in; the onnx extra)",
     )
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (only once the export is done)")
+    p.add_argument(
+        "--force", action="store_true", help="replace an earlier export in OUT_DIR (only once the new one is complete)"
+    )
     p.add_argument("--license", metavar="ID", help="licence of the weights for config.json and the card (e.g. mit)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to the Hugging Face Hub as USER/NAME")
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")

@@ -66,6 +66,9 @@ class EvalOptions:
         bn_adapt_prior: Schneider et al.'s prior strength ``N`` (0: full re-estimation).
         bn_route: ``main`` (the chosen BN) or ``auto`` (also the lowest-entropy BN per batch, reported beside).
         workers: DataLoader workers decoding suite images (default: ``data.num_workers``).
+        timm_recipe: ``path`` is a checkpoint of timm's ``train.py`` (``--split-bn``: a BN per split), evaluated
+            on this recipe's data (:func:`mbn.eval.loading.load_timm_run`).
+        split_names: the BN source name of each split of such a checkpoint (default ``clean``, ``aug1``, ...).
     """
 
     sections: set[str] = field(default_factory=lambda: {"clean", "per_bn"})
@@ -93,6 +96,8 @@ class EvalOptions:
     bn_adapt_prior: float = 0.0
     bn_route: str = "main"
     workers: int | None = None
+    timm_recipe: Path | None = None
+    split_names: Sequence[str] | None = None
 
 
 def _option(name: str, check: Any, value: Any, **bounds: Any) -> Any:
@@ -199,7 +204,7 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
     from mbn.eval.accuracy import accuracy
     from mbn.eval.corruptions import CORRUPTIONS
     from mbn.eval.divergence import bn_divergence
-    from mbn.eval.loading import load_run
+    from mbn.eval.loading import load_run, load_timm_run
     from mbn.eval.robustness import (
         autoattack_accuracy,
         corruption_accuracy,
@@ -213,7 +218,10 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
 
     check_options(options)
     args, sections = options, options.sections | {"clean"}
-    run = load_run(Path(path), args.device, data_root=args.data_root, weights=args.weights)
+    if args.timm_recipe is not None:
+        run = load_timm_run(Path(path), args.timm_recipe, args.device, args.split_names, args.weights, args.data_root)
+    else:
+        run = load_run(Path(path), args.device, data_root=args.data_root, weights=args.weights)
     ecfg = run.cfg.eval
     bn = chosen_bn(args.bn, run.sources)
     suites = suite_specs(options, ecfg) if "suites" in sections else []

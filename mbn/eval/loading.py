@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +87,77 @@ def load_run(
         ) from None
     model.to(dev).eval()
     return LoadedRun(model, cfg, stats, test, sources, ckpt_path, run_dir, dev)
+
+
+def load_timm_run(
+    path: Path,
+    recipe: Path,
+    device: str = "auto",
+    sources: Sequence[str] | None = None,
+    weights: str = "model",
+    data_root: str | Path | None = None,
+) -> LoadedRun:
+    """A checkpoint of timm's ``train.py`` (one BN source per ``--split-bn`` split), on a recipe's test data.
+
+    The architecture is the checkpoint's (``arch``, else the recipe's ``model.name``); the normalisation is the
+    recipe's ``data.mean``/``data.std`` when set, else what timm trained with (its ``--mean``/``--std``, else the
+    architecture's pretrained config). Reports are written beside the checkpoint.
+
+    Args:
+        path: the timm checkpoint (``model_best.pth.tar``, ``last.pth.tar``, ...).
+        recipe: an mbn recipe whose ``data`` section names the test set (its classes in the checkpoint's order).
+        device: ``auto``, ``cpu`` or a CUDA device.
+        sources: one name per split (default ``clean``, ``aug1``, ...).
+        weights: ``model`` or ``ema`` (timm's ``state_dict_ema``).
+        data_root: the dataset there instead of the recipe's ``data.root``.
+
+    Raises:
+        CheckpointError: unreadable checkpoint, or one that does not fit the model and data.
+        RecipeError: a bad recipe, or test data that cannot be loaded.
+    """
+    from mbn.config import load_recipe
+    from mbn.convert import load_split_bn, read_timm_checkpoint
+    from mbn.models import ModelConfigError, create_model
+
+    path = Path(path)
+    try:
+        ckpt = read_timm_checkpoint(path, ema=weights == "ema")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    overrides = [f"model.name=timm.{ckpt.arch}", "model.pretrained=false"] if ckpt.arch else ["model.pretrained=false"]
+    if data_root is not None:
+        overrides.append(f"data.root={data_root}")
+    cfg = load_recipe(recipe, overrides)
+    try:
+        _, test, stats = load_arrays(cfg.data)
+    except (RecipeError, ValueError, FileNotFoundError) as err:
+        raise RecipeError(f"{recipe}: cannot load the test data: {one_line(err)}") from None
+    mean, std = _timm_normalisation(cfg, ckpt.args, stats)
+    stats = DataStats(stats.class_names, mean, std, stats.image_size)
+    try:
+        model = create_model(cfg.model, stats.num_classes, stats.mean, stats.std)
+        load_split_bn(model, {f"net.{k}": v for k, v in ckpt.state.items()}, sources)
+    except ModelConfigError as err:
+        raise RecipeError(f"key 'model.{err.field}': {err}") from None
+    except (ValueError, RuntimeError) as err:  # names, keys or shapes (another class count)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise CheckpointError(f"{path}: does not fit {cfg.model.name} on the recipe's data ({lines[-1]})") from None
+    from mbn.routing import model_sources
+
+    dev = resolve_device(device, "--device")
+    model.to(dev).eval()
+    return LoadedRun(model, cfg, stats, test, model_sources(model), path, path.parent, dev)
+
+
+def _timm_normalisation(cfg: DictConfig, args: dict, stats: DataStats) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        return tuple(cfg.data.mean), tuple(cfg.data.std)
+    if args.get("mean") is not None and args.get("std") is not None:
+        return tuple(float(v) for v in args["mean"]), tuple(float(v) for v in args["std"])
+    if str(cfg.model.name).startswith("timm."):
+        from timm.models import get_pretrained_cfg
+
+        pretrained = get_pretrained_cfg(str(cfg.model.name).removeprefix("timm."))
+        if pretrained is not None:
+            return tuple(float(v) for v in pretrained.mean), tuple(float(v) for v in pretrained.std)
+    return stats.mean, stats.std

@@ -34,15 +34,30 @@ _TEST_TIME_KEYS = ("test_input_size", "test_crop_pct", "test_pool_size", "pool_s
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
-    """``OUT_DIR`` is new, empty, or replaced with ``force``.
+    """``OUT_DIR`` is new or empty, or (with ``force``) an earlier export to replace.
+
+    ``force`` replaces only a folder mbn-export wrote (its ``config.json`` has an ``mbn`` entry), never a run
+    directory, a home folder or any other non-empty folder.
 
     Raises:
-        ExportError: a file, or a non-empty folder without ``force``.
+        ExportError: a file, or a non-empty folder that is not an earlier export or is one without ``force``.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"{out_dir}: exists and is not empty; choose another OUT_DIR or pass --force to replace it")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not _is_export(out_dir):
+        raise ExportError(f"{out_dir}: exists, is not empty and was not written by mbn-export; choose another OUT_DIR")
+    if not force:
+        raise ExportError(f"{out_dir}: holds an earlier export; choose another OUT_DIR or pass --force to replace it")
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("mbn"), dict)
 
 
 def mbn_metadata(trained: TrainedNetwork) -> dict[str, Any]:
