@@ -84,15 +84,18 @@ def cifar_run(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def timm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(
+def timm_run(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Path:
+    """A timm network trained one step on the tree, evaluated by mbn-eval."""
+    os.environ.setdefault("MBN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    run = train(
         tmp_path_factory.mktemp("timm") / "run",
-        "data.name=synthetic",
-        "data.synthetic_train_size=24",
-        "data.synthetic_test_size=8",
+        "data.name=imagefolder",
+        f"data.root={tree}",
         "model.name=timm.resnet10t",
         "trainer.max_steps=1",
     )
+    assert eval_main([str(run), "--device", "cpu"]) == 0
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +132,14 @@ for name, folder in json.loads(sys.argv[1]).items():
     torch.save(logits, f"{sys.argv[3]}/{name}.pt")
     entry = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
              "label_names": model.pretrained_cfg.get("label_names")}
-    if name == "cifar":  # accuracy through timm's own transform pipeline on the test tree
+    if name in ("cifar", "timm"):  # accuracy through timm's own transform pipeline on the test tree
         dataset = torchvision.datasets.ImageFolder(sys.argv[4], transform=timm.data.create_transform(**config))
         index = [entry["label_names"].index(c) for c in dataset.classes]
         with torch.no_grad():
-            correct = sum(int((model(img.unsqueeze(0)).argmax(1) == index[label]).item()) for img, label in dataset)
-        entry["correct"], entry["images"] = correct, len(dataset)
+            predicted = [int(model(img.unsqueeze(0)).argmax(1)) for img, _ in dataset]
+        entry["predicted"] = predicted
+        entry["correct"] = sum(p == index[label] for p, (_, label) in zip(predicted, dataset.samples))
+        entry["images"] = len(dataset)
     out[name] = entry
 print(json.dumps(out))
 """
@@ -191,11 +196,16 @@ def test_timm_loads_each_export_in_a_fresh_process_with_mbns_logits(fresh, cifar
     assert not torch.allclose(fresh["cifar_ema"]["logits"], fresh["cifar"]["logits"])
 
 
-def test_timms_transform_pipeline_gives_mbn_evals_accuracy(fresh, cifar_run):
-    entry = fresh["cifar"]
-    report = json.loads((cifar_run / "eval.json").read_text())
+@pytest.mark.parametrize("name", ["cifar", "timm"])
+def test_timms_transform_pipeline_gives_mbn_evals_accuracy(fresh, cifar_run, timm_run, name):
+    entry = fresh[name]
+    report = json.loads(((cifar_run if name == "cifar" else timm_run) / "eval.json").read_text())
     assert entry["images"] == report["num_images"] == 24
     assert entry["correct"] / entry["images"] == pytest.approx(report["clean_acc"])
+    loaded = load_run(cifar_run if name == "cifar" else timm_run, "cpu")  # image by image, not only the count
+    x = torch.from_numpy(loaded.test.images).permute(0, 3, 1, 2).float().div(255.0)
+    with torch.no_grad():
+        assert entry["predicted"] == mbn.export_model(loaded.model, "clean").eval()(x).argmax(1).tolist()
     assert entry["label_names"] == list(CLASSES)
     assert entry["config"]["crop_pct"] == 1.0 and entry["config"]["mean"] != pytest.approx(IMAGENET_MEAN)
 
