@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -175,9 +176,18 @@ def read_timm_checkpoint(path: str | Path, *, ema: bool = False) -> TimmCheckpoi
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError as err:
+        refused = "GLOBAL" in str(err) or "allowed global" in str(err)
+        reason = (
+            "it holds objects besides tensors, containers and timm's argparse.Namespace; mbn runs no code from a file"
+            if refused
+            else "not a file torch.save wrote, or a damaged one"
+        )
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
     except Exception as err:
-        lines = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
-        raise ValueError(f"{path}: not a readable checkpoint ({lines[0]})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     key = "state_dict_ema" if ema else "state_dict"
     if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
         state, arch, args = ckpt[key], ckpt.get("arch"), ckpt.get("args")
@@ -213,7 +223,8 @@ def load_split_bn(
         ``model``, converted in place, holding the weights.
 
     Raises:
-        ValueError: ``sources`` of another length than the splits, or keys that do not fit the model.
+        ValueError: ``sources`` of another length than the splits, or keys or shapes that do not fit the model
+            (then ``model`` is converted but only partly loaded: build a fresh one).
     """
     splits = split_bn_count(state)
     names = validate_source_names(sources or ("clean", *(f"aug{i}" for i in range(1, splits))))
@@ -232,7 +243,11 @@ def load_split_bn(
             renamed[f"{path}.bns.{names[0]}.{leaf}"] = value
         else:
             renamed[key] = value
-    result = model.load_state_dict(renamed, strict=False)
+    try:
+        result = model.load_state_dict(renamed, strict=False)
+    except RuntimeError as err:  # shapes: another width or number of classes
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(f"the state dict does not fit the model ({lines[-1][:240]})") from None
     if strict and (result.missing_keys or result.unexpected_keys):
         kind, keys = ("missing", result.missing_keys) if result.missing_keys else ("unexpected", result.unexpected_keys)
         raise ValueError(f"the state dict does not fit the model ({kind} keys, e.g. {', '.join(keys[:3])})")

@@ -183,7 +183,8 @@ class ModelConfigError(ValueError):
         self.field = field
 
 
-def _cifar_depth(name: str) -> int | None:
+def cifar_depth(name: str) -> int | None:
+    """The depth of a CIFAR ResNet model name (``cifar_resnet20`` -> 20); None for other names or bad depths."""
     match = re.fullmatch(r"cifar_resnet(\d+)", name)
     if match is None:
         return None
@@ -220,7 +221,7 @@ def check_model_config(cfg: ModelCfg) -> None:
     if name.startswith("timm."):
         _check_timm_name(name.removeprefix("timm."))
         return
-    if _cifar_depth(name) is None:
+    if cifar_depth(name) is None:
         hint = " (depth: expected 6n+2, e.g. 8, 20, 56, or 18/34)" if name.startswith("cifar_resnet") else ""
         raise ModelConfigError("name", f"unknown model {name!r}{hint}; accepted: {_ACCEPTED}")
     if cfg.pretrained:
@@ -361,7 +362,7 @@ def build_network(cfg: ModelCfg, num_classes: int) -> nn.Module:
         return _torchvision_net(name.removeprefix("torchvision."), num_classes, cfg.pretrained)
     if name.startswith("timm."):
         return _timm_net(name.removeprefix("timm."), num_classes, cfg.pretrained)
-    depth = _cifar_depth(name)
+    depth = cifar_depth(name)
     if depth == 18:
         return cifar_resnet18(num_classes, cfg.width)
     if depth == 34:

@@ -15,6 +15,7 @@ timm's own import finishes (a one-shot import hook, :func:`register_when_timm_is
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -99,30 +100,46 @@ def register() -> None:
             register_model(fn)
 
 
-class _RegisterAfterTimm(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Wraps timm's own loader once, so :func:`register` runs right after ``import timm`` finishes."""
+class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
+    """Finds timm like the other finders, with a loader that runs :func:`register` once timm's import finishes.
+
+    A probe (``importlib.util.find_spec("timm")``, as many libraries do) gets a spec and changes nothing; the finder
+    leaves ``sys.meta_path`` only once timm is imported.
+    """
 
     def __init__(self) -> None:
-        self._loader: importlib.abc.Loader | None = None
+        self._searching = False
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
-        if fullname != "timm" or self._loader is not None:
+        if fullname != "timm" or self._searching:
             return None
-        sys.meta_path.remove(self)  # one shot; the other finders locate timm itself
-        spec = importlib.util.find_spec("timm")
+        self._searching = True  # importlib.util.find_spec asks every finder, this one included
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self._searching = False
         if spec is None or spec.loader is None:
             return None
-        self._loader, spec.loader = spec.loader, self
+        spec.loader = _ThenRegister(spec.loader, self)
         return spec
 
+
+class _ThenRegister(importlib.abc.Loader):
+    """timm's own loader, followed by :func:`register`."""
+
+    def __init__(self, loader: importlib.abc.Loader, finder: _RegisterAfterTimm) -> None:
+        self._loader, self._finder = loader, finder
+
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        assert self._loader is not None
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        assert self._loader is not None
-        module.__spec__.loader = self._loader  # type: ignore[union-attr]  # timm's own loader from now on
+        module.__loader__ = self._loader  # timm's own loader from now on
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
         self._loader.exec_module(module)
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self._finder)
         register()
 
 

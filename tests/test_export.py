@@ -226,7 +226,7 @@ def test_load_exported_returns_the_model_and_mbns_exact_transform(exported, cifa
 
 def test_model_card_describes_training_bn_results_and_inputs(exported, cifar_run):
     card = (exported["cifar_adv"] / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm")
+    assert card.startswith("---\nlibrary_name: pytorch")  # the class is mbn's: the Hub's timm snippet would fail
     assert "through the `adv` BN" in card and "| adv | pgd | adv (exported) |" in card
     assert "No `mbn-eval` report" in card  # the run was evaluated through its main BN only
     card = (exported["cifar"] / "README.md").read_text()
@@ -290,6 +290,9 @@ def test_push_to_hub_uploads_the_folder_through_huggingface_hub(cifar_run, tmp_p
             calls["create"] = (repo_id, private, exist_ok)
             return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
+        def repo_info(self, repo_id):
+            return type("Info", (), {"private": calls["create"][1]})()  # a new repository, as created
+
         def upload_folder(self, repo_id, folder_path, commit_message):
             calls["upload"] = (repo_id, sorted(p.name for p in Path(folder_path).iterdir()), commit_message)
 
@@ -324,12 +327,12 @@ def test_a_failed_upload_is_one_line_and_keeps_the_folder(cifar_run, tmp_path, m
 
 def test_mbns_cifar_resnets_are_in_timms_registry_whichever_is_imported_first():
     script = (
-        "import {first}; import {second}; import timm, torch; "
+        "import importlib.util; import {first}; importlib.util.find_spec('timm'); import {second}; import timm, torch; "
         "m = timm.create_model('mbn_cifar_resnet20', num_classes=7); "
         "g = timm.create_model('mbn_cifar_resnet', layers=[4, 4, 4], width=4); "
         "print(m(torch.rand(1, 3, 32, 32)).shape[1], len(g.layers[0]), sorted(timm.list_models('mbn_*'))[0])"
     )
-    for first, second in (("mbn", "timm"), ("timm", "mbn")):
+    for first, second in (("mbn", "timm"), ("timm", "mbn"), ("mbn", "timm.layers")):  # a probe first changes nothing
         done = subprocess.run([sys.executable, "-c", script.format(first=first, second=second)],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-1500:]
@@ -545,3 +548,77 @@ def test_a_timm_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):
     (tmp_path / "garbage.pth.tar").write_bytes(b"not a checkpoint")
     assert eval_main([str(tmp_path / "garbage.pth.tar"), "--timm-recipe", str(recipe)]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_push_refuses_a_bad_repo_id_before_writing_and_a_public_repo_with_private(cifar_run, tmp_path, monkeypatch,
+                                                                                  capsys):  # fmt: skip
+    import huggingface_hub
+
+    assert "not a repository id" in one_line_error(capsys, [str(cifar_run), str(tmp_path / "a"), "--push-to-hub",
+                                                            "not a repo"])  # fmt: skip
+    assert not (tmp_path / "a").exists()
+    uploads = []
+
+    class PublicRepo:
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def repo_info(self, repo_id):
+            return type("Info", (), {"private": False})()  # it existed, public
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", PublicRepo)
+    err = one_line_error(capsys, [str(cifar_run), str(tmp_path / "b"), "--push-to-hub", "me/x", "--private"], code=1)
+    assert "exists and is public" in err and not uploads
+
+
+def test_force_never_replaces_a_folder_holding_more_than_an_export(cifar_run, tmp_path, capsys):
+    out = tmp_path / "clone"
+    assert export_main([str(cifar_run), str(out)]) == 0
+    (out / ".git").mkdir()  # a Hub clone: its history must survive
+    (out / ".git" / "HEAD").write_text("ref")
+    err = one_line_error(capsys, [str(cifar_run), str(out), "--force"])
+    assert "other things (.git)" in err and (out / ".git" / "HEAD").read_text() == "ref"
+
+
+def test_an_existing_empty_folder_or_a_link_to_one_is_filled_not_replaced(cifar_run, tmp_path):
+    target = tmp_path / "disk" / "target"
+    target.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(target)
+    assert export_main([str(cifar_run), str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]  # nothing left beside it
+    assert export_main([str(cifar_run), str(tmp_path / "link"), "--force", "--format", "hf", "pth"]) == 0
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "pytorch_model.bin"
+    ]  # fmt: skip
+    modes = {p.name: p.stat().st_mode & 0o777 for p in target.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' 0600 file as readable as the others
+
+
+def test_an_interrupted_export_leaves_nothing_behind(cifar_run, tmp_path, monkeypatch, capsys):
+    import mbn.export.folder as folder
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("exporter exploded\nwith a long story")
+
+    monkeypatch.setattr(folder, "_onnx_export", failing)
+    err = one_line_error(capsys, [str(cifar_run), str(tmp_path / "new" / "deeper" / "out"), "--format", "onnx"])
+    assert "torch's exporter failed" in err and "exporter exploded" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no parent it made
+
+
+def test_card_and_config_name_no_local_paths_and_say_which_bn(exported, cifar_run):
+    config = (exported["cifar_adv"] / "config.json").read_text()
+    card = (exported["cifar_adv"] / "README.md").read_text()
+    for text in (config, card):
+        assert str(cifar_run.parent) not in text
+    assert "the other BNs (`clean` (the main one))" in card and "exported to be studied on its own" in card
+    assert "library_name: pytorch" in card and "`import mbn` registers it with timm" in card
+    timm_card = (exported["timm"] / "README.md").read_text()
+    assert "library_name: timm" in timm_card and "no mbn code runs at inference" in timm_card

@@ -13,8 +13,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mbn.fileio import WriteError
-
 EPILOG = """examples:
   mbn-export runs/advprop exported/advprop                 # the main BN, timm's folder layout + model card
   mbn-export runs/advprop exported/advprop-adv --source adv   # the auxiliary BN's network
@@ -30,7 +28,6 @@ load it:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     from mbn.export.folder import FORMATS
-    from mbn.export.trained import WEIGHTS
 
     p = argparse.ArgumentParser(
         prog="mbn-export",
@@ -42,7 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("path", help="run directory (uses checkpoints/last.pt) or a checkpoint file")
     p.add_argument("out_dir", type=Path, help="folder to write (new or empty; see --force)")
     p.add_argument("--source", metavar="BN", help="the BN source to keep (default: the main one, e.g. clean)")
-    p.add_argument("--weights", choices=WEIGHTS, default="trained", help="trained weights or their EMA (ema.decay > 0)")
+    p.add_argument(
+        "--weights", choices=("trained", "ema"), default="trained", help="trained weights or their EMA (ema.decay > 0)"
+    )
     p.add_argument(
         "--format",
         nargs="+",
@@ -66,15 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         from mbn.export import ExportError, push_folder, read_trained, write_export
-        from mbn.export.folder import check_out_dir
+        from mbn.export.folder import check_formats, check_out_dir
+        from mbn.export.hub import check_repo_id
 
+        check_formats(args.format)
         check_out_dir(args.out_dir, args.force)
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)
         trained = read_trained(Path(args.path), args.source, args.weights)
         written = write_export(trained, args.out_dir, args.format, force=args.force, license_id=args.license)
     except ExportError as err:
         print(f"mbn-export: error: {err}", file=sys.stderr)
         return 2
-    except (WriteError, OSError) as err:
+    except OSError as err:  # a full disk, no permission: OUT_DIR keeps what it held
         print(f"mbn-export: error: cannot write {args.out_dir}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

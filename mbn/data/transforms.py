@@ -40,6 +40,15 @@ def resize_centre_crop(image: torch.Tensor, size: int, crop_fraction: float = 1.
     return image
 
 
+def eval_crop_fraction(data: Any) -> float:
+    """The crop fraction a run is evaluated with: ``data.crop_fraction`` when streamed ImageNet-style, else 1.
+
+    Preloaded trees are decoded at ``image_size`` (shorter side, centre crop) and CIFAR arrays are at their size.
+    """
+    streamed_imagenet = not bool(data.preload) and str(data.augment) == "imagenet"
+    return float(data.crop_fraction) if streamed_imagenet else 1.0
+
+
 #: torchvision's RandomResizedCrop defaults (Inception-style crops).
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 

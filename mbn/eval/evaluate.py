@@ -335,12 +335,12 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
             }
         result["adversarial"] = merge_adversarial(adversarial, previous.get("adversarial"))
     if read:
+        from mbn.data.transforms import eval_crop_fraction
         from mbn.eval.suite_eval import Preparation, evaluate_suite
         from mbn.eval.suites import SuiteError
 
         data = run.cfg.data
-        streamed_imagenet = not bool(data.preload) and str(data.augment) == "imagenet"
-        prepare = Preparation(run.stats.image_size, float(data.crop_fraction) if streamed_imagenet else 1.0)
+        prepare = Preparation(run.stats.image_size, eval_crop_fraction(data))
         workers = args.workers if args.workers is not None else int(data.num_workers)
         scored = dict(result.get("suites") or {})
         for suite in read:

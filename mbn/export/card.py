@@ -54,15 +54,16 @@ def _training_accuracy(state: Mapping[str, Any], weights: str) -> list[str]:
     if not accs:
         return []
     step = state.get("evaluated_step", state.get("step"))
-    shown = ", ".join(f"{bn} {100 * float(acc):.2f} %" for bn, acc in accs.items())
-    return [f"Test accuracy measured during training at step {step}, per BN: {shown}.", ""]
+    shown = ", ".join(f"`{bn}` BN {100 * float(acc):.2f} %" for bn, acc in accs.items())
+    return [f"Test accuracy measured during training at step {step}: {shown}.", ""]
 
 
 def _evaluation_section(result: Mapping[str, Any]) -> list[str]:
     from mbn.eval.report import render_markdown
 
     body = render_markdown({k: v for k, v in result.items() if k != "divergence"}).splitlines()
-    return ["### The mbn-eval report", ""] + [("#" + line if line.startswith("## ") else line) for line in body[2:]]
+    kept = [line for line in body[2:] if not line.startswith("- checkpoint:")]  # a local path, not for publishing
+    return ["### The mbn-eval report", ""] + [("#" + line if line.startswith("## ") else line) for line in kept]
 
 
 def _usage(trained: TrainedNetwork) -> list[str]:
@@ -95,11 +96,29 @@ def model_card(trained: TrainedNetwork, files: Sequence[str], license_id: str | 
     cfg, prep = trained.cfg, trained.preprocessing
     n_params = sum(p.numel() for p in trained.net.parameters())
     weights = "the exponential moving average of the weights" if trained.weights == "ema" else "the trained weights"
-    aux = [s for s in trained.sources if s != trained.source]
-    tags = ["image-classification", "mbn", "batch-norm"] + (["advprop"] if len(trained.sources) > 1 else [])
+    others = ", ".join(f"`{s}`" for s in trained.sources if s != trained.source)
+    if not others:
+        dropped = "."
+    elif trained.source == trained.sources[0]:
+        dropped = f"; the auxiliary BNs ({others}) and any auxiliary heads were dropped, as AdvProp does at test time."
+    else:
+        main = f"`{trained.sources[0]}`"
+        others = others.replace(main, f"{main} (the main one)", 1)
+        dropped = (f"; the other BNs ({others}) and any auxiliary heads were "
+                   f"dropped. This is the `{trained.source}` BN's network, exported to be studied on its own; AdvProp "
+                   "keeps the main BN for inference.")  # fmt: skip
+    mbn_class = not trained.model_name.startswith(("timm.", "torchvision."))
+    plain = (
+        "The network class is mbn's (`import mbn` registers it with timm); nothing else of mbn runs at inference."
+        if mbn_class
+        else "It is a plain network: no mbn code runs at inference."
+    )
+    library = "pytorch" if mbn_class else trained.library  # the Hub's timm snippet would lack the `import mbn`
+    tags = ["image-classification", "mbn", "batch-norm", *(["timm"] if trained.library == "timm" else [])]
+    tags += ["advprop"] if len(trained.sources) > 1 else []
     front = [
         "---",
-        f"library_name: {trained.library}",
+        f"library_name: {library}",
         f"tags: [{', '.join(tags)}]",
         "pipeline_tag: image-classification",
     ]
@@ -114,20 +133,14 @@ def model_card(trained: TrainedNetwork, files: Sequence[str], license_id: str | 
         "",
         f"Trained with [mbn](https://pypi.org/project/mbn-advprop/), multi-domain N-BatchNorm training after {_PAPER}: "
         f"each data source went through its own BatchNorm ({', '.join(f'`{s}`' for s in trained.sources)}). This "
-        f"folder holds {weights} with the `{trained.source}` BN"
-        + (
-            f"; the auxiliary BNs ({', '.join(f'`{s}`' for s in aux)}) and any auxiliary heads were dropped, as "
-            "AdvProp does at test time."
-            if aux
-            else "."
-        )
-        + " It is a plain network: no mbn code runs at inference.",
+        f"folder holds {weights} with the `{trained.source}` BN{dropped} {plain}",
         "",
         "## Model",
         "",
         f"- architecture: `{trained.model_name}` ({n_params:,} parameters), {trained.num_classes} classes: {classes}",
         f"- input: {len(prep.mean)} x {prep.image_size} x {prep.image_size}",
-        f"- exported from step {trained.state.get('step')} of `{trained.checkpoint}`",
+        f"- exported from step {trained.state.get('step')} of run `{trained.run_dir.name}` "
+        f"(`{trained.checkpoint.name}`)",
         "",
         "## Preprocessing",
         "",

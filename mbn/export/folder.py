@@ -3,8 +3,10 @@
 The layout: ``config.json``, ``model.safetensors`` and ``README.md``; ``--format pth`` adds ``pytorch_model.bin``
 and ``--format onnx`` adds ``model.onnx``.
 
-The folder is written beside ``OUT_DIR`` under a temporary name and renamed into place when complete, so an export
-that fails half-way leaves nothing (and with ``--force``, the previous export intact).
+Every file is written into a hidden staging folder inside ``OUT_DIR`` and moved into place (one ``os.replace`` per
+file) only when the whole export is done, so an export that fails half-way leaves ``OUT_DIR`` as it was (and with
+``--force``, the previous export intact). ``OUT_DIR`` itself is kept: an existing empty folder, a mount point or a
+symbolic link to a folder is filled, not replaced.
 """
 
 from __future__ import annotations
@@ -33,21 +35,35 @@ _SOURCE_WEIGHT_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name"
 _TEST_TIME_KEYS = ("test_input_size", "test_crop_pct", "test_pool_size", "pool_size", "label_names")
 
 
+#: What an export folder may hold: the files mbn-export writes, and staging folders an interrupted export left.
+EXPORT_FILES = ("README.md", "config.json", "model.safetensors", "pytorch_model.bin", "model.onnx")
+_STAGING = ".mbn-export-"
+
+
 def check_out_dir(out_dir: Path, force: bool) -> None:
     """``OUT_DIR`` is new or empty, or (with ``force``) an earlier export to replace.
 
-    ``force`` replaces only a folder mbn-export wrote (its ``config.json`` has an ``mbn`` entry), never a run
-    directory, a home folder or any other non-empty folder.
+    ``force`` replaces only a folder mbn-export wrote (its ``config.json`` has an ``mbn`` entry) that holds nothing
+    but export files: never a run directory, a clone with its history, or a folder with a run inside.
 
     Raises:
         ExportError: a file, or a non-empty folder that is not an earlier export or is one without ``force``.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    if not out_dir.is_dir():
         return
+    entries = [p for p in out_dir.iterdir() if not p.name.startswith(_STAGING)]
+    if not entries:
+        return
+    others = sorted(p.name for p in entries if p.name not in EXPORT_FILES or not p.is_file())
     if not _is_export(out_dir):
         raise ExportError(f"{out_dir}: exists, is not empty and was not written by mbn-export; choose another OUT_DIR")
+    if others:
+        raise ExportError(
+            f"{out_dir}: holds an earlier export and other things ({', '.join(others[:4])}); mbn-export replaces "
+            "only its own files: choose another OUT_DIR"
+        )
     if not force:
         raise ExportError(f"{out_dir}: holds an earlier export; choose another OUT_DIR or pass --force to replace it")
 
@@ -69,7 +85,8 @@ def mbn_metadata(trained: TrainedNetwork) -> dict[str, Any]:
         "sources": list(trained.sources),
         "weights": trained.weights,
         "step": trained.state.get("step"),
-        "checkpoint": str(trained.checkpoint),
+        "run": trained.run_dir.name,  # names only: the folder may be published
+        "checkpoint": trained.checkpoint.name,
     }
 
 
@@ -92,9 +109,9 @@ def timm_network(trained: TrainedNetwork) -> nn.Module:
     if name.startswith("timm."):
         net = trained.net
     else:
-        from mbn.models import _cifar_depth, cifar_resnet_layers
+        from mbn.models import cifar_depth, cifar_resnet_layers
 
-        depth = _cifar_depth(name)
+        depth = cifar_depth(name)
         if depth is None:
             raise ExportError(f"model {name!r}: timm cannot describe it (not a timm model or an mbn CIFAR ResNet)")
         register()
@@ -165,9 +182,31 @@ def _write_onnx(trained: TrainedNetwork, folder: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # torch's exporter narrates its passes on stdout
             _onnx_export(wrapped, example, folder / "model.onnx")
     except ImportError as err:
+        raise ExportError(f"--format onnx: {ONNX_EXTRA} ({first_line(err)})") from None
+    except Exception as err:  # torch.onnx.OnnxExporterError and what the tracer raises
         raise ExportError(
-            f"--format onnx: needs the onnx extra (pip install 'mbn-advprop[onnx]'): {first_line(err)}"
+            f"--format onnx: torch's exporter failed for {trained.model_name} ({type(err).__name__}: "
+            f"{first_line(err)[:300]}); export without onnx"
         ) from None
+
+
+ONNX_EXTRA = "needs the onnx extra: pip install 'mbn-advprop[onnx]'"
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    """Known formats, and for ``onnx`` the packages torch's exporter needs, before anything is read or written.
+
+    Raises:
+        ExportError: an unknown format, or ``onnx`` without its packages.
+    """
+    import importlib.util
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ExportError(f"--format: unknown {', '.join(unknown)}; expected some of {', '.join(FORMATS)}")
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if "onnx" in formats and missing:
+        raise ExportError(f"--format onnx: {ONNX_EXTRA} (missing {', '.join(missing)})")
 
 
 def _onnx_export(wrapped: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -198,16 +237,15 @@ def write_export(
     """
     from mbn.export.card import model_card
 
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise ExportError(f"--format: unknown {', '.join(unknown)}; expected some of {', '.join(FORMATS)}")
+    check_formats(formats)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    created = _make_dirs(out_dir)
+    staging = out_dir / f"{_STAGING}{os.getpid()}"
     try:
+        for stale in out_dir.glob(f"{_STAGING}*"):  # left by an export that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
         (_write_torchvision if trained.library == "torchvision" else _write_timm)(trained, staging)
         if license_id:
             _set_license(staging / "config.json", license_id)
@@ -215,14 +253,31 @@ def write_export(
             torch.save(plain_state_dict(trained.net), staging / "pytorch_model.bin")
         if "onnx" in formats:
             _write_onnx(trained, staging)
-        (staging / "README.md").write_text(
-            model_card(trained, sorted([*(p.name for p in staging.iterdir()), "README.md"]), license_id)
-        )
-        _replace(staging, out_dir)
+        names = sorted([*(p.name for p in staging.iterdir()), "README.md"])
+        (staging / "README.md").write_text(model_card(trained, names, license_id))
+        _same_mode(staging)
+        _move_into(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(created):  # folders this call made, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
-    return sorted(out_dir.iterdir())
+    return sorted(p for p in out_dir.iterdir() if p.name in EXPORT_FILES)
+
+
+def _make_dirs(out_dir: Path) -> list[Path]:
+    """Create ``out_dir`` and its missing parents; returns those created, outermost first."""
+    missing = [p for p in (out_dir, *out_dir.parents) if not p.exists()][::-1]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _same_mode(staging: Path) -> None:
+    """Every file readable as the user's umask allows (safetensors writes its file 0600)."""
+    mode = (staging / "config.json").stat().st_mode & 0o777
+    for path in staging.iterdir():
+        path.chmod(mode)
 
 
 def _set_license(config_path: Path, license_id: str) -> None:
@@ -231,12 +286,12 @@ def _set_license(config_path: Path, license_id: str) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Move the complete ``staging`` folder to ``out_dir``; an earlier ``out_dir`` is removed only afterwards."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _move_into(staging: Path, out_dir: Path) -> None:
+    """Move the complete export into ``out_dir``: an earlier export's files that this one lacks go first."""
+    new = {p.name for p in staging.iterdir()}
+    for name in EXPORT_FILES:
+        if name not in new and (out_dir / name).is_file():
+            (out_dir / name).unlink()
+    for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: a folder is an export once whole
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()

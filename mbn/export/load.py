@@ -63,6 +63,7 @@ def load_exported(folder: str | Path) -> tuple[nn.Module, Callable[[Any], Any]]:
     except Exception as err:
         lines = [line for line in str(err).splitlines() if line.strip()]
         detail = lines[-1].strip() if lines else type(err).__name__
+        detail = detail if len(detail) <= 240 else detail[:240] + " ..."
         raise ExportError(f"{folder}: cannot load {arch!r} ({type(err).__name__}: {detail})") from None
     return net.eval(), prep.transform()
 

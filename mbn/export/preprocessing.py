@@ -42,8 +42,9 @@ class Preprocessing:
     @classmethod
     def of_run(cls, data: Any, mean: Any, std: Any, image_size: int) -> Preprocessing:
         """What a run's evaluation used: its data section (``preload``, ``augment``, ``crop_fraction``) and stats."""
-        streamed_imagenet = not bool(data.preload) and str(data.augment) == "imagenet"
-        crop = float(data.crop_fraction) if streamed_imagenet else 1.0
+        from mbn.data.transforms import eval_crop_fraction
+
+        crop = eval_crop_fraction(data)
         return cls(tuple(float(m) for m in mean), tuple(float(s) for s in std), int(image_size), crop)
 
     @classmethod

@@ -81,17 +81,22 @@ def read_trained(path: Path, source: str | None = None, weights: str = "trained"
         raise ExportError(f"--source: the run has no BN named {chosen!r}; its BNs: {', '.join(sources)}")
     if weights == "ema" and not isinstance(ckpt.get("ema"), dict):
         raise ExportError(f"{ckpt_path}: holds no weight average (trained with ema.decay=0); use --weights trained")
-    if not isinstance(ckpt.get("data"), dict):
-        raise ExportError(
-            f"{ckpt_path}: written before checkpoints stored class names and normalisation; evaluate or resume it "
-            "with this mbn version once, or train again"
-        )
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"])
         assert isinstance(cfg, DictConfig)
-        stats = DataStats.from_dict(ckpt["data"])
+        stats = DataStats.from_dict(ckpt["data"]) if isinstance(ckpt.get("data"), dict) else None
     except Exception as err:
         raise ExportError(f"{ckpt_path}: stored recipe does not fit this mbn version ({one_line(err)})") from None
+    if stats is None:  # written before checkpoints held class names and normalisation: the training data has them
+        from mbn.data import load_arrays
+
+        try:
+            _, _, stats = load_arrays(cfg.data)
+        except (RecipeError, ValueError, FileNotFoundError) as err:
+            raise ExportError(
+                f"{ckpt_path}: predates stored class names and normalisation, and the run's data cannot be loaded "
+                f"to recover them ({one_line(err)})"
+            ) from None
     try:
         import_user_modules(cfg.imports)
         cfg.model.pretrained = False  # the weights come from the checkpoint; nothing is downloaded
