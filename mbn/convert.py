@@ -166,16 +166,23 @@ def read_timm_checkpoint(path: str | Path, *, ema: bool = False) -> TimmCheckpoi
     allowed besides tensors and containers. A ``module.`` prefix (DDP) is removed.
 
     Args:
-        path: ``checkpoint-*.pth.tar``, ``model_best.pth.tar``, ``last.pth.tar`` or a saved state dict.
+        path: ``checkpoint-*.pth.tar``, ``model_best.pth.tar``, ``last.pth.tar``, a saved state dict, or a
+            ``.safetensors`` file.
         ema: the ``state_dict_ema`` entry (timm's ``--model-ema``) instead of ``state_dict``.
 
     Raises:
         ValueError: unreadable file, or no such entry; the message names the file.
     """
     path = Path(path)
+    ckpt: Any
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            ckpt = load_file(str(path))
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such checkpoint") from None
     except pickle.UnpicklingError as err:
@@ -189,6 +196,7 @@ def read_timm_checkpoint(path: str | Path, *, ema: bool = False) -> TimmCheckpoi
     except Exception as err:
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     key = "state_dict_ema" if ema else "state_dict"
+    state: dict[str, Tensor]
     if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
         state, arch, args = ckpt[key], ckpt.get("arch"), ckpt.get("args")
     elif isinstance(ckpt, dict) and ckpt and not ema and all(isinstance(v, Tensor) for v in ckpt.values()):

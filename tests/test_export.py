@@ -8,6 +8,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -512,7 +513,7 @@ def test_mbn_eval_reads_a_timm_split_bn_checkpoint(tmp_path):
     )
     flags = ["--timm-recipe", str(recipe), "--split-names", "clean,weak", "--device", "cpu"]
     assert eval_main([str(checkpoint), *flags]) == 0
-    report = json.loads((checkpoint.parent / "eval.json").read_text())
+    report = json.loads((checkpoint.parent / "eval-model_best" / "eval.json").read_text())
     assert report["sources"] == ["clean", "weak"] and report["num_images"] == 24
 
     images, labels = generate_synthetic(24, 32, seed=1)  # the synthetic test split
@@ -548,6 +549,11 @@ def test_a_timm_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):
     (tmp_path / "garbage.pth.tar").write_bytes(b"not a checkpoint")
     assert eval_main([str(tmp_path / "garbage.pth.tar"), "--timm-recipe", str(recipe)]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
+    sd = timm.create_model("resnet10t", num_classes=10).state_dict()
+    torch.save({"arch": "resnet10t", "state_dict": sd, "args": {"mean": "abc", "std": [1, 2, 3]}}, checkpoint)
+    assert eval_main([str(checkpoint), "--timm-recipe", str(recipe), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "args.mean / args.std: expected numbers" in err
 
 
 def test_push_refuses_a_bad_repo_id_before_writing_and_a_public_repo_with_private(cifar_run, tmp_path, monkeypatch,
@@ -622,3 +628,59 @@ def test_card_and_config_name_no_local_paths_and_say_which_bn(exported, cifar_ru
     assert "library_name: pytorch" in card and "`import mbn` registers it with timm" in card
     timm_card = (exported["timm"] / "README.md").read_text()
     assert "library_name: timm" in timm_card and "no mbn code runs at inference" in timm_card
+
+
+def test_load_exported_refuses_a_config_it_cannot_use_in_one_line(exported, tmp_path):
+    bad_values = {
+        "crop_pct": 0,
+        "interpolation": "weird",
+        "mean": [0.5],
+        "std": [0.0, 0.0, 0.0],
+        "input_size": [3, 0, 0],
+    }
+    for key, value in bad_values.items():
+        folder = tmp_path / key
+        shutil.copytree(exported["cifar"], folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["pretrained_cfg"][key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ExportError, match=f"pretrained_cfg: {key.split('_')[0]}") as info:
+            load_exported(folder)
+        assert "\n" not in str(info.value)
+
+
+def test_a_live_export_is_not_disturbed_and_stale_or_foreign_folders_are_kept_apart(cifar_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / f".mbn-export-{sleeper.pid}").mkdir()  # a live export's staging folder
+        assert "another mbn-export" in one_line_error(capsys, [str(cifar_run), str(out)])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert export_main([str(cifar_run), str(out)]) == 0  # the dead one's folder is cleaned up
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    (out / ".mbn-export-notes").mkdir()  # not a staging folder: the user's, kept and counted
+    assert "other things (.mbn-export-notes)" in one_line_error(capsys, [str(cifar_run), str(out), "--force"])
+
+
+def test_sigterm_mid_export_leaves_nothing(cifar_run, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "fresh" / "deep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mbn.cli.export", str(cifar_run), str(out), "--format", "hf", "pth"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(out.glob(".mbn-export-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the export finished before it could be interrupted")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "fresh").exists()  # the folders it made, removed again

@@ -110,7 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--timm-recipe",
         type=Path,
         metavar="RECIPE",
-        help="PATH is a timm checkpoint; evaluate it on this recipe's data (report beside the checkpoint)",
+        help="PATH is a timm checkpoint; evaluate it on this recipe's data (report in eval-NAME/ beside it)",
     )
     timm_group.add_argument(
         "--split-names", metavar="A,B,...", help="source name of each split, main first (default: clean,aug1,...)"

@@ -8,6 +8,7 @@ ONNX graph, and optionally uploads the folder to the Hugging Face Hub.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -59,10 +60,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for bad input, 1 for a failed write or upload)."""
     args = parse_args(argv)
     start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a killed export cleans up as Ctrl-C does
     try:
         from mbn.export import ExportError, push_folder, read_trained, write_export
         from mbn.export.folder import check_formats, check_out_dir
@@ -81,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mbn-export: error: cannot write {args.out_dir}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("mbn-export: interrupted; nothing was written", file=sys.stderr)
+        print("mbn-export: interrupted; OUT_DIR is as it was", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     names = ", ".join(p.name for p in written)
     print(f"mbn-export: wrote {args.out_dir} ({names}) from {trained.checkpoint}, BN {trained.source!r}, "
           f"{trained.weights} weights, in {time.perf_counter() - start:.1f} s")  # fmt: skip

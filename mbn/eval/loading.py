@@ -101,7 +101,7 @@ def load_timm_run(
 
     The architecture is the checkpoint's (``arch``, else the recipe's ``model.name``); the normalisation is the
     recipe's ``data.mean``/``data.std`` when set, else what timm trained with (its ``--mean``/``--std``, else the
-    architecture's pretrained config). Reports are written beside the checkpoint.
+    architecture's pretrained config). Reports go to ``eval-<checkpoint name>/`` beside the checkpoint.
 
     Args:
         path: the timm checkpoint (``model_best.pth.tar``, ``last.pth.tar``, ...).
@@ -132,7 +132,10 @@ def load_timm_run(
         _, test, stats = load_arrays(cfg.data)
     except (RecipeError, ValueError, FileNotFoundError) as err:
         raise RecipeError(f"{recipe}: cannot load the test data: {one_line(err)}") from None
-    mean, std = _timm_normalisation(cfg, ckpt.args, stats)
+    try:
+        mean, std = _timm_normalisation(cfg, ckpt.args, stats)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: timm's args.mean / args.std: expected numbers ({err})") from None
     stats = DataStats(stats.class_names, mean, std, stats.image_size)
     try:
         model = create_model(cfg.model, stats.num_classes, stats.mean, stats.std)
@@ -146,7 +149,17 @@ def load_timm_run(
 
     dev = resolve_device(device, "--device")
     model.to(dev).eval()
-    return LoadedRun(model, cfg, stats, test, model_sources(model), path, path.parent, dev)
+    return LoadedRun(model, cfg, stats, test, model_sources(model), path, timm_report_dir(path), dev)
+
+
+def timm_report_dir(checkpoint: Path) -> Path:
+    """Where mbn-eval reports a timm checkpoint: ``<its folder>/eval-<name>/``, one folder per checkpoint."""
+    name = checkpoint.name
+    for suffix in (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".tar"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return checkpoint.parent / f"eval-{name}"
 
 
 def _timm_normalisation(cfg: DictConfig, args: dict, stats: DataStats) -> tuple[tuple[float, ...], tuple[float, ...]]:

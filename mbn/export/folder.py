@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,23 @@ _TEST_TIME_KEYS = ("test_input_size", "test_crop_pct", "test_pool_size", "pool_s
 #: What an export folder may hold: the files mbn-export writes, and staging folders an interrupted export left.
 EXPORT_FILES = ("README.md", "config.json", "model.safetensors", "pytorch_model.bin", "model.onnx")
 _STAGING = ".mbn-export-"
+_STAGING_NAME = re.compile(r"^\.mbn-export-(\d+)$")
+
+
+def _staging_pid(path: Path) -> int | None:
+    """The process id in a staging folder's name (``.mbn-export-<pid>``), else None."""
+    match = _STAGING_NAME.match(path.name)
+    return int(match.group(1)) if match is not None and path.is_dir() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -53,7 +71,11 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise ExportError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
     if not out_dir.is_dir():
         return
-    entries = [p for p in out_dir.iterdir() if not p.name.startswith(_STAGING)]
+    for path in out_dir.iterdir():
+        pid = _staging_pid(path)
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            raise ExportError(f"{out_dir}: another mbn-export (process {pid}) is writing it; wait for it to finish")
+    entries = [p for p in out_dir.iterdir() if _staging_pid(p) is None]
     if not entries:
         return
     others = sorted(p.name for p in entries if p.name not in EXPORT_FILES or not p.is_file())
@@ -183,6 +205,8 @@ def _write_onnx(trained: TrainedNetwork, folder: Path) -> None:
             _onnx_export(wrapped, example, folder / "model.onnx")
     except ImportError as err:
         raise ExportError(f"--format onnx: {ONNX_EXTRA} ({first_line(err)})") from None
+    except OSError:  # the folder, not the exporter
+        raise
     except Exception as err:  # torch.onnx.OnnxExporterError and what the tracer raises
         raise ExportError(
             f"--format onnx: torch's exporter failed for {trained.model_name} ({type(err).__name__}: "
@@ -241,10 +265,12 @@ def write_export(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
     created = _make_dirs(out_dir)
+    before = _listing(out_dir)
     staging = out_dir / f"{_STAGING}{os.getpid()}"
     try:
-        for stale in out_dir.glob(f"{_STAGING}*"):  # left by an export that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in out_dir.iterdir():  # left by an export that was killed (check_out_dir refused live ones)
+            if _staging_pid(stale) is not None:
+                shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir()
         (_write_torchvision if trained.library == "torchvision" else _write_timm)(trained, staging)
         if license_id:
@@ -256,6 +282,8 @@ def write_export(
         names = sorted([*(p.name for p in staging.iterdir()), "README.md"])
         (staging / "README.md").write_text(model_card(trained, names, license_id))
         _same_mode(staging)
+        if _listing(out_dir) != before:  # another process wrote there meanwhile: replace nothing
+            raise ExportError(f"{out_dir}: changed while this export was written; nothing was replaced, try again")
         _move_into(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -264,6 +292,11 @@ def write_export(
                 folder.rmdir()
         raise
     return sorted(p for p in out_dir.iterdir() if p.name in EXPORT_FILES)
+
+
+def _listing(out_dir: Path) -> dict[str, int]:
+    """``OUT_DIR``'s entries other than staging folders, with their modification times."""
+    return {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir() if _staging_pid(p) is None}
 
 
 def _make_dirs(out_dir: Path) -> list[Path]:

@@ -53,8 +53,9 @@ def load_exported(folder: str | Path) -> tuple[nn.Module, Callable[[Any], Any]]:
     config = read_config(folder)
     try:
         prep = Preprocessing.from_pretrained_cfg(config["pretrained_cfg"])
+        transform = prep.transform()
     except ValueError as err:
-        raise ExportError(f"{folder / 'config.json'}: {err}") from None
+        raise ExportError(f"{folder / 'config.json'}: pretrained_cfg: {err}") from None
     arch = config["architecture"]
     try:
         net = _torchvision(folder, config) if arch.startswith("torchvision.") else _timm(folder)
@@ -65,7 +66,7 @@ def load_exported(folder: str | Path) -> tuple[nn.Module, Callable[[Any], Any]]:
         detail = lines[-1].strip() if lines else type(err).__name__
         detail = detail if len(detail) <= 240 else detail[:240] + " ..."
         raise ExportError(f"{folder}: cannot load {arch!r} ({type(err).__name__}: {detail})") from None
-    return net.eval(), prep.transform()
+    return net.eval(), transform
 
 
 def _timm(folder: Path) -> nn.Module:

@@ -19,6 +19,8 @@ from torch import nn
 
 #: The one resize mbn uses (torchvision's, antialiased).
 INTERPOLATION = "bilinear"
+#: What an exported config may name (torchvision's InterpolationMode values that resize images).
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 class UnitFloat(nn.Module):
@@ -56,19 +58,29 @@ class Preprocessing:
         """
         try:
             size = cfg["input_size"]
-            if len(size) != 3 or size[1] != size[2]:
-                raise ValueError(f"input_size: expected [C, S, S], got {size}")
-            return cls(
+            if len(size) != 3 or size[1] != size[2] or int(size[1]) < 1:
+                raise ValueError(f"input_size: expected [C, S, S] with S >= 1, got {size}")
+            prep = cls(
                 tuple(float(m) for m in cfg["mean"]),
                 tuple(float(s) for s in cfg["std"]),
                 int(size[1]),
                 float(cfg.get("crop_pct", 1.0)),
                 str(cfg.get("interpolation", INTERPOLATION)),
             )
+            channels = int(size[0])
         except KeyError as err:
             raise ValueError(f"pretrained_cfg has no {err.args[0]!r} entry") from None
         except TypeError as err:
             raise ValueError(f"pretrained_cfg: malformed ({err})") from None
+        if not len(prep.mean) == len(prep.std) == channels:
+            raise ValueError(f"mean/std: expected {channels} values each, got {len(prep.mean)} and {len(prep.std)}")
+        if min(prep.std) <= 0:
+            raise ValueError(f"std: expected positive values, got {list(prep.std)}")
+        if not 0 < prep.crop_pct <= 1:
+            raise ValueError(f"crop_pct: expected a fraction in (0, 1], got {prep.crop_pct}")
+        if prep.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation: expected one of {', '.join(INTERPOLATIONS)}, got {prep.interpolation!r}")
+        return prep
 
     @property
     def resize_to(self) -> int:
