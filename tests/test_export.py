@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +21,9 @@ import mbn
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.eval import main as eval_main
 from mbn.cli.export import main as export_main
-from mbn.cli.train import main as train_main
 from mbn.eval.loading import load_run
 from mbn.export import ExportError, Preprocessing, load_exported, read_trained
+from tests import runs
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("apple", "bus", "cloud")
@@ -45,21 +44,9 @@ def make_tree(root: Path, per_class: dict[str, int]) -> Path:
 
 
 def train(out: Path, *extra: str) -> Path:
-    code = train_main(
-        [
-            str(REPO / "recipes" / "advprop.yaml"),
-            "data.batch_size=12",
-            "data.eval_batch_size=32",
-            "data.num_workers=0",
-            "model.name=cifar_resnet8",
-            "model.width=8",
-            "trainer.max_steps=3",
-            "trainer.progress=none",
-            "logging.tensorboard=false",
-            f"trainer.out_dir={out}",
-            *extra,
-        ]
-    )
+    """A 3-step AdvProp run of the tiny setting (:mod:`tests.runs`) into ``out``."""
+    code = runs.train(REPO / "recipes" / "advprop.yaml", out, "trainer.max_steps=3", "logging.tensorboard=false",
+                      "data.batch_size=12", *extra)  # fmt: skip
     assert code == 0
     return out
 
@@ -70,33 +57,31 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cifar_run(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Path:
-    """An AdvProp run (clean + adv BNs, weight EMA) of a CIFAR ResNet on the tree, evaluated by mbn-eval."""
-    os.environ.setdefault("MBN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    run = train(
-        tmp_path_factory.mktemp("cifar") / "run",
-        "data.name=imagefolder",
-        f"data.root={tree}",
-        "ema.decay=0.5",
-        "optim.lr=0.05",
-    )
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    """The decoded-image cache of this module's runs, apart from the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MBN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def evaluated_run(out: Path, tree: Path, *extra: str) -> Path:
+    """A run on the tree, evaluated by mbn-eval (clean and per-BN accuracy)."""
+    run = train(out, "data.name=imagefolder", f"data.root={tree}", *extra)
     assert eval_main([str(run), "--device", "cpu"]) == 0
     return run
 
 
 @pytest.fixture(scope="module")
-def timm_run(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Path:
-    """A timm network trained one step on the tree, evaluated by mbn-eval."""
-    os.environ.setdefault("MBN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    run = train(
-        tmp_path_factory.mktemp("timm") / "run",
-        "data.name=imagefolder",
-        f"data.root={tree}",
-        "model.name=timm.resnet10t",
-        "trainer.max_steps=1",
-    )
-    assert eval_main([str(run), "--device", "cpu"]) == 0
-    return run
+def cifar_run(tmp_path_factory: pytest.TempPathFactory, tree: Path, cache: None) -> Path:
+    """An AdvProp run (clean + adv BNs, weight EMA) of a CIFAR ResNet on the tree."""
+    return evaluated_run(tmp_path_factory.mktemp("cifar") / "run", tree, "ema.decay=0.5", "optim.lr=0.05")
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory: pytest.TempPathFactory, tree: Path, cache: None) -> Path:
+    """A timm network trained one step on the tree."""
+    return evaluated_run(tmp_path_factory.mktemp("timm") / "run", tree, "model.name=timm.resnet10t",
+                         "trainer.max_steps=1")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
