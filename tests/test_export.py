@@ -218,6 +218,7 @@ def test_model_card_describes_training_bn_results_and_inputs(exported, cifar_run
     card = (exported["cifar"] / "README.md").read_text()
     report = json.loads((cifar_run / "eval.json").read_text())
     assert f"{100 * report['clean_acc']:.2f}" in card and "The mbn-eval report" in card
+    assert "|\n\n## Usage" in card  # the report's last table ends before the next heading
     mean = json.loads((exported["cifar"] / "config.json").read_text())["pretrained_cfg"]["mean"]
     assert f"{mean[0]:.4f}" in card and "subtract the per-channel mean" in card
     assert "import mbn" in card and 'timm.create_model("local-dir:FOLDER"' in card

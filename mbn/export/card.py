@@ -63,7 +63,8 @@ def _evaluation_section(result: Mapping[str, Any]) -> list[str]:
 
     body = render_markdown({k: v for k, v in result.items() if k != "divergence"}).splitlines()
     kept = [line for line in body[2:] if not line.startswith("- checkpoint:")]  # a local path, not for publishing
-    return ["### The mbn-eval report", ""] + [("#" + line if line.startswith("## ") else line) for line in kept]
+    section = ["### The mbn-eval report", ""] + [("#" + line if line.startswith("## ") else line) for line in kept]
+    return [*section, ""] if section[-1] else section
 
 
 def _usage(trained: TrainedNetwork) -> list[str]:
