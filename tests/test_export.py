@@ -670,3 +670,16 @@ def test_sigterm_mid_export_leaves_nothing(cifar_run, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "fresh").exists()  # the folders it made, removed again
+
+
+def test_a_run_from_pretrained_weights_loads_offline(timm_run, monkeypatch):
+    """mbn-eval and mbn-export rebuild the model for the checkpoint's weights: nothing is fetched, even offline."""
+    import mbn.models
+    from mbn.eval.loading import read_stored_run, trained_model
+
+    monkeypatch.setattr(mbn.models, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(mbn.models, "_timm_weights_cached", lambda name: False)
+    stored = read_stored_run(timm_run)
+    stored.cfg.model.pretrained = True  # as a run fine-tuned from timm's weights records it
+    model = trained_model(stored, stored.stats)
+    torch.testing.assert_close(model.state_dict(), load_checkpoint(timm_run / "checkpoints" / "last.pt")["model"])

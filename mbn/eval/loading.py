@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +33,58 @@ class LoadedRun:
     device: torch.device
 
 
+@dataclass
+class StoredRun:
+    """A checkpoint mbn-train wrote, its recipe (this version's schema filled in) and its data statistics."""
+
+    ckpt: dict[str, Any]
+    cfg: DictConfig
+    stats: DataStats | None  # None: written before checkpoints held class names and normalisation
+    sources: tuple[str, ...]
+    checkpoint: Path
+    run_dir: Path
+
+
+def read_stored_run(path: Path, overrides: list[str] | None = None) -> StoredRun:
+    """Read a run directory's ``last.pt`` or a checkpoint file, and import the modules its recipe names.
+
+    Raises:
+        CheckpointError: bad path, unreadable file, or a recipe this version cannot read.
+    """
+    ckpt_path, run_dir = resolve_checkpoint(Path(path))
+    ckpt = read_checkpoint(ckpt_path, "evaluate")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"], OmegaConf.from_dotlist(overrides or []))
+        stats = DataStats.from_dict(ckpt["data"]) if isinstance(ckpt.get("data"), dict) else None
+    except Exception as err:
+        raise CheckpointError(f"{ckpt_path}: stored recipe does not fit this mbn version ({one_line(err)})") from None
+    assert isinstance(cfg, DictConfig)
+    import_user_modules(cfg.imports)  # the modules the run was trained with (the recipe's imports key)
+    return StoredRun(dict(ckpt), cfg, stats, tuple(str(s) for s in ckpt["sources"]), ckpt_path, run_dir)
+
+
+def trained_model(stored: StoredRun, stats: DataStats, weights: str = "model") -> nn.Module:
+    """The run's model (converted, with its heads) holding its ``model`` or ``ema`` weights, on the CPU.
+
+    Built with ``model.pretrained=false``: the weights come from the checkpoint, so nothing is downloaded.
+
+    Raises:
+        RecipeError: the stored model section cannot be built.
+        CheckpointError: weights that do not fit the model.
+    """
+    build_cfg = OmegaConf.merge(stored.cfg, {"model": {"pretrained": False}})
+    assert isinstance(build_cfg, DictConfig)
+    heads = stored.ckpt.get("heads")
+    model = build_model(build_cfg, stats.num_classes, stats.mean, stats.std, stored.sources, heads=heads)
+    try:
+        load_model_state(model, stored.ckpt["ema" if weights == "ema" else "model"], stored.checkpoint)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(
+            f"{stored.checkpoint}: checkpoint does not match the model ({str(err).splitlines()[-1].strip()})"
+        ) from None
+    return model
+
+
 def load_run(
     path: Path,
     device: str = "auto",
@@ -56,17 +109,10 @@ def load_run(
         CheckpointError: bad path, unreadable file, or a checkpoint from an incompatible model.
         RecipeError: the run's test data cannot be loaded.
     """
-    ckpt_path, run_dir = resolve_checkpoint(path)
-    ckpt = read_checkpoint(ckpt_path, "evaluate")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"], OmegaConf.from_dotlist(overrides or []))
-        if data_root is not None:
-            cfg.data.root = str(data_root)
-        stats = DataStats.from_dict(ckpt["data"]) if "data" in ckpt else None
-    except Exception as err:
-        raise CheckpointError(f"{ckpt_path}: stored recipe does not fit this mbn version ({err})") from None
-    assert isinstance(cfg, DictConfig)
-    import_user_modules(cfg.imports)  # the modules the run was trained with (the recipe's imports key)
+    stored = read_stored_run(path, overrides)
+    cfg, stats, ckpt_path = stored.cfg, stored.stats, stored.checkpoint
+    if data_root is not None:
+        cfg.data.root = str(data_root)
     dev = resolve_device(device, "--device")
     try:
         if stats is not None:
@@ -75,18 +121,11 @@ def load_run(
             _, test, stats = load_arrays(cfg.data)
     except (RecipeError, ValueError, FileNotFoundError) as err:
         raise RecipeError(f"{ckpt_path}: cannot load the run's test data: {one_line(err)}") from None
-    sources = tuple(ckpt["sources"])
-    model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources, heads=ckpt.get("heads"))
-    if weights == "ema" and not isinstance(ckpt.get("ema"), dict):
+    if weights == "ema" and not isinstance(stored.ckpt.get("ema"), dict):
         raise CheckpointError(f"{ckpt_path}: holds no weight average (trained with ema.decay=0); use --weights model")
-    try:
-        load_model_state(model, ckpt["ema" if weights == "ema" else "model"], ckpt_path)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(
-            f"{ckpt_path}: checkpoint does not match the model ({str(err).splitlines()[-1].strip()})"
-        ) from None
+    model = trained_model(stored, stats, weights)
     model.to(dev).eval()
-    return LoadedRun(model, cfg, stats, test, sources, ckpt_path, run_dir, dev)
+    return LoadedRun(model, cfg, stats, test, stored.sources, ckpt_path, stored.run_dir, dev)
 
 
 def load_timm_run(

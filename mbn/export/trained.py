@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from mbn.errors import one_line
@@ -59,34 +59,25 @@ def read_trained(path: Path, source: str | None = None, weights: str = "trained"
     Raises:
         ExportError: bad path or checkpoint, an unknown source, EMA asked of a run without it.
     """
-    from mbn.builders import build_model
-    from mbn.config import RecipeCfg, RecipeError
+    from mbn.config import RecipeError
     from mbn.convert import export_model
-    from mbn.data.arrays import DataStats
-    from mbn.imports import import_user_modules
+    from mbn.eval.loading import read_stored_run, trained_model
     from mbn.models import ImageClassifier
-    from mbn.train.checkpoints import CheckpointError, load_model_state, read_checkpoint, resolve_checkpoint
+    from mbn.train.checkpoints import CheckpointError
 
     if weights not in WEIGHTS:
         raise ExportError(f"--weights: expected one of {', '.join(WEIGHTS)}, got {weights!r}")
     weights = "ema" if weights == "ema" else "trained"
     try:
-        ckpt_path, run_dir = resolve_checkpoint(Path(path))
-        ckpt = read_checkpoint(ckpt_path, "evaluate")
-    except CheckpointError as err:
+        stored = read_stored_run(Path(path))
+    except (CheckpointError, RecipeError) as err:
         raise ExportError(str(err)) from None
-    sources = tuple(str(s) for s in ckpt["sources"])
+    cfg, stats, ckpt_path, sources = stored.cfg, stored.stats, stored.checkpoint, stored.sources
     chosen = sources[0] if source is None else source
     if chosen not in sources:
         raise ExportError(f"--source: the run has no BN named {chosen!r}; its BNs: {', '.join(sources)}")
-    if weights == "ema" and not isinstance(ckpt.get("ema"), dict):
+    if weights == "ema" and not isinstance(stored.ckpt.get("ema"), dict):
         raise ExportError(f"{ckpt_path}: holds no weight average (trained with ema.decay=0); use --weights trained")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"])
-        assert isinstance(cfg, DictConfig)
-        stats = DataStats.from_dict(ckpt["data"]) if isinstance(ckpt.get("data"), dict) else None
-    except Exception as err:
-        raise ExportError(f"{ckpt_path}: stored recipe does not fit this mbn version ({one_line(err)})") from None
     if stats is None:  # written before checkpoints held class names and normalisation: the training data has them
         from mbn.data import load_arrays
 
@@ -98,14 +89,9 @@ def read_trained(path: Path, source: str | None = None, weights: str = "trained"
                 f"to recover them ({one_line(err)})"
             ) from None
     try:
-        import_user_modules(cfg.imports)
-        cfg.model.pretrained = False  # the weights come from the checkpoint; nothing is downloaded
-        model = build_model(cfg, stats.num_classes, stats.mean, stats.std, sources, heads=ckpt.get("heads"))
-        load_model_state(model, ckpt["ema" if weights == "ema" else "model"], ckpt_path)
+        model = trained_model(stored, stats, "ema" if weights == "ema" else "model")
     except (RecipeError, CheckpointError) as err:
         raise ExportError(str(err)) from None
-    except RuntimeError as err:  # shape mismatches
-        raise ExportError(f"{ckpt_path}: checkpoint does not match the model ({one_line(err)})") from None
     plain = export_model(model.eval(), chosen)
     assert isinstance(plain, ImageClassifier)
     return TrainedNetwork(
@@ -118,7 +104,7 @@ def read_trained(path: Path, source: str | None = None, weights: str = "trained"
         sources=sources,
         weights=weights,
         checkpoint=ckpt_path,
-        run_dir=run_dir,
+        run_dir=stored.run_dir,
         cfg=cfg,
-        state=dict(ckpt.get("state") or {}),
+        state=dict(stored.ckpt.get("state") or {}),
     )
