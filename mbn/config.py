@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mbn.errors import RecipeError, first_line
 from mbn.fileio import atomic_write_text
 from mbn.validators import ValueCheckError, check_choice, check_number
+from mbn.written_recipe import interpolated_leaves, recipe_yaml, remember_interpolations
 
 #: Keys of a domain entry that the trainer consumes; all other keys are the domain type's parameters.
 DOMAIN_RESERVED_KEYS = ("type", "bn", "weight", "input", "start", "end", "fraction")
@@ -54,6 +56,7 @@ class DataCfg:
     augment: str = "cifar"  # cifar: pad-crop-flip at native size | imagenet: RandomResizedCrop + flip (streamed)
     crop_fraction: float = 0.875  # imagenet evaluation: resize to image_size / crop_fraction, centre crop
     min_image_side: int = 8  # streamed images with a shorter side below this are refused, naming the file
+    max_image_pixels: int = 89_478_485  # images with more pixels (header) are refused before decoding (PIL's limit)
     decode: str = "workers"  # streamed: workers decode and crop | device: workers read, the training device decodes
     mean: list[float] | None = None  # input normalisation (0-1 units); None: the data set's (or the weights')
     std: list[float] | None = None
@@ -295,8 +298,16 @@ def load_recipe(
                 message = f"key '{key}': a section, not a value (set {key}.<name>=...), got {value!r}"
                 raise RecipeError(message) from None
             raise RecipeError(_friendly(err, key)) from None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or first_line(err)
+            raise RecipeError(
+                f"key '{key}': {value!r} is not a YAML value ({problem}); quote what holds ${{...}}, ':' or brackets"
+            ) from None
         except (TypeError, ValueError) as err:
             raise RecipeError(f"key '{item.split('=', 1)[0]}': {first_line(err)}") from None
+    leaves = (
+        interpolated_leaves(cfg) if isinstance(cfg, DictConfig) else {}
+    )  # written as their text, never as what they resolve to (secrets, paths)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
@@ -308,6 +319,7 @@ def load_recipe(
     import_user_modules(cfg.imports)
     cfg.imports = [*cfg.imports, *(name for name in dict.fromkeys(imports) if name not in cfg.imports)]
     validate_recipe(cfg)
+    remember_interpolations(cfg, leaves)
     return cfg
 
 
@@ -332,6 +344,7 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "data.crop_padding": _NON_NEGATIVE,
     "data.crop_fraction": {"low": 0, "low_open": True, "high": 1},
     "data.min_image_side": _NON_NEGATIVE,
+    "data.max_image_pixels": _POSITIVE,
     "model.width": {"low": 1},
     "trainer.seed": {"low": 0, "high": 2**32 - 1},
     "trainer.epochs": _POSITIVE,
@@ -381,9 +394,36 @@ def validate_recipe(cfg: DictConfig) -> None:
         raise RecipeError("keys 'data.mean' and 'data.std': set both (the input normalisation) or neither")
     if cfg.data.std is not None and min(float(v) for v in cfg.data.std) == 0:
         raise RecipeError(f"key 'data.std': expected positive values, got {list(cfg.data.std)}")
+    check_schedule(cfg)
     check_preload_keys(cfg.data)
     check_suites(cfg.eval)
     domain_specs(cfg)
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """``schedule`` values that agree with each other.
+
+    Milestones are increasing fractions of training in (0, 1) (not epochs, as torch's MultiStepLR takes them);
+    ``min_lr`` is the cosine schedule's floor, at most ``optim.lr``.
+    """
+    schedule = cfg.schedule
+    milestones = list(schedule.milestones)
+    fractions = all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in milestones)
+    if not fractions or milestones != sorted(milestones) or len(set(milestones)) != len(milestones):
+        raise RecipeError(
+            "key 'schedule.milestones': expected increasing fractions of training in (0, 1) (0.5: half way; not "
+            f"epochs or steps), got {milestones}"
+        )
+    if schedule.min_lr and schedule.name != "cosine":
+        raise RecipeError(
+            f"key 'schedule.min_lr': the floor of the cosine schedule, but schedule.name is {schedule.name}; "
+            "set it to 0 or use schedule.name=cosine"
+        )
+    if schedule.min_lr > cfg.optim.lr:
+        raise RecipeError(
+            f"key 'schedule.min_lr': {schedule.min_lr} is above optim.lr={cfg.optim.lr}; the cosine schedule "
+            "decays from optim.lr down to min_lr"
+        )
 
 
 def check_suites(ecfg: Any) -> None:
@@ -489,5 +529,5 @@ def bn_sources(specs: list[DomainSpec]) -> tuple[str, ...]:
 
 
 def save_recipe(cfg: DictConfig, path: Path) -> None:
-    """Write the fully resolved recipe as YAML, atomically."""
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    """Write the recipe as YAML, atomically: resolved, its interpolations as written (:mod:`mbn.written_recipe`)."""
+    atomic_write_text(path, recipe_yaml(cfg))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mbn import rng
+from mbn.errors import first_line
 from mbn.heads import forward_heads
 from mbn.objective import CLASSES, Objective
 from mbn.routing import eval_mode, frozen_stats, use_source
@@ -41,6 +42,8 @@ class DomainContext:
         objective: how the trainer scores this domain's batch (head and loss); an attack maximises it.
         accumulate: set by the trainer: ``(loss, images, weight, bn) -> d loss / d images`` that also adds
             ``weight`` times the loss's parameter gradients to this step's update (see :meth:`reuse_gradient`).
+        stats_updates: filled by :meth:`attack_mode` ``("train_update")``: the domain asked to update BN statistics
+            (the trainer refuses any other change to the model during ``generate``).
     """
 
     model: nn.Module
@@ -52,6 +55,7 @@ class DomainContext:
     num_classes: int = 10
     objective: Objective = field(default_factory=Objective)
     accumulate: Callable[[Tensor, Tensor, float, str], Tensor] | None = None
+    stats_updates: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +135,7 @@ class DomainContext:
             with frozen_stats(self.model):
                 yield
         elif mode == "train_update":
+            self.stats_updates.append(self.bn)
             yield
         else:
             raise ValueError(f"attack_bn must be one of {list(ATTACK_BN_MODES)}, got {mode!r}")
@@ -199,5 +204,9 @@ def build_domain(cls: type[Domain], name: str, params: dict[str, Any]) -> Domain
                 raise ValueError(f"domain {name!r}: unknown parameter {key!r}; expected one of {allowed}")
     try:
         return cls(**params)
+    except ValueError:
+        raise
     except TypeError as err:
         raise ValueError(f"domain {name!r}: {err}") from err
+    except (Exception, SystemExit, KeyboardInterrupt) as err:  # the plugin's own failure, not the user's Ctrl-C
+        raise ValueError(f"domain {name!r}: its constructor raised {type(err).__name__}: {first_line(err)}") from err

@@ -6,6 +6,10 @@ targets of length N on the same device, either class indices (int64 ``(N,)`` in 
 (float ``(N, K)``, non-negative, rows summing to 1), K being the size of the head that scores the domain. Later
 batches are not checked, so the step stays free of host synchronisation; a NaN later is caught by the trainer's
 finite-loss check.
+
+:class:`ModelGuard` checks, after every ``generate`` and for free (host-side flags and PyTorch's version counters),
+that the domain left the model as it found it: every module's train/eval mode, every parameter, and every buffer
+(BN statistics) unless the domain asked to update statistics through ``ctx.attack_mode("train_update")``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mbn.errors import DomainError
 
@@ -79,3 +83,54 @@ def _check_targets(targets: Tensor, num_targets: int, fail: Any) -> None:
         low, high = torch.aminmax(targets)
         if int(low) < 0 or int(high) >= num_targets:
             raise fail(f"targets in [{int(low)}, {int(high)}]; expected class indices in [0, {num_targets})")
+
+
+class ModelGuard:
+    """What a domain must not change of the model during ``generate``: modes, parameters, buffers.
+
+    Args:
+        model: the trained model (unwrapped), as the domains see it through ``ctx.model``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(model.named_modules())
+        self.params = list(model.named_parameters())
+        self.buffers = list(model.named_buffers())
+
+    def snapshot(self) -> tuple[list[bool], list[int], list[int]]:
+        """The modes and version counters now (no device work)."""
+        return (
+            [m.training for _, m in self.modules],
+            [p._version for _, p in self.params],
+            [b._version for _, b in self.buffers],
+        )
+
+    def check(self, name: str, before: tuple[list[bool], list[int], list[int]], stats_updates: bool) -> None:
+        """Raise if domain ``name`` changed the model since ``before`` (buffers allowed with ``stats_updates``).
+
+        Raises:
+            DomainError: naming the domain and the first module, parameter or buffer it changed.
+        """
+        modes, params, buffers = self.snapshot()
+        if modes != before[0]:
+            module, now = next(
+                (n, m.training) for (n, m), was in zip(self.modules, before[0], strict=True) if m.training != was
+            )
+            where = f"module {module!r}" if module else "the model"
+            raise DomainError(
+                f"domain {name!r} left {where} in {'train' if now else 'eval'} mode after generate(); the trainer "
+                "would train in that mode: use ctx.attack_mode('eval') (it restores the mode) or restore it yourself"
+            )
+        if params != before[1]:
+            param = next(n for (n, p), was in zip(self.params, before[1], strict=True) if p._version != was)
+            raise DomainError(
+                f"domain {name!r} changed the model's parameter {param!r} in place during generate(); a domain may "
+                "read the model, only the optimiser updates it"
+            )
+        if buffers != before[2] and not stats_updates:
+            buffer = next(n for (n, b), was in zip(self.buffers, before[2], strict=True) if b._version != was)
+            raise DomainError(
+                f"domain {name!r} changed the model's buffer {buffer!r} (BN statistics) during generate(); run its "
+                "forwards in ctx.attack_mode('eval') or ctx.attack_mode('train'), or in "
+                "ctx.attack_mode('train_update') to update the statistics on purpose"
+            )

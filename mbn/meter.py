@@ -48,7 +48,10 @@ class StepMeter:
         self._columns: dict[tuple[str, ...], Tensor] = {}  # built once per set of active domains (no copy per step)
 
     def add(self, step: int, losses: Mapping[str, Tensor], accs: Mapping[str, Tensor], images_finite: Tensor) -> None:
-        """Add one step's ``{domain: scalar}`` losses and accuracies; ``images_finite`` is (len(losses),) bool."""
+        """Add one step's ``{domain: scalar}`` losses and accuracies; ``images_finite`` is (len(losses),) bool.
+
+        ``step`` is the optimisation step's number as logs and checkpoints count it (the first step is 1).
+        """
         names = tuple(losses)
         cols = [self.index[name] for name in names]
         if names not in self._columns:

@@ -9,6 +9,8 @@ the built domains, so the trainer does not build them twice.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from mbn.builders import build_domains, check_model, resolve_device
 from mbn.config import DomainSpec, RecipeError, bn_sources, dependency_order, domain_specs
 from mbn.distributed import env_world_size
 from mbn.domain import Domain
+from mbn.errors import first_line
 from mbn.objective import CLASSES, Objective
 from mbn.train.checkpoints import CheckpointError, read_checkpoint, resolve_checkpoint
 from mbn.validators import is_int
@@ -105,7 +108,13 @@ def collect_heads(specs: list[DomainSpec], domains: dict[str, Domain]) -> dict[s
     heads: dict[str, int] = {}
     owner: dict[str, str] = {}
     for spec in specs:
-        for head, size in domains[spec.name].heads().items():
+        try:
+            asked = dict(domains[spec.name].heads())
+        except (Exception, SystemExit, KeyboardInterrupt) as err:  # a plugin's heads() failing
+            raise RecipeError(
+                f"key 'domains.{spec.name}': its heads() raised {type(err).__name__}: {first_line(err)}"
+            ) from None
+        for head, size in asked.items():
             if head == CLASSES or not isinstance(head, str) or not head.isidentifier():
                 raise RecipeError(f"key 'domains.{spec.name}': head name {head!r} is reserved or not an identifier")
             if not is_int(size, low=1):
@@ -125,13 +134,23 @@ def check_dataset_present(data: DictConfig) -> None:
     The loading-mode keys were checked when the recipe loaded (:func:`mbn.config.check_preload_keys`).
     """
     root = Path(str(data.root))
-    if data.name == "imagefolder" and not (root / "train").is_dir():
+    if data.name == "imagefolder" and not _is_folder(root / "train"):
         raise RecipeError(f"key 'data.root': imagefolder expects {root}/train/<class>/*; directory not found")
     if data.name in CIFAR_FOLDERS and not data.download and not (root / CIFAR_FOLDERS[data.name]).is_dir():
         raise RecipeError(
             f"key 'data.root': {data.name} not found under {str(root)!r} (expected {CIFAR_FOLDERS[data.name]}/ "
             "there; set data.download=true to fetch it)"
         )
+
+
+def _is_folder(path: Path) -> bool:
+    """Whether ``path`` is a directory; one that cannot be reached names its parent and the errno's words."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except PermissionError as err:  # no search permission on data.root: not "directory not found"
+        raise RecipeError(f"key 'data.root': cannot read folder {path.parent} ({err.strerror})") from None
+    except OSError:
+        return False
 
 
 def read_init_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:

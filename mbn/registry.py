@@ -16,8 +16,15 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 from mbn.domain import Domain, build_domain
+from mbn.errors import first_line
 
 ENTRY_POINT_GROUP = "mbn.domains"
+
+
+class PluginLoadError(ValueError):
+    """A domain's entry point failed to import (a missing module or attribute, an exception at import)."""
+
+
 D = TypeVar("D", bound=type[Domain])
 
 _DOMAINS: dict[str, type[Domain]] = {}
@@ -103,11 +110,15 @@ def get_domain_class(name: str) -> type[Domain]:
     """
     _discover()
     if name not in _DOMAINS and name in _ENTRY_POINTS:
-        cls = _ENTRY_POINTS[name].load()
+        ep = _ENTRY_POINTS[name]
+        try:
+            cls = ep.load()
+        except (Exception, SystemExit, KeyboardInterrupt) as err:  # the plugin's import, not the user's Ctrl-C
+            raise PluginLoadError(
+                f"{_ORIGINS[name]} of domain type {name!r} failed to load: {type(err).__name__}: {first_line(err)}"
+            ) from err
         if not (isinstance(cls, type) and issubclass(cls, Domain)):
-            raise TypeError(
-                f"entry point {_ENTRY_POINTS[name].value} for domain {name!r} is not an mbn.Domain subclass"
-            )
+            raise TypeError(f"entry point {ep.value} for domain {name!r} is not an mbn.Domain subclass")
         cls.name = name
         _DOMAINS[name] = cls
     if name not in _DOMAINS:

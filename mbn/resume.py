@@ -2,8 +2,9 @@
 
 ``mbn-train --resume RUN_DIR key=value ...`` compares the resulting recipe with the one stored in the
 checkpoint. Keys listed in :data:`RESUMABLE_KEYS` may differ (how long to train, where the data lives,
-logging, evaluation, the device); anything else (the model, the data order and batch size, the seed,
-the domains, the optimiser, the schedule's shape) is refused with one line naming every such key: start a
+logging, evaluation, the device, and the learning rate and gradient clipping: the rescue of a run that diverged);
+anything else (the model, the data order and batch size, the seed, the domains, the optimiser, the schedule's
+shape) is refused with one line naming every such key: start a
 new run instead, with ``model.init_from=RUN_DIR`` to begin from its weights.
 """
 
@@ -13,9 +14,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, fields
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mbn.config import DOMAIN_RESERVED_KEYS, DomainSpec, RecipeCfg, RecipeError, with_legacy_values
+from mbn.written_recipe import resolve_stored, value_digest
 
 #: Exact keys, or prefixes ending in ``.``, that a resume may change.
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -30,9 +32,13 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "trainer.eval_every",
     "trainer.eval_all_bns",
     "trainer.checkpoint_every_steps",
+    "optim.lr",  # a gentler learning rate or clipping to go on from the last good checkpoint after a divergence:
+    "schedule.min_lr",  # the schedule keeps its shape and position, scaled from the resumed step on
+    "optim.grad_clip",
     "data.root",  # the same data, moved
     "data.download",
     "data.num_workers",
+    "data.max_image_pixels",  # refuses images, never changes what is trained
     "data.eval_batch_size",
     "data.test_limit",
     "eval.",
@@ -99,21 +105,32 @@ def with_schema_defaults(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in full.items()}
 
 
-def check_resume_config(trained: Mapping[str, Any], cfg: DictConfig) -> list[str]:
+def check_resume_config(
+    trained: Mapping[str, Any], cfg: DictConfig, digests: Mapping[str, str] | None = None
+) -> list[str]:
     """Refuse a resume whose recipe changes what was trained; returns the (allowed) keys that changed.
 
     Args:
         trained: the recipe stored in the checkpoint (``ckpt["config"]``).
         cfg: the recipe this resume would run (saved ``config.yaml`` plus command-line overrides).
+        digests: the checkpoint's ``interpolated`` entry: SHA-256 of what each interpolation of a key a resume may
+            not change resolved to when trained (:func:`mbn.written_recipe.interpolation_digests`).
 
     Raises:
         RecipeError: naming every key that may not change, with its trained and requested values.
     """
     now = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(now, dict)
+    stored = dict(trained)
+    trained = resolve_stored(stored)  # its interpolations resolved in this environment
     trained = with_schema_defaults(trained)  # a key added to mbn after the run started keeps its default
     changes = changed_keys(with_domain_defaults(trained), with_domain_defaults({str(k): v for k, v in now.items()}))
     refused = [(k, a, b) for k, a, b in changes if not resumable(k)]
+    for key, digest in (digests or {}).items():  # an interpolation this environment resolves otherwise
+        value = OmegaConf.select(cfg, key, default=None)
+        value = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+        if not resumable(key) and value_digest(value) != digest and key not in {k for k, _, _ in refused}:
+            refused.append((key, f"{_stored_text(stored, key)} as trained", value))
     if list(trained.get("domains") or {}) != list(now.get("domains") or {}):  # order sets the BN sources
         refused.append(("domains (order)", list(trained.get("domains") or {}), list(now.get("domains") or {})))
     if refused:
@@ -123,3 +140,16 @@ def check_resume_config(trained: Mapping[str, Any], cfg: DictConfig) -> list[str
             "(model.init_from=RUN_DIR starts from this run's weights)"
         )
     return [k for k, _, _ in changes]
+
+
+def _stored_text(recipe: Mapping[str, Any], key: str) -> Any:
+    """The stored recipe's leaf at dotted ``key`` (an interpolation's text), else ``key``."""
+    node: Any = recipe
+    for part in key.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return key
+    return node

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import itertools
 import json
@@ -478,8 +479,11 @@ def test_cache_generates_then_loads(images, tmp_path, monkeypatch):
     assert manifest["num_images"] == 4 and manifest["image_shape"] == [32, 32, 3]
     assert manifest["seed"] == 3 and manifest["chunk_size"] == C.CHUNK_SIZE
     assert manifest["packages"]["numpy"] == np.__version__
+    assert manifest["packages"]["mbn-advprop"] == importlib.metadata.version("mbn-advprop")
+    assert "mbn" not in manifest["packages"]  # "mbn" on the package index is another project
     entry = manifest["entries"]["gaussian_noise/1"]
     assert entry["params"] == {"sigma": 0.04} and entry["file"] == "gaussian_noise-1.npy"
+    assert entry["shape"] == [4, 32, 32, 3] and entry["dtype"] == "uint8"
     assert entry["sha256"] == C.images_fingerprint(np.asarray(first[("gaussian_noise", 1)]))
     np.testing.assert_array_equal(np.load(root / "labels.npy"), labels)
     assert not list(root.glob(".*tmp"))  # atomic writes leave no temporaries
@@ -552,3 +556,167 @@ def test_cache_bad_arguments(images, tmp_path):
         load_or_generate(images, np.zeros(4), tmp_path, "a/b", progress=False)
     with pytest.raises(ValueError, match="on_mismatch"):
         _load(images, np.zeros(4), tmp_path, on_mismatch="ignore")
+
+
+# ------------------------------------------------------------------------------------------- damaged cache entries
+
+_PAIRS = {"corruptions": ("gaussian_noise", "contrast"), "severities": (1,)}
+
+
+def _damaged_then_loaded(images, tmp_path, capsys, damage):
+    """Fill a cache, damage it, load it again: (result, stderr lines, fresh result, cache folder)."""
+    labels = np.arange(len(images))
+    fresh = _load(images, labels, tmp_path / "fresh", **_PAIRS)
+    _load(images, labels, tmp_path / "cache", **_PAIRS)
+    root = tmp_path / "cache" / "toy"
+    damage(root)
+    capsys.readouterr()
+    result = _load(images, labels, tmp_path / "cache", **_PAIRS)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert set(result) == set(fresh)
+    for key, value in fresh.items():
+        np.testing.assert_array_equal(result[key], value)
+        assert result[key].dtype == value.dtype
+    _load(images, labels, tmp_path / "cache", **_PAIRS)  # whole again: nothing regenerated, nothing said
+    assert capsys.readouterr().err == ""
+    return lines, root
+
+
+def _rewrite_entry(transform):
+    def damage(root):
+        path = root / "gaussian_noise-1.npy"
+        np.save(path, transform(np.load(path)))  # not through np.save's atomic helper: a user's doing
+
+    return damage
+
+
+def _truncate(root):
+    path = root / "gaussian_noise-1.npy"
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_rewrite_entry(lambda a: a[::-1].copy()), "does not match its SHA-256 in manifest.json"),  # same shape
+        (_rewrite_entry(lambda a: 255 - a), "does not match its SHA-256 in manifest.json"),
+        (_truncate, "cannot be read (mmap length is greater than file size)"),
+        (lambda root: (root / "gaussian_noise-1.npy").write_bytes(b""), "cannot be read (No data left in file)"),
+        (_rewrite_entry(lambda a: a[:3]), "holds 3 images, expected 4"),
+        (_rewrite_entry(lambda a: np.concatenate([a, a])), "holds 8 images, expected 4"),
+        (_rewrite_entry(lambda a: a.astype(np.float32)), "holds float32 values, expected uint8"),
+        (_rewrite_entry(lambda a: a[:, :16]), "holds an array of shape (4, 16, 32, 3), expected (4, 32, 32, 3)"),
+        (lambda root: (root / "gaussian_noise-1.npy").unlink(), "is listed in manifest.json but missing"),
+    ],
+    ids=["replaced", "inverted", "truncated", "empty", "short", "long", "float", "cropped", "missing"],
+)
+def test_cache_damaged_entry_is_regenerated(images, tmp_path, capsys, damage, reason):
+    lines, root = _damaged_then_loaded(images, tmp_path, capsys, damage)
+    assert lines == [f"mbn: corruption cache: {root / 'gaussian_noise-1.npy'} {reason}; regenerating"]
+
+
+def _edit_manifest(edit):
+    def damage(root):
+        path = root / "manifest.json"
+        manifest = json.loads(path.read_text())
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda m: m["entries"].__setitem__("gaussian_noise/1", []), "not an object"),
+        (lambda m: m["entries"]["gaussian_noise/1"].__setitem__("file", 5), "'file' is not 'gaussian_noise-1.npy'"),
+        (lambda m: m["entries"]["gaussian_noise/1"].__setitem__("file", "../x.npy"), "'file' is not"),
+        (lambda m: m["entries"]["gaussian_noise/1"].__setitem__("severity", "1"), "'severity' is not 1"),
+        (lambda m: m["entries"]["gaussian_noise/1"].__setitem__("params", [0.04]), "'params' is not an object"),
+        (lambda m: m["entries"]["gaussian_noise/1"].__setitem__("sha256", 7), "'sha256' is not a SHA-256"),
+        (lambda m: m["entries"]["gaussian_noise/1"].__setitem__("shape", [3, 32, 32, 3]), "'shape' is not"),
+        (lambda m: m["entries"]["gaussian_noise/1"].__setitem__("dtype", "float32"), "'dtype' is not 'uint8'"),
+    ],
+    ids=["list", "file-int", "file-path", "severity-str", "params-list", "sha-int", "shape", "dtype"],
+)
+def test_cache_malformed_entry_record_is_regenerated(images, tmp_path, capsys, edit, reason):
+    lines, root = _damaged_then_loaded(images, tmp_path, capsys, _edit_manifest(edit))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"mbn: corruption cache: {root / 'gaussian_noise-1.npy'} has a malformed record in manifest.json ({reason}"
+    )
+    assert lines[0].endswith("; regenerating")
+
+
+def test_cache_entry_without_sha256_is_regenerated(images, tmp_path, capsys):
+    """An entry recorded without a SHA-256 (an older mbn's) cannot be checked, so it is made again and recorded."""
+    lines, root = _damaged_then_loaded(
+        images, tmp_path, capsys, _edit_manifest(lambda m: m["entries"]["gaussian_noise/1"].pop("sha256"))
+    )
+    path = root / "gaussian_noise-1.npy"
+    assert lines == [
+        f"mbn: corruption cache: {path} has no SHA-256 in manifest.json (written by an older mbn); regenerating"
+    ]
+    entry = json.loads((root / "manifest.json").read_text())["entries"]["gaussian_noise/1"]
+    assert entry["sha256"] == C.images_fingerprint(np.load(path))
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"{not json", "not JSON: "),
+        (b"", "not JSON: "),
+        (b"\xff\xfe\x00", "not JSON: "),
+        (b"[" * 100_000, "not JSON: "),
+        (b"[]", "a JSON list, not an object"),
+        (b"null", "a JSON NoneType, not an object"),
+        (_edit_manifest(lambda m: m.__setitem__("entries", [])), "'entries' is not an object"),
+        (_edit_manifest(lambda m: m.pop("entries")), "'entries' is not an object"),
+        (_edit_manifest(lambda m: m.__setitem__("seed", "0")), "'seed' is not an int"),
+        (_edit_manifest(lambda m: m.__setitem__("num_images", True)), "'num_images' is not an int"),
+        (_edit_manifest(lambda m: m.__setitem__("image_shape", "32x32")), "'image_shape' is not a list of 3"),
+        (_edit_manifest(lambda m: m.__setitem__("images_sha256", None)), "'images_sha256' is not a string"),
+        (_edit_manifest(lambda m: m.pop("chunk_size")), "no 'chunk_size'"),
+    ],
+    ids=[
+        "syntax",
+        "empty",
+        "binary",
+        "deep",
+        "list",
+        "null",
+        "entries-list",
+        "no-entries",
+        "seed-str",
+        "count-bool",
+        "shape-str",
+        "sha-null",
+        "no-chunk",
+    ],
+)
+def test_cache_damaged_manifest_starts_again(images, tmp_path, capsys, content, reason):
+    def damage(root):
+        if callable(content):
+            content(root)
+        else:
+            (root / "manifest.json").write_bytes(content)
+
+    lines, root = _damaged_then_loaded(images, tmp_path, capsys, damage)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"mbn: corruption cache: {root / 'manifest.json'} is damaged ({reason}")
+    assert lines[0].endswith("); regenerating the cache")
+
+
+def test_cache_mismatch_deletes_only_entry_files(images, tmp_path):
+    """Starting a mismatched cache again removes entry files by their own names, never the manifest's ``file``."""
+    labels = np.zeros(len(images), dtype=np.int64)
+    _load(images, labels, tmp_path, **_PAIRS)
+    victim = tmp_path / "victim.npy"
+    victim.write_bytes(b"keep")
+    path = tmp_path / "toy" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["entries"]["gaussian_noise/1"]["file"] = "../victim.npy"
+    path.write_text(json.dumps(manifest))
+    _load(images[::-1].copy(), labels, tmp_path, on_mismatch="regenerate", corruptions=("contrast",), severities=(1,))
+    assert victim.read_bytes() == b"keep"
+    assert not (tmp_path / "toy" / "gaussian_noise-1.npy").exists()

@@ -159,12 +159,14 @@ def test_nan_on_one_rank_stops_both_and_keeps_the_last_good_checkpoint(tmp_path)
         str(REPO / "recipes" / "advprop.yaml"),
         *SETTINGS,
         f"trainer.out_dir={run}",
-        "trainer.log_every=3",  # the NaN of step 5 (rank 1 only) is found at the logging step 6
+        "trainer.log_every=3",  # the NaN of step 6 (0-based 5, rank 1 only) is found at the logging step 6
         env={"MBN_TEST_NAN_RANK": "1", "MBN_TEST_NAN_STEP": "5"},
     )
     assert proc.returncode != 0
     # both ranks stop on the same finding, naming the domain
-    assert proc.stderr.count("non-finite loss in domain 'clean' at step 5") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("non-finite loss in domain 'clean' at step 6; last good checkpoint (step 4)") == 2, (
+        proc.stderr[-3000:]
+    )
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["state"]["step"] == 4  # the end of epoch 0, before the NaN
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

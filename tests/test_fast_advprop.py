@@ -148,7 +148,7 @@ def test_nan_between_logging_steps_stops_before_a_bad_checkpoint(tmp_path, capsy
                  "trainer.max_steps=12")  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err
-    assert "non-finite images in domain 'bad' at step 4" in err, err
+    assert "non-finite images in domain 'bad' at step 5" in err, err
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["state"]["step"] == 4  # the checkpoint before the NaN step; the one after was refused
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())

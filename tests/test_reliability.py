@@ -54,7 +54,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     [
         (["trainer.epochs=30", "trainer.max_steps=90", "data.batch_size=8"], "data.batch_size (16 -> 8)"),
         (["trainer.seed=1"], "trainer.seed (0 -> 1)"),
-        (["optim.lr=0.5"], "optim.lr"),
+        (["optim.momentum=0.5"], "optim.momentum"),
         (["domains.clean.weight=2"], "domains.clean.weight"),
         (["model.width=16"], "model.width"),
     ],
@@ -493,8 +493,8 @@ def _bad_domains() -> dict[str, object]:
         "labels_dtype": (make(lambda x, y: (x, y.to(torch.int32))), "targets of dtype torch.int32"),
         "count": (make(lambda x, y: (x, y[:3])), "3 targets for 16 images"),
         "device": (make(lambda x, y: (x.to("meta"), y)), "tensors on meta/cpu; expected them on cpu"),
-        "raises": (make(boom), "failed at step 0: ValueError: boom in the plugin"),
-        "exits": (make(lambda x, y: sys.exit(0)), "failed at step 0: SystemExit: 0"),
+        "raises": (make(boom), "failed at step 1: ValueError: boom in the plugin"),
+        "exits": (make(lambda x, y: sys.exit(0)), "failed at step 1: SystemExit: 0"),
         "float64": (make(lambda x, y: (x.double(), y)), "images of dtype torch.float64"),
         "empty": (make(lambda x, y: (x[:0], y[:0])), "an empty batch"),
         "negative_soft": (

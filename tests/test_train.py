@@ -197,7 +197,9 @@ def test_exception_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsy
     )
     err = capsys.readouterr().err.strip()
     assert code == 1
-    assert "non-finite images in domain 'bad' at step 3" in err
+    # the domain spoils step 4 (its ctx.step 3: steps done before it); logs and checkpoints count steps from 1
+    assert "non-finite images in domain 'bad' at step 4 (its generate() returned NaN/inf); last good checkpoint " in err
+    assert "(step 3) kept at" in err, err
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["state"]["step"] == 3
     assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())

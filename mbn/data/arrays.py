@@ -5,7 +5,7 @@ The bottom of :mod:`mbn.data`: it imports no other module of the package.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,10 +17,14 @@ _SUBSET_SEED = 20200614  # fixed, so train_limit/test_limit pick the same images
 
 @dataclass
 class ArraySplit:
-    """One split held in memory: uint8 images (N, H, W, 3) and int64 labels (N,)."""
+    """One split held in memory: uint8 images (N, H, W, 3) and int64 labels (N,).
+
+    ``cache_file``: the decoded-image cache the images were read from or written to (an ImageFolder tree), if any.
+    """
 
     images: np.ndarray
     labels: np.ndarray
+    cache_file: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)

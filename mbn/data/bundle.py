@@ -14,7 +14,7 @@ import torch
 
 from mbn.config import RecipeError, check_preload_keys
 from mbn.data.arrays import ArraySplit, DataStats
-from mbn.data.files import folder_classes, folder_samples
+from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, folder_classes, folder_samples
 from mbn.data.fingerprints import streamed_fingerprints, training_set_fingerprint
 from mbn.data.loaders import AugmentedArrayDataset, DeviceTrainLoader, EvalLoader, ResumableBatches, TrainLoader
 from mbn.data.preloaded import load_arrays
@@ -45,6 +45,7 @@ class DataBundle:
     test_split: ArraySplit | None = field(repr=False)
     streamed_fingerprint: str | None = None  # identity of a streamed training set (file list, labels, 64 files)
     legacy_fingerprint: str | None = None  # what a run saved before 0.3.1 stored for it (file list and labels)
+    train_cache: str | None = None  # the decoded-image cache the preloaded training images came from, if any
 
     @property
     def num_classes(self) -> int:
@@ -70,6 +71,13 @@ class DataBundle:
     def image_size(self) -> int:
         """Side length of the images."""
         return self.stats.image_size
+
+    def describe_training_set(self, root: Any) -> str:
+        """What a refused resume names: the tree under ``root`` and, when its images came from one, the cache."""
+        where = f"the training set under {root}"
+        if self.train_cache is None:
+            return where
+        return f"{where} (decoded images from the cache {self.train_cache}; delete it to decode the tree again)"
 
     def fingerprint(self) -> str:
         """Identity of the training set, checked on resume."""
@@ -118,6 +126,7 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
         stats=stats,
         train_split=train,
         test_split=test,
+        train_cache=train.cache_file,
     )
 
 
@@ -150,8 +159,10 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)
     test = folder_samples(root, "test", classes, cfg.test_limit, check_files=False)
     _check_batch_size(cfg, len(train), world_size)
+    max_pixels = int(getattr(cfg, "max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS)
     common = {"augment": cfg.augment, "seed": seed, "crop_fraction": cfg.crop_fraction,
-              "crop_padding": cfg.crop_padding, "hflip": cfg.hflip, "min_image_side": cfg.min_image_side}  # fmt: skip
+              "crop_padding": cfg.crop_padding, "hflip": cfg.hflip, "min_image_side": cfg.min_image_side,
+              "max_image_pixels": max_pixels}  # fmt: skip
     pin = device.type == "cuda"
     on_device = getattr(cfg, "decode", "workers") == "device"
     train_set = StreamingImageFolder(train, cfg.image_size, train=True, decode_on_device=on_device, **common)
@@ -165,5 +176,5 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
         StreamingImageFolder(test, cfg.image_size, train=False, **common), cfg.eval_batch_size, cfg.num_workers, pin
     )
     stats = _override_normalisation(cfg, DataStats(tuple(classes), IMAGENET_MEAN, IMAGENET_STD, int(cfg.image_size)))
-    listing, content = streamed_fingerprints(root, train, int(cfg.image_size))
+    listing, content = streamed_fingerprints(root, train, int(cfg.image_size), max_pixels)
     return DataBundle(loader, test_loader, stats, None, None, streamed_fingerprint=content, legacy_fingerprint=listing)

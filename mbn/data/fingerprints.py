@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbn.config import RecipeError
-from mbn.errors import first_line
+from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, read_image_file
 
 
 def training_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
@@ -22,10 +21,16 @@ def training_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()[:20]
 
 
-def streamed_fingerprints(root: Path, train: Sequence[tuple[str, int]], image_size: int) -> tuple[str, str]:
+def streamed_fingerprints(
+    root: Path, train: Sequence[tuple[str, int]], image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[str, str]:
     """Identity of a streamed training set for resume: (file list and labels, the same plus 64 files' bytes).
 
     The second is what a checkpoint stores; the first is what runs saved before mbn 0.3.1 stored (still accepted).
+    The files are read as for decoding (:func:`mbn.data.files.read_image_file`: regular, non-empty, bounded).
+
+    Raises:
+        RecipeError: a sampled file that is not a readable image file (a FIFO, a device, ...), named.
     """
     digest = hashlib.sha1(f"{len(train)}|{image_size}".encode())
     for path, label in train:
@@ -33,8 +38,5 @@ def streamed_fingerprints(root: Path, train: Sequence[tuple[str, int]], image_si
     listing = digest.hexdigest()[:20]
     step = max(1, len(train) // 64)
     for path, _ in train[::step][:64]:  # 64 files spread over the set, as for a preloaded one
-        try:
-            digest.update(Path(path).read_bytes())
-        except OSError as err:
-            raise RecipeError(f"{path}: cannot read ({first_line(err)})") from None
+        digest.update(read_image_file(path, max_pixels).numpy().data)
     return listing, digest.hexdigest()[:20]

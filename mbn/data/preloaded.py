@@ -1,7 +1,8 @@
 """Data sets held in memory as uint8 NHWC arrays: CIFAR-10/100, a decoded (and cached) ImageFolder tree, synthetic.
 
 CIFAR comes through torchvision; an ImageFolder tree is decoded once and cached as ``.npy`` outside the tree
-(:func:`default_cache_dir`); the synthetic shape set comes from :mod:`mbn.synthetic`. :func:`load_arrays` and
+(:func:`default_cache_dir`), with the file's SHA-256 beside it (``.npy.sha256``, as ``sha256sum`` writes it) and
+checked on every load; the synthetic shape set comes from :mod:`mbn.synthetic`. :func:`load_arrays` and
 :func:`load_test_split` read the ``data`` section of a recipe.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,18 @@ import torch
 
 from mbn.config import RecipeError
 from mbn.data.arrays import ArraySplit, DataStats, channel_stats, subset_indices
-from mbn.data.files import decode_image_file, folder_classes, folder_samples, read_image_file
+from mbn.data.files import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    decode_image_file,
+    folder_classes,
+    folder_samples,
+    image_header_size,
+    read_image_file,
+)
 from mbn.data.streamed import StreamEvalLoader, StreamingImageFolder
 from mbn.data.transforms import resize_centre_crop
 from mbn.errors import first_line
-from mbn.fileio import atomic_write
+from mbn.fileio import atomic_write, atomic_write_text
 from mbn.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 
 log = logging.getLogger(__name__)
@@ -32,7 +41,9 @@ log = logging.getLogger(__name__)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
-_CACHE_VERSION = 3  # 2: the fingerprint covers the absolute root and file mtimes; 3: 16-bit PNGs, animated GIFs
+# 2: the fingerprint covers the absolute root and file mtimes; 3: 16-bit PNGs, animated GIFs; 4: a .sha256 beside
+_CACHE_VERSION = 4
+_HASH_CHUNK = 2**24
 _DECODE_CHUNK = 512
 
 
@@ -65,20 +76,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mbn"
 
 
-def _decode_files(paths: Sequence[str], image_size: int) -> np.ndarray:
-    """Decode image files to uint8 (N, S, S, 3); other sizes get a shorter-side resize and a centre crop."""
+def _decode_files(paths: Sequence[str], image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode image files to uint8 (N, S, S, 3); other sizes get a shorter-side resize and a centre crop.
+
+    Each file's header is checked against ``max_pixels`` (``data.max_image_pixels``) before anything is decoded.
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     for lo in range(0, len(paths), _DECODE_CHUNK):
         chunk = paths[lo : lo + _DECODE_CHUNK]
-        datas = [read_image_file(p) for p in chunk]
+        datas = [read_image_file(p, max_pixels) for p in chunk]
+        for path, data in zip(chunk, datas, strict=True):
+            image_header_size(path, data, max_pixels)
         try:  # libjpeg-turbo on a whole list is ~4x faster than PIL file by file
             if not all(p.lower().endswith((".jpg", ".jpeg")) for p in chunk):
                 raise ValueError("not all JPEG")
             images = decode_jpeg(datas, mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError):
-            images = [decode_image_file(path, data) for path, data in zip(chunk, datas, strict=True)]
+            images = [decode_image_file(path, data, max_pixels) for path, data in zip(chunk, datas, strict=True)]
         for i, img in enumerate(images):
             out[lo + i] = resize_centre_crop(img, image_size).permute(1, 2, 0).numpy()
     return out
@@ -94,28 +110,111 @@ def _fingerprint(root: Path, samples: Sequence[tuple[str, int]], image_size: int
     return digest.hexdigest()[:20]
 
 
+def _hash_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+class _HashingFile:
+    """A binary file whose reads or writes also feed a SHA-256 (``np.save`` writes through it in chunks)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return int(self.f.write(data))
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.digest.update(data)
+        return bytes(data)
+
+
+def _write_cache(path: Path, images: np.ndarray) -> None:
+    """``images`` as ``path`` (``.npy``) and its SHA-256 as ``path.sha256`` (``sha256sum -c`` checks it)."""
+    written: list[str] = []
+
+    def save(f: Any) -> None:
+        out = _HashingFile(f)
+        np.save(out, images)  # type: ignore[arg-type]  # not a real file: numpy writes it chunk by chunk
+        written.append(out.digest.hexdigest())
+
+    atomic_write(path, save)
+    atomic_write_text(_hash_path(path), f"{written[-1]}  {path.name}\n")
+
+
+def _read_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached images at ``path`` if it holds ``shape`` uint8 and its SHA-256 is the one recorded beside it.
+
+    ``None`` without a word when there is no cache yet; ``None`` with one warning line naming the cache when it is
+    damaged (truncated, another shape, other content than written, no recorded hash): it is decoded again.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return _damaged(path, first_line(err))
+    if not stat.S_ISREG(info.st_mode):  # a FIFO there would block np.load forever
+        return _damaged(path, "not a regular file")
+    try:
+        recorded = _hash_path(path).read_text(encoding="ascii").split()[0]
+    except (OSError, ValueError, IndexError):
+        return _damaged(path, f"no SHA-256 recorded in {_hash_path(path).name}")
+    try:
+        with open(path, "rb") as raw:
+            f = _HashingFile(raw)
+            version = np.lib.format.read_magic(f)  # type: ignore[arg-type]
+            header = np.lib.format.read_array_header_2_0 if version == (2, 0) else np.lib.format.read_array_header_1_0
+            found, fortran, dtype = header(f)  # type: ignore[arg-type]
+            if tuple(found) != shape or dtype != np.uint8 or fortran:
+                return _damaged(path, f"holds {dtype} {tuple(found)}, not uint8 {shape}")
+            images = np.empty(shape, dtype=np.uint8)
+            view, done = images.data.cast("B"), 0
+            while done < len(view):
+                got = raw.readinto(view[done : done + _HASH_CHUNK])
+                if not got:
+                    return _damaged(path, "truncated")
+                f.digest.update(view[done : done + got])
+                done += got
+            f.read()  # anything after the array is hashed too (and makes the hash differ)
+    except (OSError, ValueError) as err:
+        return _damaged(path, first_line(err))
+    if f.digest.hexdigest() != recorded:
+        return _damaged(path, f"its SHA-256 is not the one recorded in {_hash_path(path).name} when it was written")
+    return images
+
+
+def _damaged(path: Path, why: str) -> np.ndarray | None:
+    log.warning("decoded-image cache %s is damaged (%s); decoding the images again", path, why)
+    return None
+
+
 def _load_folder_split(
-    root: Path, split: str, samples: list[tuple[str, int]], image_size: int, cache_dir: Path | None
+    root: Path,
+    split: str,
+    samples: list[tuple[str, int]],
+    image_size: int,
+    cache_dir: Path | None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ArraySplit:
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     key = _fingerprint(root, samples, image_size)
     name = root.name.encode("utf-8", "surrogateescape").decode("ascii", "replace")[:40]  # short, printable
     path = cache_dir / f"{name}-{split}-{len(samples)}-{image_size}px-{key}.npy" if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            images = np.load(path)
-            if images.shape == (len(samples), image_size, image_size, 3) and images.dtype == np.uint8:
-                return ArraySplit(images, labels)
-        except (OSError, ValueError):
-            pass  # a truncated or foreign file: decode again and overwrite it
+    if path is not None:
+        cached = _read_cache(path, (len(samples), image_size, image_size, 3))
+        if cached is not None:
+            return ArraySplit(cached, labels, cache_file=str(path))
     log.info("decoding %d images from %s/%s (once; cached in %s)", len(samples), root, split, cache_dir)
-    images = _decode_files([p for p, _ in samples], image_size)
+    images = _decode_files([p for p, _ in samples], image_size, max_pixels)
     if path is not None:
         try:
-            atomic_write(path, lambda f: np.save(f, images))
+            _write_cache(path, images)
         except OSError as err:  # a cache is optional: train from memory, decode again next time
             log.warning("could not cache decoded images: %s", err)
-    return ArraySplit(images, labels)
+            return ArraySplit(images, labels)
+    return ArraySplit(images, labels, cache_file=None if path is None else str(path))
 
 
 def load_image_folder(
@@ -124,6 +223,7 @@ def load_image_folder(
     train_limit: int | None = None,
     test_limit: int | None = None,
     cache_dir: str | Path | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[ArraySplit, ArraySplit, list[str]]:
     """Load ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` into memory.
 
@@ -137,17 +237,18 @@ def load_image_folder(
         train_limit: keep this many training images (fixed seeded choice); None keeps all.
         test_limit: the same for the test split.
         cache_dir: cache folder; defaults to :func:`default_cache_dir`.
+        max_image_pixels: images with more pixels (from their headers) are refused before decoding.
 
     Returns:
         ``(train, test, class_names)``; labels follow the sorted train class folders.
 
     Raises:
-        RecipeError: missing folders, no images, or test classes absent from train.
+        RecipeError: missing folders, no images, test classes absent from train, or a bad file (named).
     """
     root = Path(root)
     classes = folder_classes(root)  # before decoding anything
-    train = load_image_folder_split(root, "train", classes, image_size, train_limit, cache_dir)
-    test = load_image_folder_split(root, "test", classes, image_size, test_limit, cache_dir)
+    train = load_image_folder_split(root, "train", classes, image_size, train_limit, cache_dir, max_image_pixels)
+    test = load_image_folder_split(root, "test", classes, image_size, test_limit, cache_dir, max_image_pixels)
     return train, test, classes
 
 
@@ -158,6 +259,7 @@ def load_image_folder_split(
     image_size: int = 32,
     limit: int | None = None,
     cache_dir: str | Path | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ArraySplit:
     """Load one split, ``<root>/<split>/<class>/*``, labelling folders by their index in ``classes``.
 
@@ -168,9 +270,14 @@ def load_image_folder_split(
         RecipeError: a missing folder, no images, or a class folder not in ``classes``.
     """
     root = Path(root)
-    samples = folder_samples(root, split, classes, limit)
+    samples = folder_samples(root, split, classes, limit, max_pixels=max_image_pixels)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _load_folder_split(root.resolve(), split, samples, image_size, cache)
+    return _load_folder_split(root.resolve(), split, samples, image_size, cache, max_image_pixels)
+
+
+def _max_pixels(cfg: Any) -> int:
+    """``data.max_image_pixels`` (its default for a recipe stored before the key existed)."""
+    return int(getattr(cfg, "max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS)
 
 
 def _check_synthetic(cfg: Any) -> None:
@@ -199,7 +306,9 @@ def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, DataStats]:
         std: tuple[float, ...]
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     elif cfg.name == "imagefolder":
-        train, test, classes = load_image_folder(cfg.root, cfg.image_size, cfg.train_limit, cfg.test_limit)
+        train, test, classes = load_image_folder(
+            cfg.root, cfg.image_size, cfg.train_limit, cfg.test_limit, max_image_pixels=_max_pixels(cfg)
+        )
         mean, std = channel_stats(train.images)
         if min(std) == 0:
             raise RecipeError(
@@ -233,7 +342,9 @@ def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
     if cfg.name == "imagefolder" and not getattr(cfg, "preload", True):
         return _decode_streamed_test_split(cfg, stats)
     if cfg.name == "imagefolder":
-        return load_image_folder_split(cfg.root, "test", stats.class_names, stats.image_size, cfg.test_limit)
+        return load_image_folder_split(
+            cfg.root, "test", stats.class_names, stats.image_size, cfg.test_limit, max_image_pixels=_max_pixels(cfg)
+        )
     if cfg.name == "synthetic":
         _check_synthetic(cfg)
         test = ArraySplit(*generate_synthetic(cfg.synthetic_test_size, cfg.image_size, seed=1))
@@ -246,7 +357,7 @@ def _decode_streamed_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
     samples = folder_samples(Path(cfg.root), "test", stats.class_names, cfg.test_limit, check_files=False)
     dataset = StreamingImageFolder(
         samples, stats.image_size, train=False, augment=cfg.augment, crop_fraction=cfg.crop_fraction,
-        min_image_side=cfg.min_image_side,
+        min_image_side=cfg.min_image_side, max_image_pixels=_max_pixels(cfg),
     )  # fmt: skip
     batches = list(StreamEvalLoader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory=False))
     images = torch.cat([b[0] for b in batches]).permute(0, 2, 3, 1).contiguous().numpy()

@@ -14,14 +14,14 @@ Augmentation (``data.augment``):
 
 Every sample's draws come from a generator seeded by ``(seed, epoch, index)``
 (:func:`mbn.data.loaders.sample_seeds`), so an epoch's batches are the same whatever the worker count, and a resumed
-run continues exactly. An image that cannot be read or decoded, or that is smaller than ``data.min_image_side`` (or,
-with ``cifar``, not ``image_size`` square), stops the run with one line naming the file; nothing is skipped or
-silently resized.
+run continues exactly. A file that is not a non-empty regular file (a FIFO, a device, an unreadable file), an
+image that cannot be decoded, that is larger than ``data.max_image_pixels`` (read from its header, before decoding)
+or smaller than ``data.min_image_side`` (or, with ``cifar``, not ``image_size`` square), stops the run with one line
+naming the file; nothing is skipped or silently resized.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mbn.config import RecipeError
-from mbn.data.files import decode_image_file, read_image_file
+from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, decode_image_file, image_header_size, read_image_file
 from mbn.data.loaders import TrainLoader, closing_workers, collate_batch, sample_seeds, worker_init_fn
 from mbn.data.transforms import random_resized_crop_box, resize_centre_crop
-from mbn.errors import first_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 #: A sample's drawn transform: ``(op, arguments, flip)`` with op ``centre``, ``resized_crop``, ``pad_crop`` or ``none``.
@@ -72,6 +71,7 @@ class StreamingImageFolder(Dataset):
         crop_padding: zero padding of the random crop (``cifar``).
         hflip: random horizontal flips in training.
         min_image_side: shorter sides below this are refused.
+        max_image_pixels: images with more pixels (width x height, from the header) are refused before decoding.
         decode_on_device: workers only read the files and draw the transforms; :meth:`decode_batch` decodes and
             transforms a batch on the training device (``data.decode=device``).
     """
@@ -88,13 +88,14 @@ class StreamingImageFolder(Dataset):
         crop_padding: int = 4,
         hflip: bool = True,
         min_image_side: int = 8,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         decode_on_device: bool = False,
     ) -> None:
         self.paths = [p for p, _ in samples]
         self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
         self.image_size, self.train, self.augment, self.seed = image_size, train, augment, seed
         self.crop_fraction, self.crop_padding, self.hflip = crop_fraction, crop_padding, hflip
-        self.min_image_side = min_image_side
+        self.min_image_side, self.max_image_pixels = min_image_side, max_image_pixels
         self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
@@ -102,7 +103,7 @@ class StreamingImageFolder(Dataset):
 
     def load(self, index: int, epoch: int | None = None) -> torch.Tensor:
         """Sample ``index`` as uint8 (3, S, S): augmented for ``epoch`` in training, else resized and cropped."""
-        image = decode_image_file(self.paths[index])
+        image = decode_image_file(self.paths[index], max_pixels=self.max_image_pixels)
         h, w = image.shape[-2:]
         return self.transform(image, self.draw(index, epoch, (int(h), int(w))))
 
@@ -163,19 +164,12 @@ class StreamingImageFolder(Dataset):
 
         The size a transform needs is read from the file's header (PIL opens images lazily).
         """
-        from PIL import Image
-
         files, paths, drawn, labels = [], [], [], []
         for key in keys:
             index, epoch = key if isinstance(key, tuple) else (key, None)
             path = self.paths[int(index)]
-            data = read_image_file(path).numpy().tobytes()
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    w, h = img.size
-            except Exception as err:  # PIL's message names its BytesIO, not the file
-                detail = "unknown format or damaged header" if "cannot identify" in str(err) else first_line(err)
-                raise RecipeError(f"key 'data.root': cannot decode image {path} ({detail})") from None
+            data = read_image_file(path, self.max_image_pixels).numpy().tobytes()
+            w, h = image_header_size(path, data, self.max_image_pixels)
             files.append(data)
             paths.append(path)
             drawn.append(self.draw(int(index), epoch, (h, w)))
@@ -204,7 +198,7 @@ class StreamingImageFolder(Dataset):
         for i, drawn in enumerate(batch.transforms):
             image = images[i]
             if image is None:
-                image = decode_image_file(batch.paths[i], files[i]).to(device)
+                image = decode_image_file(batch.paths[i], files[i], self.max_image_pixels).to(device)
             out.append(self.transform(image, drawn))
         return torch.stack(out), batch.labels.to(device)
 

@@ -56,6 +56,8 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import re
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -72,6 +74,7 @@ from skimage.filters import gaussian
 from skimage.util import random_noise
 from tqdm.auto import tqdm
 
+from mbn.errors import first_line
 from mbn.extras import require
 from mbn.fileio import atomic_write
 from mbn.validators import check_int, is_int
@@ -843,7 +846,7 @@ def images_fingerprint(array: np.ndarray) -> str:
 
 def _package_versions() -> dict[str, str]:
     versions = {}
-    for dist in ("mbn", "numpy", "scipy", "scikit-image", "opencv-python", "opencv-python-headless", "pillow",
+    for dist in ("mbn-advprop", "numpy", "scipy", "scikit-image", "opencv-python", "opencv-python-headless", "pillow",
                  "imagecorruptions"):  # fmt: skip
         try:
             versions[dist] = importlib.metadata.version(dist)
@@ -855,6 +858,59 @@ def _package_versions() -> dict[str, str]:
 # manifest fields that identify what a cache contains; any difference makes it a different cache
 _IDENTITY_KEYS = ("format_version", "generator_version", "images_sha256", "labels_sha256", "num_images",
                   "image_shape", "seed", "chunk_size")  # fmt: skip
+_STR_KEYS = ("images_sha256", "labels_sha256")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DTYPE = np.dtype(np.uint8)
+
+
+def _note(message: str) -> None:
+    """One line on stderr about the cache (through tqdm, so that a progress bar is not torn)."""
+    tqdm.write(f"mbn: corruption cache: {message}", file=sys.stderr)
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """Why a parsed manifest cannot be a cache manifest of this format, or None when its structure is sound.
+
+    A manifest of another ``format_version`` is not checked further (it is a different cache, not a damaged one).
+    """
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    version = manifest.get("format_version")
+    if is_int(version) and version != CorruptionCache.FORMAT_VERSION:
+        return None
+    for key in _IDENTITY_KEYS:
+        if key not in manifest:
+            return f"no {key!r}"
+        value = manifest[key]
+        if key in _STR_KEYS:
+            if not isinstance(value, str):
+                return f"{key!r} is not a string"
+        elif key == "image_shape":
+            if not (isinstance(value, list) and len(value) == 3 and all(is_int(v, low=1) for v in value)):
+                return f"{key!r} is not a list of 3 positive ints"
+        elif not is_int(value):
+            return f"{key!r} is not an int"
+    if not isinstance(manifest.get("entries"), dict):
+        return "'entries' is not an object"
+    return None
+
+
+def _entry_problem(entry: Any, name: str, severity: int, shape: list[int]) -> str | None:
+    """Why a manifest record of ``name/severity`` is malformed, or None. ``sha256`` may be absent (older mbn)."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    for key, value in (("corruption", name), ("severity", severity), ("file", f"{name}-{severity}.npy")):
+        if entry.get(key) != value or type(entry.get(key)) is not type(value):
+            return f"{key!r} is not {value!r}"
+    if not isinstance(entry.get("params"), dict):
+        return "'params' is not an object"
+    if "sha256" in entry and not (isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
+        return "'sha256' is not a SHA-256 hex digest"
+    if "shape" in entry and entry["shape"] != shape:
+        return f"'shape' is not {shape}"
+    if "dtype" in entry and entry["dtype"] != _DTYPE.name:
+        return f"'dtype' is not {_DTYPE.name!r}"
+    return None
 
 
 def _differing_identity(manifest: dict[str, Any], identity: dict[str, Any]) -> list[str]:
@@ -881,8 +937,13 @@ class CorruptionCache:
     The directory also holds ``labels.npy`` and ``manifest.json``. The manifest records what identifies the cache
     (fingerprints of the clean images and labels, image shape, seed, chunk size, format and generator versions),
     the constant table and reference script, the package versions used, and per entry the corruption, severity,
-    constants and a SHA-256 of the output. A cache from an older generator version is reused only where the
-    versions since then left its outputs unchanged (version-1 caches of images under 64 px).
+    constants, shape, dtype and the SHA-256 of the output (:func:`images_fingerprint`: over the array's dtype,
+    shape and bytes). A cache from an older generator version is reused only where the versions since then left
+    its outputs unchanged (version-1 caches of images under 64 px).
+
+    Nothing read back is trusted: a manifest that is not a JSON object of the expected fields is damaged and the
+    cache is started again; an entry that cannot be read, has the wrong dtype, shape or number of images, has no
+    SHA-256 or does not match it (see :meth:`lookup`) is regenerated. Each is reported in one line on stderr.
     All files are written atomically (temporary file, then ``os.replace``), so an interrupted run leaves a valid
     cache with fewer entries.
 
@@ -898,15 +959,36 @@ class CorruptionCache:
         self.root = Path(root)
 
     def read_manifest(self) -> dict[str, Any] | None:
-        """Return the manifest, or None when there is none yet."""
+        """Return the manifest, or None when there is none yet.
+
+        Raises:
+            ValueError: the manifest cannot be read, is not JSON, or is not an object with the expected fields
+                of the expected types; the message is the reason.
+        """
         path = self.root / self.MANIFEST
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_bytes())
+        except OSError as err:
+            raise ValueError(f"cannot be read: {first_line(err)}") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+            raise ValueError(f"not JSON: {first_line(err)}") from None
+        problem = _manifest_problem(manifest)
+        if problem is not None:
+            raise ValueError(problem)
+        assert isinstance(manifest, dict)
+        return manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
         atomic_write(self.root / self.MANIFEST, lambda f: f.write(data))
+
+    def _remove_entries(self) -> None:
+        """Delete every entry file (by the names entries can have; the manifest may be damaged or another cache's)."""
+        for name in ALL_CORRUPTIONS:
+            for severity in SEVERITIES:
+                self.path(name, severity).unlink(missing_ok=True)
 
     def path(self, name: str, severity: int) -> Path:
         """Return the file holding one (corruption, severity) array."""
@@ -920,6 +1002,9 @@ class CorruptionCache:
     ) -> dict[str, Any]:
         """Check the cache against ``identity`` (or start it) and return its manifest.
 
+        A damaged manifest (see :meth:`read_manifest`) is reported in one line and the cache started again,
+        whatever ``on_mismatch`` says.
+
         Args:
             identity: Values for the identifying manifest fields.
             labels: Clean labels, written to ``labels.npy`` when the cache is started.
@@ -931,7 +1016,12 @@ class CorruptionCache:
         """
         if on_mismatch not in ("raise", "regenerate"):
             raise ValueError(f"on_mismatch must be 'raise' or 'regenerate'; got {on_mismatch!r}")
-        manifest = self.read_manifest()
+        try:
+            manifest = self.read_manifest()
+        except ValueError as err:
+            _note(f"{self.root / self.MANIFEST} is damaged ({err}); regenerating the cache")
+            self._remove_entries()
+            manifest = None
         if manifest is not None:
             differing = _differing_identity(manifest, identity)
             if not differing:
@@ -941,8 +1031,7 @@ class CorruptionCache:
                     f"corruption cache {self.root} was built with different {', '.join(differing)}; "
                     "use another cache_dir/dataset_id, delete it, or pass on_mismatch='regenerate'"
                 )
-            for entry in manifest.get("entries", {}).values():
-                (self.root / entry["file"]).unlink(missing_ok=True)
+            self._remove_entries()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.root / self.LABELS, lambda f: np.save(f, labels))
         table = _TABLES[constant_table(*identity["image_shape"][:2])]
@@ -952,12 +1041,65 @@ class CorruptionCache:
         return manifest
 
     def has(self, manifest: dict[str, Any], name: str, severity: int, params: dict[str, Any]) -> bool:
-        """Whether the cache holds this pair, generated with these constants."""
+        """Whether the manifest lists this pair, generated with these constants, and its file exists.
+
+        The file's content is not checked; :meth:`lookup` does.
+        """
         entry = manifest["entries"].get(f"{name}/{severity}")
-        return entry is not None and entry["params"] == params and (self.root / entry["file"]).exists()
+        return (
+            isinstance(entry, dict)
+            and entry.get("params") == params
+            and entry.get("file") == self.path(name, severity).name
+            and self.path(name, severity).exists()
+        )
+
+    def lookup(
+        self, manifest: dict[str, Any], name: str, severity: int, params: dict[str, Any], mmap: bool = True
+    ) -> tuple[np.ndarray | None, str | None]:
+        """Return one cached array after checking it, or why it cannot be used.
+
+        The manifest's record must be well-formed and list these constants; the file must hold a uint8 array of
+        the manifest's ``num_images`` images of its ``image_shape`` whose :func:`images_fingerprint` equals the
+        recorded ``sha256``. An entry without a recorded ``sha256`` cannot be checked and is not used.
+
+        Returns:
+            ``(array, None)`` for an intact entry (memory-mapped read-only when ``mmap``); ``(None, None)`` when
+            the pair is not cached or was made with other constants; ``(None, reason)`` when the entry is
+            damaged, ``reason`` completing a sentence that starts with the file's path.
+        """
+        entry = manifest["entries"].get(f"{name}/{severity}")
+        if entry is None:
+            return None, None
+        path = self.path(name, severity)
+        shape = [manifest["num_images"], *manifest["image_shape"]]
+        problem = _entry_problem(entry, name, severity, shape)
+        if problem is not None:
+            return None, f"has a malformed record in {self.MANIFEST} ({problem})"
+        if entry["params"] != params:
+            return None, None  # other constants: a newer generator's, not damage
+        if "sha256" not in entry:
+            return None, f"has no SHA-256 in {self.MANIFEST} (written by an older mbn)"
+        if not path.is_file():
+            return None, f"is listed in {self.MANIFEST} but " + ("missing" if not path.exists() else "not a file")
+        try:
+            array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            return None, f"cannot be read ({first_line(err)})"
+        if not isinstance(array, np.ndarray):  # an .npz archive
+            array.close()
+            return None, "is not a .npy array"
+        if array.dtype != _DTYPE:
+            return None, f"holds {array.dtype} values, expected {_DTYPE}"
+        if list(array.shape[1:]) != shape[1:] or array.ndim != 4:
+            return None, f"holds an array of shape {tuple(array.shape)}, expected {tuple(shape)}"
+        if len(array) != shape[0]:
+            return None, f"holds {len(array)} images, expected {shape[0]}"
+        if images_fingerprint(array) != entry["sha256"]:
+            return None, f"does not match its SHA-256 in {self.MANIFEST}"
+        return array, None
 
     def load(self, name: str, severity: int, mmap: bool = True) -> np.ndarray:
-        """Load one cached array (memory-mapped read-only by default)."""
+        """Load one cached array (memory-mapped read-only by default), unchecked; see :meth:`lookup`."""
         return np.load(self.path(name, severity), mmap_mode="r" if mmap else None)
 
     def store(
@@ -971,6 +1113,8 @@ class CorruptionCache:
             "severity": severity,
             "params": params,
             "file": path.name,
+            "shape": list(array.shape),
+            "dtype": array.dtype.name,
             "sha256": images_fingerprint(array),
         }
         self._write_manifest(manifest)
@@ -993,7 +1137,9 @@ def load_or_generate(
     The cache lives in ``cache_dir / dataset_id`` (see :class:`CorruptionCache`). A cache built from other images,
     labels, seed or generator version is never silently reused: it raises :class:`CacheMismatchError`, or is
     rebuilt with ``on_mismatch="regenerate"``. Entries whose recorded constants differ from the current ones are
-    regenerated.
+    regenerated. Nothing cached is trusted: a damaged manifest starts the cache again, and an entry that cannot be
+    read or does not match the shape, dtype, number of images or SHA-256 its manifest records is regenerated, each
+    said in one line on stderr (see :meth:`CorruptionCache.lookup`).
 
     Args:
         images: Clean RGB images, uint8, shape (N, H, W, 3).
@@ -1039,7 +1185,11 @@ def load_or_generate(
     for name, severity in bar:
         bar.set_postfix_str(f"{name} s{severity}")
         params = corruption_params(name, severity, *images.shape[1:3])
-        if not cache.has(manifest, name, severity, params):
+        array, damage = cache.lookup(manifest, name, severity, params, mmap=mmap)
+        if damage is not None:
+            _note(f"{cache.path(name, severity)} {damage}; regenerating")
+        if array is None:
             cache.store(manifest, name, severity, params, generate_corrupted(images, name, severity, seed))
-        result[(name, severity)] = cache.load(name, severity, mmap=mmap)
+            array = cache.load(name, severity, mmap=mmap)
+        result[(name, severity)] = array
     return result

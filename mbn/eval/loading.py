@@ -17,6 +17,7 @@ from mbn.data import ArraySplit, DataStats, load_arrays, load_test_split
 from mbn.errors import one_line
 from mbn.imports import import_user_modules
 from mbn.train.checkpoints import CheckpointError, load_model_state, read_checkpoint, resolve_checkpoint
+from mbn.written_recipe import resolve_stored
 
 
 @dataclass
@@ -54,7 +55,9 @@ def read_stored_run(path: Path, overrides: list[str] | None = None) -> StoredRun
     ckpt_path, run_dir = resolve_checkpoint(Path(path))
     ckpt = read_checkpoint(ckpt_path, "evaluate")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RecipeCfg), ckpt["config"], OmegaConf.from_dotlist(overrides or []))
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(RecipeCfg), resolve_stored(ckpt["config"]), OmegaConf.from_dotlist(overrides or [])
+        )
         stats = DataStats.from_dict(ckpt["data"]) if isinstance(ckpt.get("data"), dict) else None
     except Exception as err:
         raise CheckpointError(f"{ckpt_path}: stored recipe does not fit this mbn version ({one_line(err)})") from None

@@ -39,6 +39,7 @@ from mbn.train.runtime import Runtime
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import MultiDomainStep
 from mbn.train.update import Update
+from mbn.written_recipe import resolve_stored
 
 
 def build_trainer(
@@ -76,7 +77,7 @@ def _build(
     device = distributed.rank_device(plan.device, dist)
     ckpt = read_checkpoint(ckpt_dir / "last.pt", "resume", map_location=device) if resume else None
     if ckpt is not None:  # before anything is built: a resume may not change what was trained
-        check_resume_config(ckpt["config"], cfg)
+        check_resume_config(ckpt["config"], cfg, ckpt.get("interpolated"))
     if dist.is_main:
         if not resume:
             check_new_run_dir(run_dir)
@@ -131,6 +132,7 @@ def _build(
             data=data,
             sources=plan.sources,
             heads=plan.heads,
+            gentler=gentler_overrides(cfg),
         )
         state, init_report = TrainState(), None
         if ckpt is not None:
@@ -202,6 +204,11 @@ def run_length(cfg: DictConfig, plan: RunPlan, batches: int) -> tuple[RunLength,
     return length, notes
 
 
+def gentler_overrides(cfg: DictConfig) -> str:
+    """What a divergence message suggests to resume with: a tenth of the learning rate, and clipping if off."""
+    return f"optim.lr={float(cfg.optim.lr) / 10:g}" + ("" if cfg.optim.grad_clip else " optim.grad_clip=1.0")
+
+
 def hook_settings(cfg: DictConfig) -> HookSettings:
     """The logging, evaluation and checkpoint cadence the recipe asks for."""
     return HookSettings(
@@ -247,14 +254,46 @@ def _normalise_as_trained(cfg: DictConfig, data: DataBundle, ckpt: Checkpoint | 
 def _schedule_change(
     cfg: DictConfig, ckpt: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState
 ) -> list[str]:
-    """A note when a resume changed ``trainer.epochs``: the schedule and windows now span the new length."""
-    old_epochs = ckpt["config"].get("trainer", {}).get("epochs")
-    if old_epochs is None or old_epochs == cfg.trainer.epochs:
+    """A note of what a resume changed of the update, the learning rate of the resumed step set to follow it.
+
+    ``trainer.epochs`` (the schedule spans the new length), ``optim.lr`` or ``schedule.min_lr`` (the schedule
+    scaled), ``optim.grad_clip``.
+
+    The saved schedule holds the trained base learning rate; it is replaced by the recipe's, and every parameter
+    group's rate set to the recipe's schedule at the resumed step, so the first step after the resume already
+    uses it. A resume that changes none of these keys leaves the restored state untouched (bit-identical).
+    """
+    trained = resolve_stored(ckpt["config"])
+    optim, schedule = trained.get("optim", {}), trained.get("schedule", {})
+    old = {
+        "trainer.epochs": trained.get("trainer", {}).get("epochs", cfg.trainer.epochs),
+        "optim.lr": optim.get("lr", cfg.optim.lr),
+        "schedule.min_lr": schedule.get("min_lr", cfg.schedule.min_lr),
+        "optim.grad_clip": optim.get("grad_clip", cfg.optim.grad_clip),
+    }
+    new = {
+        "trainer.epochs": cfg.trainer.epochs,
+        "optim.lr": cfg.optim.lr,
+        "schedule.min_lr": cfg.schedule.min_lr,
+        "optim.grad_clip": cfg.optim.grad_clip,
+    }
+    changed = [k for k in old if old[k] != new[k]]
+    if not changed:
         return []
+    listed = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in changed)
+    if changed == ["optim.grad_clip"]:
+        return [f"resumed at step {state.step} with {listed}"]
     old_lr = optimizer.param_groups[0]["lr"]
-    lambdas: list[Any] = [fn(state.step) for fn in getattr(scheduler, "lr_lambdas", [])]
-    new_lr = optimizer.param_groups[0]["initial_lr"] * lambdas[0] if lambdas else old_lr
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is not None:  # LambdaLR: base rates from the recipe, the rate of the resumed step from its schedule
+        scheduler.base_lrs = [float(cfg.optim.lr)] * len(optimizer.param_groups)
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas, strict=True):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(state.step)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    new_lr = optimizer.param_groups[0]["lr"]
+    windows = " and the domains' start/end windows" if "trainer.epochs" in changed else ""
     return [
-        f"trainer.epochs {old_epochs} -> {cfg.trainer.epochs}: the learning-rate schedule and the domains' "
-        f"start/end windows now span the new length (lr at step {state.step}: {old_lr:.4g} -> {new_lr:.4g})"
+        f"resumed at step {state.step} with {listed}: the learning-rate schedule{windows} follow the new values "
+        f"(lr at step {state.step}: {old_lr:.4g} -> {new_lr:.4g})"
     ]

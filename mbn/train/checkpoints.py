@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mbn.config import RecipeError
-from mbn.distributed import DistContext
+from mbn.distributed import DistContext, resume_command
 from mbn.errors import TrainingDivergedError, first_line, one_line
 from mbn.fileio import WriteError, atomic_torch_save
 from mbn.init_from import InitReport, init_from_state
+from mbn.resume import resumable
 from mbn.train.state import TrainState
+from mbn.written_recipe import interpolation_digests, recipe_as_written
 
 if TYPE_CHECKING:  # mbn-eval reads checkpoints without importing the data pipeline or timm
     from mbn.data import DataBundle
@@ -130,7 +132,8 @@ class Checkpoint(TypedDict, total=False):
     heads: dict[str, int]  # auxiliary heads and their sizes
     data: dict[str, Any]  # DataStats: class names, normalisation
     data_fingerprint: str  # identity of the training set (resume on the same data)
-    config: dict[str, Any]  # the resolved recipe
+    config: dict[str, Any]  # the recipe: resolved, its interpolations as written (mbn.written_recipe)
+    interpolated: dict[str, str]  # SHA-256 of what each interpolation of a non-resumable key resolved to
     train_time: float
     wall_time: float
     clock: dict[str, Any]  # throughput counters
@@ -216,7 +219,7 @@ def check_same_data(saved: Any, data: DataBundle, root: Any, path: Path) -> None
         old, new = saved.get(key), now[key]
         if old is not None and any(abs(a - b) > 1e-5 for a, b in zip(old, new, strict=False)):
             raise RecipeError(
-                f"key 'data.root': the training images under {root} differ from the run's "
+                f"key 'data.root': the images of {data.describe_training_set(root)} differ from the run's "
                 f"({key} {_rounded(old)} in {path}, {_rounded(new)} now); resume on the same data"
             )
 
@@ -233,8 +236,8 @@ class RunCheckpoints:
         directory: ``RUN/checkpoints``.
         dist: the ranks; rank 0 alone writes.
         model, optimizer, scheduler, scaler, ema: the trained objects, saved and restored in place.
-        cfg: the recipe (saved resolved); data: the training data (statistics, fingerprint); sources, heads: the
-            model's BN sources and auxiliary heads.
+        cfg: the recipe (saved as written); data: the training data (statistics, fingerprint); sources, heads: the
+            model's BN sources and auxiliary heads; gentler: the overrides a divergence message suggests.
     """
 
     def __init__(
@@ -251,11 +254,14 @@ class RunCheckpoints:
         data: DataBundle,
         sources: tuple[str, ...],
         heads: Mapping[str, int],
+        gentler: str = "optim.lr=<lower> optim.grad_clip=1.0",
     ) -> None:
         self.dir, self.dist = Path(directory), dist
         self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.cfg, self.data, self.sources, self.heads = cfg, data, sources, dict(heads)
         self.data_fingerprint = data.fingerprint()
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+        self.gentler = gentler  # the overrides a divergence message suggests for the resume
 
     @property
     def last(self) -> Path:
@@ -264,7 +270,46 @@ class RunCheckpoints:
 
     def kept_note(self) -> str:
         """What a stopped run leaves to resume from, for its one-line error."""
-        return f"last good checkpoint kept at {self.last}" if self.last.exists() else "no checkpoint written yet"
+        if not self.last.exists():
+            return "no checkpoint written yet"
+        at = f" (step {self.saved_step})" if self.saved_step is not None else ""
+        return f"last good checkpoint{at} kept at {self.last}"
+
+    def rescue_note(self) -> str:
+        """How to go on after a divergence: resume from the last good checkpoint more gently (or start again)."""
+        gentler = self.gentler
+        if not self.last.exists():
+            return f"start again with a lower learning rate or gradient clipping ({gentler})"
+        return f"resume it with a lower learning rate or gradient clipping: {resume_command(self.dir.parent)} {gentler}"
+
+    def check_finite_weights(self, step: int) -> None:
+        """Refuse to write weights that are not finite: parameters, BN statistics, the weight average, optimiser state.
+
+        A finite but huge loss can give an update that overflows; its loss was finite, so only the weights tell.
+        One host sync (checkpoints only); under torchrun every rank calls it and every rank raises.
+
+        Raises:
+            TrainingDivergedError: naming the first non-finite tensor and the step; nothing is written.
+        """
+        named: list[tuple[str, Tensor]] = [(f"model {k}", v) for k, v in self.model.state_dict().items()]
+        if self.ema is not None:
+            named += [(f"weight average (ema) {k}", v) for k, v in self.ema.module.state_dict().items()]
+        for i, state in enumerate(self.optimizer.state.values()):
+            named += [(f"optimiser state {k} of parameter {i}", v) for k, v in state.items() if isinstance(v, Tensor)]
+        named = [(k, v) for k, v in named if v.is_floating_point() or v.is_complex()]
+        if not named:
+            return
+        device = named[0][1].device
+        finite = torch.stack([torch.isfinite(v).all().to(device) for _, v in named]).to(torch.uint8)
+        finite = self.dist.min_over_ranks(finite)
+        bad = [k for (k, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+        if bad:
+            raise TrainingDivergedError(
+                f"non-finite weights after step {step} ({bad[0]}"
+                + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                + f"): the update diverged although its loss was finite; not saved; {self.kept_note()}; "
+                + self.rescue_note()
+            )
 
     def check_same_run(self, ckpt: Checkpoint, path: Path, root: Any) -> None:
         """A resume continues the run it saved: as many processes, the same BN sources, the same training data."""
@@ -284,7 +329,7 @@ class RunCheckpoints:
         saved = ckpt.get("data_fingerprint")
         if saved is not None and saved not in (self.data_fingerprint, self.data.legacy_fingerprint):
             raise RecipeError(
-                f"key 'data.root': the training set under {root} is not the one this run was trained on "
+                f"key 'data.root': {self.data.describe_training_set(root)} is not the one this run was trained on "
                 f"(another image count, labels or images than in {path}); resume on the same data"
             )
 
@@ -294,6 +339,7 @@ class RunCheckpoints:
         ``session`` holds the training session's own entries (clock, meter, last window, wall and train time).
         """
         if not self.dist.is_main:
+            self.saved_step = state.step  # rank 0 writes it (or stops every rank when it cannot)
             return
         ckpt: dict[str, Any] = {
             "model": self.model.state_dict(),
@@ -305,13 +351,15 @@ class RunCheckpoints:
             "heads": dict(self.heads),
             "data": self.data.stats.to_dict(),
             "data_fingerprint": self.data_fingerprint,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": recipe_as_written(self.cfg),  # interpolations as written: no secret from the environment
+            "interpolated": interpolation_digests(self.cfg, keep=lambda key: not resumable(key)),
             **session,
             "world_size": self.dist.world_size,
         }
         if self.ema is not None:
             ckpt["ema"] = self.ema.module.state_dict()
         atomic_torch_save(ckpt, self.last)
+        self.saved_step = state.step
         main = state.test_acc.get(self.sources[0])
         if main is not None and state.evaluated_step == state.step and main >= state.best_acc:  # these weights
             atomic_torch_save(ckpt, self.dir / "best.pt")
@@ -348,6 +396,7 @@ class RunCheckpoints:
             state.check(batches_per_epoch)
         except STATE_ERRORS as err:
             raise state_does_not_fit(path, err) from None
+        self.saved_step = state.step
         return state
 
     def restore_ema(self, ckpt: Checkpoint, path: Path) -> bool:

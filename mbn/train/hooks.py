@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mbn.config import DomainSpec, save_recipe
 from mbn.csvlog import CsvScalarLog
@@ -32,6 +32,7 @@ from mbn.train.runtime import Runtime
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import StepOutput, StepStats
 from mbn.train.update import Update
+from mbn.written_recipe import recipe_yaml
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,13 @@ class TrainHooks:
         self.tb.resume_at(state.step)  # a resume logs the steps after its checkpoint again
         self.tb.layout([s.name for s in self.specs], list(self.sources), divergence=self.settings.divergence_layout)
         if not resumed:  # once per run, not once per session
-            self.tb.recipe(OmegaConf.to_yaml(self.cfg, resolve=True))
+            self.tb.recipe(recipe_yaml(self.cfg))
         self._wall_start = time.perf_counter()
 
     def after_step(self, state: TrainState, last: StepOutput, stats: Sequence[StepStats]) -> None:
         """After optimisation step ``state.step``: its micro-batches' statistics, logging, images, checkpoints."""
         for micro in stats:
-            self.meter.add(state.step - 1, micro.losses, micro.accs, micro.finite)
+            self.meter.add(state.step, micro.losses, micro.accs, micro.finite)
             self.clock.count(micro.sizes)
         self.progress.update()
         step, log, every = state.step, self.settings, self.settings.log_every
@@ -175,9 +176,11 @@ class TrainHooks:
         """``last.pt`` (and ``best.pt``) with this session's clock and open logging window.
 
         Raises:
-            TrainingDivergedError: a step since the last check had a non-finite loss; nothing is written.
+            TrainingDivergedError: a step since the last check had a non-finite loss, or the weights (parameters,
+                BN statistics, weight average, optimiser state) are not finite; nothing is written.
         """
         self.check_finite()
+        self.checkpoints.check_finite_weights(state.step)
         self.clock.stop()
         wall = self.wall_time()
         meter = self.meter.state_dict()  # a collective under torchrun: every rank computes it
@@ -206,7 +209,10 @@ class TrainHooks:
         try:
             self.meter.check_finite()
         except NonFiniteError as err:
-            raise TrainingDivergedError(f"{err}; {self.checkpoints.kept_note()}") from None
+            kept = self.checkpoints.kept_note()
+            if err.what == "images":  # the domain made them: no learning rate rescues that
+                raise TrainingDivergedError(f"{err} (its generate() returned NaN/inf); {kept}") from None
+            raise TrainingDivergedError(f"{err}; {kept}; {self.checkpoints.rescue_note()}") from None
 
     def wall_time(self) -> float:
         """Wall-clock seconds of this run, over every session."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -94,8 +96,14 @@ class Runtime:
         return to_device(batch, self.device, self.channels_last)
 
     def seed_draw(self, draw: int) -> torch.Generator:
-        """Seed torch's generators for ``draw``; returns the domains' generator, seeded for it too."""
+        """Seed torch's generators, numpy's and Python's global ones for ``draw``; returns the domains' generator.
+
+        numpy's and Python's global generators are what many augmentation libraries draw from: seeded per draw,
+        a plugin using them is reproducible and resumes bit for bit.
+        """
         seed = step_seed(self.seed, draw, self.dist.rank)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         # Only the generators in use: torch.manual_seed also walks every accelerator backend (~1.5 ms).
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":

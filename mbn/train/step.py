@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mbn.config import DomainSpec
 from mbn.domain import Domain, DomainContext
-from mbn.domain_checks import check_domain_output
+from mbn.domain_checks import ModelGuard, check_domain_output
 from mbn.errors import DomainError, first_line
 from mbn.gradnorm import SHARED, Owner
 from mbn.objective import CLASSES, Objective
@@ -132,6 +132,7 @@ class MultiDomainStep:
         self.total_steps, self.accum_steps = total_steps, accum_steps
         self.sample_mean, self.split_batch, self.routed = sample_mean, split_batch, routed
         self.trainable = [p for p in runtime.model.parameters() if p.requires_grad]
+        self.guard = ModelGuard(runtime.model)  # what a domain's generate() must leave as it found it
         self._by_name = {s.name: s for s in self.specs}
         self._checked: set[str] = set()  # domains whose first batch passed the contract check (once per run)
 
@@ -174,14 +175,15 @@ class MultiDomainStep:
                 x, y = _share(spec, x, y, generator, shares)  # (round(fraction x N), C, H, W)
             ctx = self.context(spec, at, generator, ledger)
             version = x._version  # in-place writes bump it: the input is shared with other domains
+            model_before = self.guard.snapshot()  # modes and version counters: free, no device work
             try:
                 with self.runtime.autocast(attack=True):
                     made = self.domains[spec.name].generate(x, y, ctx)
-            except (Exception, SystemExit) as err:
+            except (Exception, SystemExit, KeyboardInterrupt) as err:  # a user's signal arrives as StopSignal
                 if "DataLoader worker" in str(err):  # a worker died (signal, OOM killer): not the domain's fault
                     raise
                 raise DomainError(
-                    f"domain {spec.name!r} (type {spec.type!r}) failed at step {at.step}: "
+                    f"domain {spec.name!r} (type {spec.type!r}) failed at step {at.step + 1}: "
                     f"{type(err).__name__}: {first_line(err)}"
                 ) from err
             if x._version != version:
@@ -189,6 +191,7 @@ class MultiDomainStep:
                     f"domain {spec.name!r} changed its input images in place; other domains share them: return a "
                     "new tensor (images * 0.5, not images.mul_(0.5))"
                 )
+            self.guard.check(spec.name, model_before, stats_updates=bool(ctx.stats_updates))
             if spec.name not in self._checked:  # the first batch only: no host sync in later steps
                 made = check_domain_output(spec.name, made, x, self.target_size(spec.name))
                 self._checked.add(spec.name)
