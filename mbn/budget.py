@@ -44,7 +44,10 @@ def matched_epochs(epochs: int, specs: Sequence[DomainSpec], domains: Mapping[st
     """Epochs of this recipe that cost what ``epochs`` of ``baseline`` cost (at least 1)."""
     from mbn.builders import build_domains
 
-    base_cfg = load_recipe(baseline_path(baseline))
+    try:
+        base_cfg = load_recipe(baseline_path(baseline))
+    except RecipeError as err:  # the message names the baseline's file; say which key pointed at it
+        raise RecipeError(f"key 'trainer.budget_of': {err}") from None
     base_specs = domain_specs(base_cfg)
     base_cost = step_cost(base_specs, build_domains(base_specs))
     return max(1, round(round(epochs * base_cost / step_cost(specs, domains), 9)))  # 87.4999... is 87.5

@@ -8,13 +8,15 @@ distinct ``bn`` values in order, the first being the main BN used at inference.
 
 from __future__ import annotations
 
+import io
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mbn.errors import RecipeError, first_line
@@ -202,30 +204,84 @@ def with_legacy_values(recipe: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> DictConfig:
+#: The recipe's sections: the only keys a recipe file's top level may hold (besides ``base``).
+SECTIONS = tuple(f.name for f in fields(RecipeCfg))
+#: The largest recipe file read: recipes are a few kB, and a file this big is not one.
+MAX_RECIPE_BYTES = 1 << 20
+#: Keys and values quoted in messages are cut to this many characters (with an ellipsis).
+MESSAGE_CHARS = 80
+_NAME_LIKE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def _clip(text: object, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` for a message: at most ``limit`` characters, cut with an ellipsis."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _read_yaml(path: Path, name: str | None = None) -> DictConfig:
+    """One recipe file, parsed: a mapping whose top-level keys are recipe sections (and ``base``).
+
+    ``name``: the file as messages give it (with the key that pointed at it); default ``path``. A file that is not a
+    recipe (binary, huge, a list, text, other keys) is refused in one line naming the file, never quoting its content.
+    """
+    name = name or str(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        what = "not a regular file" if path.exists() else "recipe file not found"
+        raise RecipeError(f"{name}: {what}")
     try:
-        cfg = OmegaConf.load(path)
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:
+        raise RecipeError(f"{name}: cannot read it ({first_line(err)})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{name}: over {MAX_RECIPE_BYTES >> 20} MiB, too large for a recipe (not a recipe file?)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{name}: not a text file (byte {err.start} is not UTF-8; a recipe is YAML text)") from None
+    if "\x00" in text:
+        raise RecipeError(f"{name}: not a text file (it holds NUL bytes; a recipe is YAML text)")
+    try:
+        top = yaml.compose(text, Loader=yaml.SafeLoader)  # the top level's kind (aliases are not expanded here)
+        if top is not None and not isinstance(top, yaml.MappingNode):  # OmegaConf reads text as a key
+            kind = "a list" if isinstance(top, yaml.SequenceNode) else "a single value or text"
+            raise RecipeError(
+                f"{name}: not a recipe: its top level is {kind}, not a mapping of recipe sections "
+                f"({', '.join(SECTIONS)})"
+            )
+        cfg = OmegaConf.load(io.StringIO(text))
+    except RecipeError:
+        raise
     except Exception as err:  # yaml errors carry multi-line context; keep the first line
-        raise RecipeError(f"{path}: not valid YAML ({first_line(err)})") from None
-    if not isinstance(cfg, DictConfig):
-        raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
+        raise RecipeError(f"{name}: not valid YAML ({_clip(first_line(err), 200)})") from None
+    assert isinstance(cfg, DictConfig)
+    unknown = [key for key in cfg if key not in (*SECTIONS, "base")]
+    if unknown:
+        key = unknown[0]
+        if isinstance(key, str) and len(key) <= MESSAGE_CHARS and _NAME_LIKE.fullmatch(key):
+            raise RecipeError(f"{name}: key '{key}' is not a recipe section ({', '.join(SECTIONS)})")
+        raise RecipeError(f"{name}: not a recipe: its top-level keys are not recipe sections ({', '.join(SECTIONS)})")
     return cfg
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Load ``path``, first merging the recipe named by its optional ``base:`` key (relative path)."""
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = (), via: str | None = None) -> list[tuple[str, DictConfig]]:
+    """``path`` and the recipes its ``base:`` key names (relative path), base-most first, each with its name.
+
+    A file's name in messages is its path, and for a base also the key that pointed at it
+    (``/etc/passwd (key 'base' of mine.yaml)``).
+    """
     path = path.resolve()
+    name = f"{path} ({via})" if via else str(path)
     if path in seen:
-        raise RecipeError(f"{path}: recipe 'base' chain forms a cycle")
-    cfg = _read_yaml(path)
+        raise RecipeError(f"{name}: recipe 'base' chain forms a cycle")
+    cfg = _read_yaml(path, name)
     base = cfg.pop("base", None)
     if base is None:
-        return cfg
+        return [(name, cfg)]
     if not isinstance(base, str):
-        raise RecipeError(f"{path}: key 'base' must be a path to another recipe, got {base!r}")
-    return OmegaConf.merge(_read_with_bases(_base_path(path, base), (*seen, path)), cfg)  # type: ignore[return-value]
+        raise RecipeError(f"{name}: key 'base' must be a path to another recipe, got {_clip(repr(base))}")
+    return [*_read_with_bases(_base_path(path, base), (*seen, path), f"key 'base' of {path}"), (name, cfg)]
 
 
 def _base_path(recipe: Path, base: str) -> Path:
@@ -246,14 +302,89 @@ def _base_path(recipe: Path, base: str) -> Path:
     if shipped is not None:
         return shipped
     raise RecipeError(
-        f"{recipe}: key 'base': {base} is neither a file beside it nor a shipped recipe (mbn-train --list-recipes)"
+        f"{recipe}: key 'base': {_clip(base)} is neither a file beside it nor a shipped recipe "
+        "(mbn-train --list-recipes)"
     )
 
 
 def _friendly(err: Exception, fallback_key: str | None = None) -> str:
+    """OmegaConf's error on one line, naming its key; long keys and values are cut (never a file's content)."""
     key = getattr(err, "full_key", None) or fallback_key
     msg = first_line(err)
-    return f"key '{key}': {msg}" if key else msg
+    for part in (getattr(err, "key", None), getattr(err, "value", None), key):
+        if isinstance(part, str) and len(part) > MESSAGE_CHARS:
+            msg = msg.replace(part, _clip(part))
+    msg = _clip(msg, 4 * MESSAGE_CHARS)
+    return f"key '{_clip(key)}': {msg}" if key else msg
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (dict, DictConfig)):
+        return "a mapping"
+    return "a list" if isinstance(value, (list, tuple, ListConfig)) else "a value"
+
+
+def _clash(dest: DictConfig, given: dict[Any, Any], path: tuple[str, ...] = ()) -> str | None:
+    """Where ``given`` (a recipe file) puts a value or list over a mapping of ``dest``, or a mapping over a list.
+
+    Returns the message naming the first such key, or None.
+    """
+    for key, value in given.items():
+        if value is None or key not in dest:
+            continue
+        try:
+            node = dest.get(key)
+        except OmegaConfBaseException:
+            continue
+        here = (*path, str(key))
+        dotted = _clip(".".join(here))
+        shown = _clip(repr(value))
+        if isinstance(node, DictConfig) and not isinstance(value, dict):
+            if here == ("domains",):
+                return (
+                    f"key 'domains': a mapping of domain names to their entries, not {_kind(value)} "
+                    f"(domains: {{clean: {{type: clean}}, ...}}), got {shown}"
+                )
+            if len(here) == 2 and here[0] == "domains":
+                return (
+                    f"key '{dotted}': a domain entry (a mapping with at least 'type'), not {_kind(value)}, got {shown}"
+                )
+            names = [str(k) for k in node]
+            keys = f" (its keys: {_clip(', '.join(names))})" if names else ""
+            return f"key '{dotted}': a section, not {_kind(value)}{keys}, got {shown}"
+        if isinstance(node, ListConfig) and isinstance(value, dict):
+            return f"key '{dotted}': a list, not a mapping, got {shown}"
+        if isinstance(node, DictConfig) and isinstance(value, dict):
+            found = _clash(node, value, here)
+            if found is not None:
+                return found
+    return None
+
+
+def _merge_file(cfg: DictConfig, name: str, layer: DictConfig) -> DictConfig:
+    """``cfg`` with recipe file ``name``'s ``layer`` merged over it; a failure names the file and the key."""
+    try:
+        merged = OmegaConf.merge(cfg, layer)
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        problem = None
+        if not getattr(err, "full_key", None):  # OmegaConf names no key for a section given a value or a list
+            given = OmegaConf.to_container(layer, resolve=False)
+            problem = _clash(cfg, given) if isinstance(given, dict) else None
+        raise RecipeError(f"{name}: {problem or _friendly(err)}") from None
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _legacy_layer(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
+    """:data:`LEGACY_VALUES` of the sections a saved run's recipe holds (merged under it: its own values win)."""
+    plain = [OmegaConf.to_container(layer, resolve=False) for _, layer in layers]
+    held = {str(section) for p in plain if isinstance(p, dict) for section, v in p.items() if isinstance(v, dict)}
+    legacy: dict[str, dict[str, Any]] = {}
+    for dotted, value in LEGACY_VALUES.items():
+        section, key = dotted.split(".")
+        if section in held:
+            legacy.setdefault(section, {})[key] = value
+    return OmegaConf.create(legacy)
 
 
 def load_recipe(
@@ -273,38 +404,34 @@ def load_recipe(
     Raises:
         RecipeError: missing file, unknown key, wrong type or bad value; the message names it.
     """
-    schema = OmegaConf.structured(RecipeCfg)
-    layers: list[Any] = [schema]
+    cfg = OmegaConf.structured(RecipeCfg)
     if path is not None:
-        recipe = _read_with_bases(Path(path))
-        if saved_run:
-            plain = OmegaConf.to_container(recipe)
-            assert isinstance(plain, dict)
-            recipe = OmegaConf.create(with_legacy_values({str(k): v for k, v in plain.items()}))
-        layers.append(recipe)
+        layers = _read_with_bases(Path(path))
+        if saved_run:  # a key the run's recipe lacks reads as the run had it
+            cfg = _merge_file(cfg, str(path), _legacy_layer(layers))
+        for name, layer in layers:  # one file at a time, so a failure names the file that set the key
+            cfg = _merge_file(cfg, name, layer)
     for item in overrides or []:
         if "=" not in item:
-            raise RecipeError(f"override {item!r}: expected dotted.key=value")
-    try:
-        cfg = OmegaConf.merge(*layers)
-    except (OmegaConfBaseException, TypeError, ValueError) as err:
-        raise RecipeError(_friendly(err)) from None
+            raise RecipeError(f"override {_clip(repr(item))}: expected dotted.key=value")
     for item in overrides or []:  # one at a time, so a failure names its override
         key, value = (part.strip() for part in item.split("=", 1))
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             if isinstance(OmegaConf.select(cfg, key), DictConfig):  # ema=0.9: a section given a scalar
-                message = f"key '{key}': a section, not a value (set {key}.<name>=...), got {value!r}"
+                shown = _clip(key)
+                message = f"key '{shown}': a section, not a value (set {shown}.<name>=...), got {_clip(repr(value))}"
                 raise RecipeError(message) from None
             raise RecipeError(_friendly(err, key)) from None
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or first_line(err)
             raise RecipeError(
-                f"key '{key}': {value!r} is not a YAML value ({problem}); quote what holds ${{...}}, ':' or brackets"
+                f"key '{_clip(key)}': {_clip(repr(value))} is not a YAML value ({problem}); quote what holds "
+                "${...}, ':' or brackets"
             ) from None
         except (TypeError, ValueError) as err:
-            raise RecipeError(f"key '{item.split('=', 1)[0]}': {first_line(err)}") from None
+            raise RecipeError(f"key '{_clip(key)}': {_clip(first_line(err), 4 * MESSAGE_CHARS)}") from None
     leaves = (
         interpolated_leaves(cfg) if isinstance(cfg, DictConfig) else {}
     )  # written as their text, never as what they resolve to (secrets, paths)

@@ -67,6 +67,14 @@ class DistContext:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         return int(flag.item())
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects, through the control group)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (picklable objects: a run directory, test accuracies)."""
         if not self.enabled:

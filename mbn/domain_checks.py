@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mbn.errors import DomainError
+from mbn.errors import DomainError, first_line
 
 
 def check_domain_output(name: str, out: Any, source: Tensor, num_targets: int) -> tuple[Tensor, Tensor]:
@@ -96,6 +96,32 @@ class ModelGuard:
         self.modules = list(model.named_modules())
         self.params = list(model.named_parameters())
         self.buffers = list(model.named_buffers())
+
+    def generate(self, domain: Any, name: str, kind: str, x: Tensor, y: Tensor, ctx: Any, step: int) -> Any:
+        """``domain.generate(x, y, ctx)``, stopped with one line naming the domain if it fails or changes too much.
+
+        A domain must not change its input images (shared with other domains) or the model (:meth:`check`).
+
+        Raises:
+            DomainError: naming the domain, its type and the (1-based) ``step``.
+        """
+        version = x._version  # in-place writes bump it: the input is shared with other domains
+        before = self.snapshot()  # modes and version counters: free, no device work
+        try:
+            made = domain.generate(x, y, ctx)
+        except (Exception, SystemExit, KeyboardInterrupt) as err:  # a user's signal arrives as StopSignal
+            if "DataLoader worker" in str(err):  # a worker died (signal, OOM killer): not the domain's fault
+                raise
+            raise DomainError(
+                f"domain {name!r} (type {kind!r}) failed at step {step}: {type(err).__name__}: {first_line(err)}"
+            ) from err
+        if x._version != version:
+            raise DomainError(
+                f"domain {name!r} changed its input images in place; other domains share them: return a "
+                "new tensor (images * 0.5, not images.mul_(0.5))"
+            )
+        self.check(name, before, stats_updates=bool(ctx.stats_updates))
+        return made
 
     def snapshot(self) -> tuple[list[bool], list[int], list[int]]:
         """The modes and version counters now (no device work)."""

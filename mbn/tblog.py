@@ -92,7 +92,7 @@ class TensorBoardLogger:
     logger prints one line and stops logging, and training goes on to its checkpoints.
 
     Args:
-        log_dir: The event files' directory (``RUN_DIR/tb``).
+        log_dir: The event files' directory (``RUN_DIR/tb``), created with the first event written.
         enabled: False: write no event file (``logging.tensorboard=false``, the other ranks).
         perturbation_gain: Amplification of the ``samples_perturbation/<domain>`` images around mid-grey.
         csv: Where every scalar also goes, TensorBoard enabled or not; the logger closes it.
@@ -105,16 +105,29 @@ class TensorBoardLogger:
         perturbation_gain: float = 10.0,
         csv: CsvScalarLog | None = None,
     ) -> None:
-        self.writer = None
+        self._writer: Any = None  # the SummaryWriter, made on the first write (see :attr:`writer`)
+        self._on = enabled  # False: disabled, or stopped by a write error
+        self._purge_step: int | None = None  # a resumed run's first step logged again (see resume_at)
         self.gain = perturbation_gain
         self.log_dir = log_dir
         self.csv = csv
         if enabled:
+            _install_thread_hook()
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, created (with ``log_dir``) on first use; None when disabled or stopped.
+
+        Nothing is created when the logger is built: a run that fails before it logs anything (a recipe or data
+        error found after the hooks were built, a full disk at ``config.yaml``) leaves no ``tb/``, which would
+        make :func:`mbn.rundir.check_new_run_dir` refuse the corrected command in the same directory.
+        """
+        if self._writer is None and self._on:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard; keep it off the import path
 
-            _install_thread_hook()
             with self._guard():
-                self.writer = SummaryWriter(str(log_dir))
+                self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
+        return self._writer
 
     def resume_at(self, step: int) -> None:
         """A run resumed from a checkpoint at ``step``: drop what was logged after it, in TensorBoard and the CSV.
@@ -124,19 +137,19 @@ class TensorBoardLogger:
         """
         if self.csv is not None:
             self.csv.truncate_after(step)
-        if self.writer is not None and step > 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            with self._guard():
-                self.writer.close()
-                self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1)
+        if self._on and step > 0:
+            self._purge_step = step + 1  # the writer made on the next write purges from there
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                with self._guard():
+                    writer.close()
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
         try:
             yield
         except Exception as err:
-            writer, self.writer = self.writer, None
+            writer, self._writer, self._on = self._writer, None, False
             print(f"mbn: TensorBoard logging stopped: cannot write {self.log_dir} ({first_line(err)})", file=sys.stderr)
             if writer is not None:
                 with suppress(Exception):
@@ -158,7 +171,8 @@ class TensorBoardLogger:
             divergence: Whether :meth:`divergence` will log anything (``logging.divergence_every > 0``, separate
                 running statistics); False leaves the BN divergence category out rather than empty.
         """
-        if self.writer is None:
+        writer = self.writer
+        if writer is None:
             return
         layout: dict[str, dict[str, list[Any]]] = {
             "losses": {"loss (every domain and total)": _chart([f"loss/{d}" for d in domains] + ["loss/total"])},
@@ -179,25 +193,27 @@ class TensorBoardLogger:
                 "log10 symmetric KL to the main BN (mean over layers)": _chart([divergence_tag(s) for s in sources[1:]])
             }
         with self._guard():
-            self.writer.add_custom_scalars(layout)
+            writer.add_custom_scalars(layout)
 
     def recipe(self, yaml_text: str, step: int = 0) -> None:
         """The resolved recipe as text (tag ``recipe/text_summary``), a YAML code block; once, at step 0."""
-        if self.writer is None:
+        writer = self.writer
+        if writer is None:
             return
         longest = max((len(m) for m in re.findall(r"`+", yaml_text)), default=0)
         fence = "`" * max(3, longest + 1)  # a fence longer than any backtick run inside
         with self._guard():
-            self.writer.add_text("recipe", f"{fence}yaml\n{yaml_text.rstrip()}\n{fence}", step)
+            writer.add_text("recipe", f"{fence}yaml\n{yaml_text.rstrip()}\n{fence}", step)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Write ``{tag: value}`` at ``step`` to TensorBoard and to ``csv``."""
         if self.csv is not None:
             self.csv.scalars(values, step)
-        if self.writer is not None:
+        writer = self.writer
+        if writer is not None:
             with self._guard():
                 for tag, value in values.items():
-                    self.writer.add_scalar(tag, value, step)
+                    writer.add_scalar(tag, value, step)
 
     def images(self, domain: str, images: Tensor, source: Tensor | None, step: int, n: int = 16) -> None:
         """Grid of a domain's images, and of its perturbation when it changed another batch.
@@ -205,49 +221,51 @@ class TensorBoardLogger:
         No perturbation image is written when ``images`` is ``source`` (or the same memory), or equals it: a
         uniform grey card says nothing.
         """
-        if self.writer is None:
+        writer = self.writer
+        if writer is None:
             return
         shown = images[:n].detach().float().clamp(0, 1).cpu()
         with self._guard():
-            self.writer.add_image(f"samples/{domain}", make_grid(shown, nrow=8), step)
+            writer.add_image(f"samples/{domain}", make_grid(shown, nrow=8), step)
             if source is None or source.shape != images.shape or _same_tensor(images, source):
                 return
             delta = (images[:n].detach().float() - source[:n].detach().float()).cpu()
             if not bool(delta.any()):
                 return
             grid = make_grid((0.5 + self.gain * delta).clamp(0, 1))
-            self.writer.add_image(f"samples_perturbation/{domain}", grid, step)
+            writer.add_image(f"samples_perturbation/{domain}", grid, step)
 
     def divergence(self, model: nn.Module, step: int) -> None:
         """Each auxiliary source's BN divergence: one log10 scalar (mean over layers) and a per-layer plot."""
-        if self.writer is None and not self._csv_on:
+        if not self._on and not self._csv_on:
             return
         for source, layers in bn_divergence(model).items():
             if not layers:
                 continue
             mean = sum(layers.values()) / len(layers)
             self.scalars({divergence_tag(source): _log10(mean)}, step)
-            if self.writer is not None:
+            writer = self.writer
+            if writer is not None:
                 image = _divergence_plot(source, layers, step)
                 with self._guard():
-                    self.writer.add_image(divergence_image_tag(source), image, step, dataformats="HWC")
+                    writer.add_image(divergence_image_tag(source), image, step, dataformats="HWC")
 
     def flush(self) -> None:
         """Flush pending events (and the CSV) to disk."""
         if self.csv is not None:
             self.csv.flush()
-        if self.writer is not None:
+        if self._writer is not None:  # nothing written yet: nothing to flush (and no tb/ made for it)
             with self._guard():
-                self.writer.flush()
+                self._writer.flush()
 
     def close(self) -> None:
         """Flush and close the event file and the CSV."""
         if self.csv is not None:
             self.csv.close()
-        if self.writer is not None:
+        writer, self._writer, self._on = self._writer, None, False
+        if writer is not None:
             with self._guard():
-                self.writer.close()
-            self.writer = None
+                writer.close()
 
 
 def _chart(tags: Sequence[str]) -> list[Any]:

@@ -64,9 +64,9 @@ def nan_forward_losses(self, trained, batches):
 run = MultiDomainStep.run
 
 
-def positioned_run(self, batch, at, ledger):
+def positioned_run(self, batch, at, ledger, **kwargs):
     position["step"] = at.step
-    return run(self, batch, at, ledger)
+    return run(self, batch, at, ledger, **kwargs)
 
 
 save_checkpoint = TrainHooks.save_checkpoint

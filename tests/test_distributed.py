@@ -42,6 +42,13 @@ def torchrun_command(*args: str, record: Path | None = None, env: dict[str, str]
     return cmd, environ
 
 
+def default_stop_signals() -> None:
+    """``preexec_fn`` of a torchrun a test signals: SIGINT/SIGTERM/SIGHUP at their defaults, not the caller's
+    (``nohup``, a background runner: SIG_IGN is inherited through exec, and mbn keeps an ignored signal ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def torchrun(*args: str, record: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run :func:`torchrun_command` to the end; its completed process."""
     cmd, environ = torchrun_command(*args, record=record, env=env)
@@ -178,7 +185,8 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     cmd, environ = torchrun_command(
         str(REPO / "recipes" / "advprop.yaml"), *SETTINGS, f"trainer.out_dir={run}", "trainer.epochs=1000", record=rec
     )
-    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=default_stop_signals)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "last.pt").exists() or not (rec / "rank1.pid").exists():
@@ -214,7 +222,8 @@ def test_a_failed_save_after_a_signal_stops_every_rank_with_one_line(tmp_path):
         str(REPO / "recipes" / "advprop.yaml"), *SETTINGS, f"trainer.out_dir={run}", "trainer.epochs=1000",
         record=rec, env={"MBN_TEST_FAIL_STOP_SAVE": "1"},
     )  # fmt: skip
-    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=default_stop_signals)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "last.pt").exists() or not (rec / "rank1.pid").exists():
@@ -376,3 +385,43 @@ def test_a_trainer_built_from_a_script_under_torchrun_trains_with_ddp(tmp_path):
     assert "rank 0 of 2: ddp=True" in proc.stdout and "rank 1 of 2: ddp=True" in proc.stdout, proc.stdout
     assert "rank 0: steps=4 world_size=2" in proc.stdout  # 64 images, 8 per rank and step
     assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ranks_resolving_the_recipe_otherwise_are_refused_on_every_rank(tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(str(REPO / "recipes" / "vanilla.yaml"), *SETTINGS, f"trainer.out_dir={run}",
+                    "trainer.seed=${oc.env:RANK}")  # fmt: skip
+    assert proc.returncode != 0
+    # every rank gives the same line, so whichever the agent lets print names the key
+    line = "]: error: key 'trainer.seed': 0 on rank 0, 1 on rank 1; every rank must resolve the recipe alike"
+    assert line in proc.stderr, proc.stderr[-3000:]
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_running_run_is_refused_and_ranks_stop_when_their_agent_is_killed(tmp_path):
+    run = tmp_path / "run"
+    cmd, environ = torchrun_command(str(REPO / "recipes" / "vanilla.yaml"), *SETTINGS, f"trainer.out_dir={run}",
+                                    "trainer.epochs=500", "trainer.checkpoint_every_steps=2")  # fmt: skip
+    first = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "checkpoints" / "last.pt").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first job did not start training"
+            time.sleep(0.5)
+        second = torchrun("--resume", str(run))
+        assert second.returncode != 0
+        assert "]: error: " in second.stderr and "is in use by another training process" in second.stderr, (
+            second.stderr[-3000:]
+        )
+        os.kill(first.pid, signal.SIGKILL)  # the agent alone: its ranks get no signal
+        _, err = first.communicate(timeout=180)  # the pipes close when both ranks have exited
+        assert err.count("the torchrun agent (pid") == 2 and "is gone at step" in err, err[-3000:]
+        step = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
+        third = torchrun("--resume", str(run), f"trainer.max_steps={step + 2}")  # the lock is free again
+        assert third.returncode == 0, third.stderr[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)

@@ -41,9 +41,9 @@ def host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     real_run = MultiDomainStep.run
 
-    def run(self, batch, at, ledger):
+    def run(self, batch, at, ledger, **kwargs):
         step[0] = at.step
-        return real_run(self, batch, at, ledger)
+        return real_run(self, batch, at, ledger, **kwargs)
 
     monkeypatch.setattr(MultiDomainStep, "run", run)
     return reads

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,29 @@ def test_train_time_accumulates_over_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- signals
+_PYTHON_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+
+
 @pytest.fixture
-def signal_domains(scratch_registry):
+def default_stop_signals() -> Iterator[None]:
+    """The stop signals as a terminal's Python has them, whatever the caller's: under ``nohup`` or a background
+    runner SIGHUP/SIGINT arrive ignored (SIG_IGN is inherited through exec), mbn rightly keeps an ignored signal
+    ignored, and the signal a test sends itself would be dropped."""
+    previous = {sig: signal.signal(sig, handler) for sig, handler in _PYTHON_DEFAULTS.items()}
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def default_stop_signals_in_child() -> None:
+    """``preexec_fn`` of a child a test signals: the stop signals' default dispositions (``restore_signals`` covers
+    only SIGPIPE/SIGXFZ/SIGXFSZ), so an ignored SIGINT/SIGTERM/SIGHUP of the caller does not reach the child."""
+    for sig in _PYTHON_DEFAULTS:
+        signal.signal(sig, signal.SIG_DFL)  # a Python child installs its own SIGINT handler over SIG_DFL
+
+
+@pytest.fixture
+def signal_domains(scratch_registry, default_stop_signals):
     @mbn.register_domain("signal_at_test")
     class SignalAt(mbn.Domain):
         def __init__(self, at: int = 2, signum: int = int(signal.SIGHUP)) -> None:
@@ -142,7 +164,8 @@ def _start_training(run: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "mbn.cli.train", str(VANILLA), *TINY, f"trainer.out_dir={run}",
            "trainer.progress=plain", "logging.image_every=0", "logging.divergence_every=0", *extra]  # fmt: skip
     # its own session: a scheduler signals the whole process group (the DataLoader workers too)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_stop_signals_in_child)  # fmt: skip
 
 
 def _wait_for_step(proc: subprocess.Popen[str], step: int, timeout: float = 120) -> None:
@@ -396,7 +419,7 @@ def test_bad_value_is_one_line_exit_2(override, named, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_signal_while_loading_recipe_is_one_line(signum, tmp_path, capsys, monkeypatch):
+def test_signal_while_loading_recipe_is_one_line(signum, tmp_path, capsys, monkeypatch, default_stop_signals):
     import mbn.cli.train as cli
 
     real = cli.load_recipe
@@ -764,7 +787,7 @@ def test_max_steps_stop_and_resume_reports_uninterrupted_metrics(tmp_path):
     assert metrics[0]["train"] == metrics[1]["train"]
 
 
-def test_second_signal_before_any_checkpoint_says_so(tmp_path, capsys, scratch_registry):
+def test_second_signal_before_any_checkpoint_says_so(tmp_path, capsys, scratch_registry, default_stop_signals):
     @mbn.register_domain("double_early_test")
     class Twice(mbn.Domain):
         def generate(self, images, labels, ctx):

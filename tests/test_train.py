@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,16 @@ def test_exception_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsy
     assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
 
 
-def test_feature_ctrl_c_saves_checkpoint_and_resumes(tmp_path, capsys, test_domains):
+@pytest.fixture
+def sigint_as_in_a_terminal() -> Iterator[None]:
+    """Python's own SIGINT handler, whatever the caller's: under a background runner SIGINT arrives ignored, mbn
+    rightly keeps it ignored, and the Ctrl-C this test sends would be dropped."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_feature_ctrl_c_saves_checkpoint_and_resumes(tmp_path, capsys, test_domains, sigint_as_in_a_terminal):
     run = tmp_path / "run"
     stop = ["domains.stop.type=sigint_at_test", "domains.stop.at=2", "domains.stop.bn=clean"]
     assert train(REPO / "recipes" / "vanilla.yaml", run, *stop, "trainer.max_steps=6") == 130

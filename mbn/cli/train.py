@@ -169,6 +169,12 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
         return err.exit_code
     except (TrainingDivergedError, DomainError, WriteError) as err:
         return _fail(err, 1)
+    except RuntimeError as err:  # a peer rank or a DataLoader worker died under this one
+        why = lost_process(err)
+        if why is None:
+            raise
+        _say(f"{_prog()}: error: {why}; {_kept(started)}")
+        return 1
     finally:
         distributed.shutdown()
     if not main:
@@ -179,6 +185,28 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
         f"metrics in {run_dir}/metrics.json"
     )
     return 0
+
+
+def lost_process(err: BaseException) -> str | None:
+    """What died when training fails on another process's death: a DataLoader worker or a peer rank (else None)."""
+    text = str(err)
+    if "DataLoader worker" in text:
+        detail = text.split("DataLoader worker", 1)[1].split("\n")[0].strip(" .")
+        return f"a DataLoader worker died (worker {detail}); out of memory? lower data.num_workers or data.batch_size"
+    distributed_error = type(err).__name__ in ("DistBackendError", "DistNetworkError", "DistError")
+    peer_words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
+    if distributed_error or any(word in text for word in peer_words):
+        return "another rank stopped (its message is above, or it was killed)"
+    return None
+
+
+def _kept(started: list[Any]) -> str:
+    """What a failed run leaves: its last checkpoint and how to resume from it, or that there is none."""
+    if not started or not (started[0].ckpt_dir / "last.pt").is_file():
+        return "no checkpoint was written"
+    trainer = started[0]
+    resume = distributed.resume_command(trainer.run_dir)
+    return f"the last checkpoint in {trainer.ckpt_dir} is kept (resume with: {resume})"
 
 
 def list_recipes() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mbn import distributed
 from mbn.budget import matched_epochs
@@ -30,8 +30,8 @@ from mbn.models import weights_normalisation
 from mbn.objective import CLASSES, Objective
 from mbn.optim import build_optimizer, build_scheduler
 from mbn.plan import RunPlan, plan_run
-from mbn.resume import check_resume_config
-from mbn.rundir import RunLock, check_new_run_dir, clean_run_dir
+from mbn.resume import check_resume_config, flatten
+from mbn.rundir import RunDirError, RunLock, check_new_run_dir, clean_run_dir
 from mbn.train.checkpoints import Checkpoint, RunCheckpoints, init_model_from, read_checkpoint
 from mbn.train.hooks import HookSettings, TrainHooks
 from mbn.train.loop import Trainer
@@ -61,7 +61,8 @@ def build_trainer(
     run_dir = Path(run_dir)
     plan = plan_run(cfg, resume=resume)  # every recipe error surfaces here, before the data is read
     dist = dist if dist is not None else distributed.init_from_env(str(cfg.trainer.device))
-    lock = RunLock(run_dir).acquire() if dist.is_main else None  # before anything in run_dir is read or written
+    check_same_recipe_on_every_rank(cfg, dist)  # an environment-dependent value may resolve otherwise on a rank
+    lock = acquire_on_rank_0(run_dir, dist)  # before anything in run_dir is read or written
     try:
         return _build(cfg, run_dir, plan, dist, resume, lock)
     except BaseException:
@@ -181,6 +182,58 @@ def _build(
             state=state,
             resumed=ckpt is not None,
             lock=lock,
+        )
+
+
+def acquire_on_rank_0(run_dir: Path, dist: DistContext) -> RunLock | None:
+    """Rank 0 takes ``run_dir``'s lock; every rank learns whether it could (a busy directory stops them all alike).
+
+    Raises:
+        RunDirError: the directory is in use by another run (on every rank, with rank 0's message).
+    """
+    lock, failure = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunDirError as err:
+            failure = err
+    reason = dist.broadcast_object(str(failure) if failure is not None else None) if dist.enabled else None
+    if failure is not None:
+        raise failure
+    if reason is not None:
+        raise RunDirError(reason)
+    return lock
+
+
+#: Keys that may differ between ranks: where each rank finds or writes the same files (a node's own mount).
+PER_RANK_KEYS: tuple[str, ...] = ("trainer.out_dir", "data.root", "model.init_from", "eval.")
+
+
+def check_same_recipe_on_every_rank(cfg: DictConfig, dist: DistContext) -> None:
+    """Under torchrun every rank trains with rank 0's recipe: one resolved otherwise (``${oc.env:RANK}``) is refused.
+
+    Rank 0's resolved recipe is broadcast; every rank compares it with its own outside :data:`PER_RANK_KEYS`, and
+    the ranks agree (a collective) so that all stop, not only the one that differs.
+
+    Raises:
+        RecipeError: naming the first key that differs and its values on rank 0 and here.
+    """
+    if not dist.enabled:
+        return
+    mine = dict(flatten(OmegaConf.to_container(cfg, resolve=True)))  # type: ignore[arg-type]
+    mine = {
+        k: v for k, v in mine.items() if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in PER_RANK_KEYS)
+    }
+    main = dist.broadcast_object(mine)
+    differ = [k for k in sorted(main.keys() | mine.keys()) if main.get(k) != mine.get(k)]
+    found = dist.gather_objects((differ[0], mine.get(differ[0]), len(differ)) if differ else None)
+    others = [(rank, f) for rank, f in enumerate(found) if f is not None]
+    if others:  # every rank gives the same message, so the one the agent lets print names the key
+        rank, (key, value, count) = others[0]
+        more = f" and {count - 1} more key(s)" if count > 1 else ""
+        raise RecipeError(
+            f"key '{key}': {main.get(key)!r} on rank 0, {value!r} on rank {rank}{more}; every rank must resolve "
+            "the recipe alike (a value from the environment, e.g. ${oc.env:...}, that differs between ranks?)"
         )
 
 

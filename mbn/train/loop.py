@@ -58,6 +58,7 @@ class Trainer:
         self.state = state or TrainState()
         self.resumed, self.lock = resumed, lock
         self.preemption = Preemption(runtime.dist)
+        self._timed = False  # whether this session's first step was timed
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -113,10 +114,12 @@ class Trainer:
         """
         ledger = self.update.begin()
         stats = []
+        timed = not self._timed  # a session's first step: its time per domain is logged (a slow one shows at once)
+        self._timed = True
         for micro, batch in enumerate(group):
             at = self.step.position(self.state.step, self.state.epoch, micro)
             with self.runtime.no_sync(keep_local=micro < len(group) - 1):  # DDP: one all-reduce per step
-                out = self.step.run(batch, at, ledger)
+                out = self.step.run(batch, at, ledger, timed=timed and micro == 0)
             stats.append(out.stats)
         self.update.apply(ledger, self.state.step + 1)
         self.state.step += 1

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -89,6 +90,8 @@ class Preemption:
         self.dist = dist
         self.received: int | None = None  # the signal this process received
         self.signal: int | None = None  # the stop every rank agreed on (a single process: the signal received)
+        self.parent = os.getppid()  # under torchrun: the agent; gone (kill -9), the ranks checkpoint and stop
+        self.orphaned = False
 
     @property
     def stopping(self) -> bool:
@@ -96,8 +99,14 @@ class Preemption:
         return self.signal is not None
 
     def agree(self) -> None:
-        """Under torchrun, a signal received by any rank stops every rank after the same step (host-side flag)."""
+        """Under torchrun, a signal received by any rank stops every rank after the same step (host-side flag).
+
+        A rank whose torchrun agent is gone (killed with SIGKILL: no signal reaches the ranks) stops as if it had
+        received SIGTERM, so no rank trains on unsupervised holding the run directory's lock.
+        """
         if self.dist.enabled:
+            if self.received is None and os.getppid() != self.parent:
+                self.received, self.orphaned = int(signal.SIGTERM), True
             self.signal = self.dist.max_flag(self.received or 0) or None
 
     @contextlib.contextmanager
@@ -132,8 +141,10 @@ class Preemption:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if self.signal is not None:
+            why = (
+                f"the torchrun agent (pid {self.parent}) is gone" if self.orphaned else signal.Signals(self.signal).name
+            )
             raise TrainingInterruptedError(
-                f"{signal.Signals(self.signal).name} at step {step()}; checkpoint saved, resume with: "
-                f"{resume_command(run_dir)}",
+                f"{why} at step {step()}; checkpoint saved, resume with: {resume_command(run_dir)}",
                 self.signal,
             )

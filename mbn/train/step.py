@@ -20,6 +20,7 @@ rank)``, so a resumed run draws exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from mbn.config import DomainSpec
 from mbn.domain import Domain, DomainContext
 from mbn.domain_checks import ModelGuard, check_domain_output
-from mbn.errors import DomainError, first_line
+from mbn.errors import DomainError
 from mbn.gradnorm import SHARED, Owner
 from mbn.objective import CLASSES, Objective
 from mbn.rng import randperm
@@ -66,6 +67,7 @@ class StepStats:
     accs: dict[str, Tensor]  # trained domains -> scalar accuracy
     sizes: dict[str, int]  # trained domains -> batch size
     finite: Tensor  # (len(losses),) bool: each trained domain's images were finite
+    seconds: dict[str, float] = field(default_factory=dict)  # timed steps only: generate per domain, then "step"
 
 
 @dataclass(frozen=True)
@@ -146,23 +148,40 @@ class MultiDomainStep:
         return StepPosition(step, epoch, step * self.accum_steps + micro, step / max(1, self.total_steps))
 
     # ------------------------------------------------------------------------------------------- the step
-    def run(self, batch: Batch, at: StepPosition, ledger: UpdateLedger) -> StepOutput:
-        """One (micro-)batch: its gradients add to ``.grad``, its sample counts and reused gradients to ``ledger``."""
+    def run(self, batch: Batch, at: StepPosition, ledger: UpdateLedger, *, timed: bool = False) -> StepOutput:
+        """One (micro-)batch: its gradients add to ``.grad``, its sample counts and reused gradients to ``ledger``.
+
+        ``timed``: also measure each domain's ``generate`` and the whole (micro-)batch, in seconds (synchronising
+        with the device around each: for a session's first step, not every step).
+        """
+        started = _clock(self.runtime.device) if timed else 0.0
+        seconds: dict[str, float] = {}
         generator = self.runtime.seed_draw(at.draw)
         self.runtime.sync_buffers()  # every rank attacks with rank 0's BN statistics
         images, labels = self.runtime.to_device(batch)  # (B, C, H, W) in [0, 1], (B,)
-        batches = self.generate(images, labels, at, generator, ledger)  # domain -> DomainBatch
+        batches = self.generate(images, labels, at, generator, ledger, seconds if timed else None)
         trained = [s for s in self.specs if self.active(s, at)]  # a domain can run only to feed another's input
         losses, accs = self.forward_losses_or_blame(trained, batches)  # domain -> scalar, on the device
         sizes = {name: batches[name].images.shape[0] for name in losses}
         self.backward(losses, sizes, ledger)
         finite = torch.stack([torch.isfinite(batches[name].images).all() for name in losses])
-        return StepOutput(batches, StepStats(losses, accs, sizes, finite))
+        if timed:
+            seconds["step"] = _clock(self.runtime.device) - started
+        return StepOutput(batches, StepStats(losses, accs, sizes, finite, seconds))
 
     def generate(
-        self, images: Tensor, labels: Tensor, at: StepPosition, generator: torch.Generator, ledger: UpdateLedger
+        self,
+        images: Tensor,
+        labels: Tensor,
+        at: StepPosition,
+        generator: torch.Generator,
+        ledger: UpdateLedger,
+        seconds: dict[str, float] | None = None,
     ) -> dict[str, DomainBatch]:
-        """Run every domain needed at ``at``, each on its ``input`` domain's batch or the clean one."""
+        """Run every domain needed at ``at``, each on its ``input`` domain's batch or the clean one.
+
+        ``seconds``: when given, each domain's ``generate`` time is added to it.
+        """
         needed = self.needed(at)
         out: dict[str, DomainBatch] = {}
         shares: dict[str, tuple[Tensor, int]] = {}  # input -> (this draw's permutation, images handed out)
@@ -174,24 +193,11 @@ class MultiDomainStep:
             if spec.fraction < 1.0:  # a seeded share of the input, disjoint from the other shares of that input
                 x, y = _share(spec, x, y, generator, shares)  # (round(fraction x N), C, H, W)
             ctx = self.context(spec, at, generator, ledger)
-            version = x._version  # in-place writes bump it: the input is shared with other domains
-            model_before = self.guard.snapshot()  # modes and version counters: free, no device work
-            try:
-                with self.runtime.autocast(attack=True):
-                    made = self.domains[spec.name].generate(x, y, ctx)
-            except (Exception, SystemExit, KeyboardInterrupt) as err:  # a user's signal arrives as StopSignal
-                if "DataLoader worker" in str(err):  # a worker died (signal, OOM killer): not the domain's fault
-                    raise
-                raise DomainError(
-                    f"domain {spec.name!r} (type {spec.type!r}) failed at step {at.step + 1}: "
-                    f"{type(err).__name__}: {first_line(err)}"
-                ) from err
-            if x._version != version:
-                raise DomainError(
-                    f"domain {spec.name!r} changed its input images in place; other domains share them: return a "
-                    "new tensor (images * 0.5, not images.mul_(0.5))"
-                )
-            self.guard.check(spec.name, model_before, stats_updates=bool(ctx.stats_updates))
+            began = _clock(self.runtime.device) if seconds is not None else 0.0
+            with self.runtime.autocast(attack=True):
+                made = self.guard.generate(self.domains[spec.name], spec.name, spec.type, x, y, ctx, at.step + 1)
+            if seconds is not None:
+                seconds[spec.name] = _clock(self.runtime.device) - began
             if spec.name not in self._checked:  # the first batch only: no host sync in later steps
                 made = check_domain_output(spec.name, made, x, self.target_size(spec.name))
                 self._checked.add(spec.name)
@@ -355,3 +361,10 @@ def _share(
 
 def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum of N, C, H, W)
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds now, after the device's queued work (timed steps only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
