@@ -42,8 +42,8 @@ def recorded_batch_indices(self, epoch, start_batch=0):
 generate = MultiDomainStep.generate
 
 
-def recorded_generate(self, images, labels, at, generator, ledger):
-    out = generate(self, images, labels, at, generator, ledger)
+def recorded_generate(self, images, labels, at, generator, ledger, seconds=None):
+    out = generate(self, images, labels, at, generator, ledger, seconds)
     log["seeds"][at.step] = generator.initial_seed()
     if "adv" in out:
         log["adv"][at.step] = float(out["adv"].images.double().sum())

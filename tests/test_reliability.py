@@ -111,7 +111,11 @@ def test_train_time_accumulates_over_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- signals
-_PYTHON_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+_PYTHON_DEFAULTS = {
+    signal.SIGINT: signal.default_int_handler,
+    signal.SIGTERM: signal.SIG_DFL,
+    signal.SIGHUP: signal.SIG_DFL,
+}
 
 
 @pytest.fixture

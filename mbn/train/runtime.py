@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,13 @@ from mbn.heads import forward_heads
 from mbn.objective import CLASSES
 
 Batch = tuple[Tensor, Tensor]
+
+#: torch's refusal to train a BatchNorm layer on one value per channel (one image of a 1x1 feature map)
+ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+#: What to lower when a step runs out of memory (the memory of a step grows with each)
+MEMORY_KEYS = (
+    "lower data.batch_size (optim.grad_accum_steps keeps the images per update), data.image_size or model.width"
+)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -121,14 +129,28 @@ class Runtime:
         with self.autocast():
             try:
                 return (self.ddp or self.heads_forward)(x, heads)
-            except RuntimeError as err:
+            except (RuntimeError, ValueError) as err:  # BatchNorm's one-value check raises a ValueError
                 ddp_unused = self.ddp is not None and not self.ddp.find_unused_parameters
                 if ddp_unused and "find_unused_parameters=True" in str(err):
                     raise DomainError(
                         "some model parameters got no gradient in the last step (a forward that skips them); "
                         "set trainer.find_unused_parameters=true"
                     ) from err
+                n, *image = x.shape  # (N, C, H, W)
+                explained = step_size_error(err, f"the training forward of {n} images of {_dims(image)} on {x.device}")
+                if explained is not None:
+                    raise explained from err
                 raise
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()`` through the gradient scaler (fp16); running out of memory names the keys to lower."""
+        try:
+            self.scaler.scale(loss).backward()
+        except RuntimeError as err:
+            explained = step_size_error(err, f"the backward pass on {self.device}")
+            if explained is None:
+                raise
+            raise explained from err
 
     def no_sync(self, keep_local: bool) -> contextlib.AbstractContextManager[Any]:
         """Under DDP, ``keep_local`` keeps a micro-batch's gradients on its rank (one all-reduce per step)."""
@@ -149,3 +171,59 @@ def _no_buffer_sync() -> dict[str, Any]:
     """DDP's argument skipping its buffer broadcast in forward (``forward_sync_buffers``, else the older name)."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def allocation_failure(err: BaseException) -> str | None:
+    """What an out-of-memory error says it tried to allocate (``"20.00 GiB"``; ``""`` when it does not say).
+
+    None for any other error. CUDA's :class:`torch.cuda.OutOfMemoryError` (a RuntimeError), the CPU allocator's
+    RuntimeError (``DefaultCPUAllocator: can't allocate memory``) and numpy's/Python's :class:`MemoryError` count.
+    """
+    text = str(err)
+    if "DataLoader worker" in text:  # a worker killed (perhaps by the OOM killer): mbn.cli.train says so
+        return None
+    oom = isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError))  # torch.OutOfMemoryError from 2.5 on
+    if not (oom or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    size = re.search(r"allocate (\d+(?:\.\d+)? [KMGTPE]?i?B)\b", text)  # CUDA, MPS, numpy: "allocate 20.00 GiB"
+    if size:
+        return size.group(1)
+    count = re.search(r"allocate (\d+) bytes", text)  # the CPU allocator: "you tried to allocate 360000000000 bytes"
+    return size_text(int(count.group(1))) if count else ""
+
+
+def step_size_error(err: BaseException, where: str) -> DomainError | None:
+    """One line naming the recipe keys for what a step's sizes cause; None for any other error.
+
+    Memory the device does not have (CUDA, the CPU allocator), and a BatchNorm layer given one value per channel
+    (a BN source trained on one image while the network's feature map is 1x1: torch cannot take batch statistics).
+    The run stops with exit status 1 (:class:`DomainError`); the recipe checks refuse the cases that can never fit
+    before anything is written (:func:`mbn.plan.check_step_sizes`).
+    """
+    text = str(err)
+    if ONE_VALUE_PER_CHANNEL in text:
+        shape = re.search(r"torch\.Size\(\[([\d, ]+)\]\)", text)
+        seen = f" (input {_dims(int(d) for d in shape.group(1).split(','))})" if shape else ""
+        return DomainError(
+            f"{where}: a BatchNorm layer got one value per channel{seen} and cannot normalise it in training; every BN "
+            "source needs 2 or more images a step: raise data.batch_size, or the fraction of the domain that gets one "
+            "image (domains.<name>.fraction)"
+        )
+    tried = allocation_failure(err)
+    if tried is None:
+        return None
+    return DomainError(f"out of memory in {where}{f' (tried to allocate {tried})' if tried else ''}; {MEMORY_KEYS}")
+
+
+def size_text(size: int) -> str:
+    """Bytes as people read them: ``"335.3 GiB"``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} EiB"
+
+
+def _dims(sizes: Any) -> str:
+    return "x".join(str(int(d)) for d in sizes)

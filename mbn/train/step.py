@@ -286,7 +286,7 @@ class MultiDomainStep:
         total = terms[0]  # summed in recipe order, left to right (the order 0.3 summed in: bit-identical weights)
         for term in terms[1:]:
             total = total + term
-        self.runtime.scaler.scale(total).backward()
+        self.runtime.backward(total)  # out of memory: one line naming the keys to lower
 
     def reuse_attack_gradient(
         self, ledger: UpdateLedger, loss: Tensor, images: Tensor, weight: float, bn: str
