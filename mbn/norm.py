@@ -161,14 +161,14 @@ def _copy_bn(bn: _BatchNorm) -> _BatchNorm:
 def _batch_norm_frozen_stats(bn: _BatchNorm, x: Tensor) -> Tensor:
     """Training-mode BN (batch statistics) that leaves the running statistics untouched."""
     if isinstance(bn, nn.SyncBatchNorm) and torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Cross-process statistics need SyncBatchNorm's own forward: momentum 0 keeps the running
-        # estimates exactly (r*1 + b*0); the step counter is restored afterwards.
-        momentum, tracked = bn.momentum, bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None
-        bn.momentum = 0.0
+        # Cross-process statistics need SyncBatchNorm's own forward; it writes the running estimates in place, so
+        # it gets copies: the buffers themselves are never written (nor their version counters bumped).
+        names = [n for n in ("running_mean", "running_var", "num_batches_tracked") if bn._buffers.get(n) is not None]
+        saved = {n: bn._buffers[n] for n in names}
+        for n in names:
+            bn._buffers[n] = saved[n].clone()  # type: ignore[union-attr]
         try:
             return bn(x)
         finally:
-            bn.momentum = momentum
-            if tracked is not None:
-                bn.num_batches_tracked.copy_(tracked)  # type: ignore[union-attr]
+            bn._buffers.update(saved)
     return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)

@@ -14,10 +14,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, fields
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mbn.config import DOMAIN_RESERVED_KEYS, DomainSpec, RecipeCfg, RecipeError, with_legacy_values
-from mbn.written_recipe import resolve_stored, value_digest
+from mbn.written_recipe import digest_path, lookup, resolve_stored, value_digest
 
 #: Exact keys, or prefixes ending in ``.``, that a resume may change.
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -126,11 +126,12 @@ def check_resume_config(
     trained = with_schema_defaults(trained)  # a key added to mbn after the run started keeps its default
     changes = changed_keys(with_domain_defaults(trained), with_domain_defaults({str(k): v for k, v in now.items()}))
     refused = [(k, a, b) for k, a, b in changes if not resumable(k)]
-    for key, digest in (digests or {}).items():  # an interpolation this environment resolves otherwise
-        value = OmegaConf.select(cfg, key, default=None)
-        value = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    for entry, digest in (digests or {}).items():  # an interpolation this environment resolves otherwise
+        path = digest_path(entry)
+        key = ".".join(map(str, path))
+        _, value = lookup(now, path)
         if not resumable(key) and value_digest(value) != digest and key not in {k for k, _, _ in refused}:
-            refused.append((key, f"{_stored_text(stored, key)} as trained", value))
+            refused.append((key, f"{lookup(stored, path)[1]} as trained", value))
     if list(trained.get("domains") or {}) != list(now.get("domains") or {}):  # order sets the BN sources
         refused.append(("domains (order)", list(trained.get("domains") or {}), list(now.get("domains") or {})))
     if refused:
@@ -140,16 +141,3 @@ def check_resume_config(
             "(model.init_from=RUN_DIR starts from this run's weights)"
         )
     return [k for k, _, _ in changes]
-
-
-def _stored_text(recipe: Mapping[str, Any], key: str) -> Any:
-    """The stored recipe's leaf at dotted ``key`` (an interpolation's text), else ``key``."""
-    node: Any = recipe
-    for part in key.split("."):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return key
-    return node

@@ -70,17 +70,33 @@ def recipe_yaml(cfg: DictConfig) -> str:
 
 
 def interpolation_digests(cfg: DictConfig, keep: Callable[[str], bool]) -> dict[str, str]:
-    """``{dotted key: SHA-256 of its resolved value}`` for the remembered interpolations whose key ``keep`` selects.
+    """``{path: SHA-256 of its resolved value}`` for the remembered interpolations whose dotted key ``keep`` selects.
 
     A checkpoint stores these for the keys a resume may not change, so a resume whose environment resolves one of
-    them otherwise is refused, without the value itself ever being written.
+    them otherwise is refused, without the value itself ever being written. ``path`` is the key's parts as a JSON
+    list (a key may hold dots, e.g. a suite label): :func:`digest_path` reads it back.
     """
     out = {}
     for path, (_, value) in getattr(cfg, _ATTRIBUTE, {}).items():
-        key = ".".join(map(str, path))
-        if keep(key):
-            out[key] = value_digest(value)
+        if keep(".".join(map(str, path))):
+            out[json.dumps(list(path))] = value_digest(value)
     return out
+
+
+def digest_path(key: str) -> Path:
+    """The path of an :func:`interpolation_digests` key (older checkpoints: a dotted key)."""
+    try:
+        parts = json.loads(key)
+    except ValueError:
+        parts = None
+    if isinstance(parts, list) and all(isinstance(p, (str, int)) for p in parts):
+        return tuple(parts)
+    return tuple(key.split("."))
+
+
+def lookup(tree: Any, path: Path) -> tuple[bool, Any]:
+    """``(found, value)`` of ``path`` in a plain nested dict/list."""
+    return _lookup(tree, path)
 
 
 def value_digest(value: Any) -> str:
@@ -106,8 +122,11 @@ def resolve_stored(recipe: Any) -> Any:
     out = OmegaConf.to_container(cfg, resolve=False)
     for path in leaves:
         try:
-            value = OmegaConf.select(cfg, ".".join(map(str, path)), throw_on_resolution_failure=True)
-        except (OmegaConfBaseException, ValueError, TypeError):
+            node: Any = cfg
+            for key in path[:-1]:  # node by node: a key may hold dots
+                node = node[key]
+            value = node[path[-1]]
+        except (OmegaConfBaseException, ValueError, TypeError, KeyError, IndexError):
             continue
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)

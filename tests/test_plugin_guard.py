@@ -258,3 +258,34 @@ def test_a_slow_domain_shows_at_the_first_step_and_long_windows_get_a_heartbeat(
     assert float(seconds["slow"]) >= 0.3 and float(seconds["clean"]) < 0.3, first
     assert "epoch 0 step 2: still training (3 steps planned)" in out, out
     assert len(out.splitlines()) < 10  # a heartbeat per step here (0.2 s), not a flood
+
+
+def test_a_train_mode_attack_through_sync_batchnorm_leaves_the_statistics_and_passes_the_guard(tmp_path, monkeypatch):
+    """SyncBatchNorm's own forward writes its buffers; ``attack_bn: train`` must leave them (and the guard) alone."""
+    import torch.distributed as dist
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from mbn.convert import convert_sync_batchnorm
+    from mbn.domain import DomainContext
+    from mbn.domain_checks import ModelGuard
+    from tests.nets import TinyNet
+
+    # SyncBatchNorm refuses CPU input; BatchNorm's forward writes the running statistics just as it does
+    monkeypatch.setattr(torch.nn.SyncBatchNorm, "forward", _BatchNorm.forward)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = convert_sync_batchnorm(mbn.convert_model(TinyNet(), ("clean", "adv"))).train()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+
+        class Attack(mbn.Domain):
+            def generate(self, images, labels, ctx):
+                with ctx.attack_mode("train"), mbn.use_source(ctx.model, "adv"):
+                    ctx.model(images)
+                return images.clone(), labels
+
+        x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+        ModelGuard(net).generate(Attack(), "adv", "pgd", x, y, DomainContext(model=net, bn="adv"), 1)
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    finally:
+        dist.destroy_process_group()

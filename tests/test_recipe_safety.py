@@ -65,3 +65,16 @@ def test_contradicting_schedule_values_are_refused_in_one_line(overrides, expect
     assert train(VANILLA, tmp_path / "run", *overrides) == 2
     err = one_line_error(capsys)
     assert expected in err, err
+
+
+def test_interpolations_under_a_key_holding_dots_read_back(tmp_path, monkeypatch):
+    from mbn.eval.loading import read_stored_run
+
+    monkeypatch.setenv("MBN_TEST_SEED", "3")
+    run = tmp_path / "run"
+    suite = "eval.suites={cifar10-c:v1.0: '${oc.env:MBN_TEST_DATA,/tmp}/C'}"  # a suite label may hold dots
+    assert train(VANILLA, run, "trainer.max_steps=2", suite, "trainer.seed=${oc.env:MBN_TEST_SEED}") == 0
+    stored = read_stored_run(run)
+    assert stored.cfg.eval.suites["cifar10-c:v1.0"] == "/tmp/C"
+    assert stored.cfg.trainer.seed == 3
+    assert train_main(["--resume", str(run), "trainer.max_steps=3"]) == 0

@@ -170,7 +170,7 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
     except (TrainingDivergedError, DomainError, WriteError) as err:
         return _fail(err, 1)
     except RuntimeError as err:  # a peer rank or a DataLoader worker died under this one
-        why = lost_process(err)
+        why = lost_process(err, distributed=bool(started) and started[0].dist.enabled)
         if why is None:
             raise
         _say(f"{_prog()}: error: {why}; {_kept(started)}")
@@ -187,15 +187,18 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
     return 0
 
 
-def lost_process(err: BaseException) -> str | None:
-    """What died when training fails on another process's death: a DataLoader worker or a peer rank (else None)."""
+def lost_process(err: BaseException, distributed: bool = True) -> str | None:
+    """What died when training fails on another process's death: a DataLoader worker or a peer rank (else None).
+
+    Only a death: a worker killed by a signal or gone, a peer's connection closed (under torchrun). An error a
+    worker raised, or a collective failing here, is not translated.
+    """
     text = str(err)
-    if "DataLoader worker" in text:
+    if "DataLoader worker" in text and ("killed by signal" in text or "exited unexpectedly" in text):
         detail = text.split("DataLoader worker", 1)[1].split("\n")[0].strip(" .")
         return f"a DataLoader worker died (worker {detail}); out of memory? lower data.num_workers or data.batch_size"
-    distributed_error = type(err).__name__ in ("DistBackendError", "DistNetworkError", "DistError")
-    peer_words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
-    if distributed_error or any(word in text for word in peer_words):
+    peer_words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    if distributed and (type(err).__name__ == "DistNetworkError" or any(word in text for word in peer_words)):
         return "another rank stopped (its message is above, or it was killed)"
     return None
 

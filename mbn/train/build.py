@@ -206,7 +206,16 @@ def acquire_on_rank_0(run_dir: Path, dist: DistContext) -> RunLock | None:
 
 
 #: Keys that may differ between ranks: where each rank finds or writes the same files (a node's own mount).
-PER_RANK_KEYS: tuple[str, ...] = ("trainer.out_dir", "data.root", "model.init_from", "eval.")
+PER_RANK_KEYS: tuple[str, ...] = (
+    "trainer.out_dir",
+    "data.root",
+    "model.init_from",
+    "eval.",
+    "data.num_workers",  # loading, not the data order (a node's own CPU count)
+    "data.eval_batch_size",  # rank 0 alone evaluates
+    "data.download",
+    "trainer.progress",
+)
 
 
 def check_same_recipe_on_every_rank(cfg: DictConfig, dist: DistContext) -> None:

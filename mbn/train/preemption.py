@@ -90,7 +90,9 @@ class Preemption:
         self.dist = dist
         self.received: int | None = None  # the signal this process received
         self.signal: int | None = None  # the stop every rank agreed on (a single process: the signal received)
-        self.parent = os.getppid()  # under torchrun: the agent; gone (kill -9), the ranks checkpoint and stop
+        # under torchrun (its agent exports TORCHELASTIC_RUN_ID): the agent; gone (kill -9), the ranks checkpoint and
+        # stop. Ranks started otherwise (RANK/WORLD_SIZE by hand, a launcher that exits) are not watched.
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self.orphaned = False
 
     @property
@@ -105,7 +107,7 @@ class Preemption:
         received SIGTERM, so no rank trains on unsupervised holding the run directory's lock.
         """
         if self.dist.enabled:
-            if self.received is None and os.getppid() != self.parent:
+            if self.received is None and self.parent is not None and os.getppid() != self.parent:
                 self.received, self.orphaned = int(signal.SIGTERM), True
             self.signal = self.dist.max_flag(self.received or 0) or None
 
