@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
+VANILLA = REPO / "recipes" / "vanilla.yaml"
 
 # Tiny and fast: 64 synthetic images, batches of 16 -> 4 steps per epoch.
 TINY = [
@@ -36,3 +38,11 @@ def train(recipe: Path | str, out: Path, *extra: str) -> int:
 def weights(run: Path) -> dict[str, torch.Tensor]:
     """The model state of a run's last checkpoint."""
     return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a failed command wrote on stderr (asserted: one line, no traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err

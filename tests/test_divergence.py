@@ -9,16 +9,7 @@ from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
 from mbn.train import build_trainer
-from tests.runs import REPO, TINY, train
-
-VANILLA = REPO / "recipes" / "vanilla.yaml"
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err
+from tests.runs import TINY, VANILLA, one_line_error, train
 
 
 def all_finite(state: dict[str, torch.Tensor]) -> bool:

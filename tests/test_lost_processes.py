@@ -6,16 +6,7 @@ import pytest
 
 import mbn
 from mbn.checkpoint import load_checkpoint
-from tests.runs import REPO, train
-
-VANILLA = REPO / "recipes" / "vanilla.yaml"
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err
+from tests.runs import VANILLA, one_line_error, train
 
 
 def test_a_killed_dataloader_worker_is_one_line_with_the_checkpoint_kept(tmp_path, capsys, scratch_registry):

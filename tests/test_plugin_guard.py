@@ -7,16 +7,7 @@ import torch
 
 import mbn
 from mbn.checkpoint import load_checkpoint
-from tests.runs import REPO, train
-
-VANILLA = REPO / "recipes" / "vanilla.yaml"
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err
+from tests.runs import VANILLA, one_line_error, train
 
 
 def leaves_eval_mode(images, labels, ctx):

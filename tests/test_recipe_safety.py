@@ -6,17 +6,9 @@ import pytest
 
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
-from tests.runs import REPO, train
+from tests.runs import VANILLA, one_line_error, train
 
-VANILLA = REPO / "recipes" / "vanilla.yaml"
 SECRET = "s3cr3t-token-4d1f"
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err
 
 
 def test_values_from_the_environment_are_written_as_their_interpolation(tmp_path, monkeypatch, capsys):

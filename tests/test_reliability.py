@@ -31,16 +31,7 @@ from mbn.cli.train import main as train_main
 from mbn.fileio import WriteError, atomic_torch_save, atomic_write_text
 from mbn.rundir import RunLock
 from mbn.tblog import TensorBoardLogger
-from tests.runs import REPO, TINY, train, weights
-
-VANILLA = REPO / "recipes" / "vanilla.yaml"
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err
+from tests.runs import REPO, TINY, VANILLA, one_line_error, train, weights
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
