@@ -279,3 +279,29 @@ def test_size_text():
     assert [size_text(n) for n in (0, 1023, 1024, 5 * 2**30 // 2, 360_000_000_000)] == [
         "0 B", "1023 B", "1.0 KiB", "2.5 GiB", "335.3 GiB",
     ]  # fmt: skip
+
+
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 360000000000 bytes. Error code 12 (Cannot allocate memory)"  # noqa: E501
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "expected"),
+    [
+        ("mbn.train.build.build_data", 2, "out of memory holding the data set (tried to allocate 335.3 GiB); "
+         "lower data.image_size"),
+        ("mbn.train.build.build_model", 2, "out of memory building the model on cpu (tried to allocate 335.3 GiB); "
+         "lower model.width"),
+        ("mbn.train.hooks.accuracy", 1, "out of memory in the evaluation forward on cpu (tried to allocate "
+         "335.3 GiB); lower data.eval_batch_size"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_outside_the_step_names_the_key(target, code, expected, tmp_path, capsys, monkeypatch):
+    from tests.runs import VANILLA, one_line_error, train
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(target, out_of_memory)
+    assert train(VANILLA, tmp_path / "run", "trainer.max_steps=1") == code
+    err = one_line_error(capsys)
+    assert expected in err, err

@@ -10,6 +10,7 @@ average and update, and the hooks. The :class:`~mbn.train.loop.Trainer` it retur
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from mbn.rundir import RunDirError, RunLock, check_new_run_dir, clean_run_dir
 from mbn.train.checkpoints import Checkpoint, RunCheckpoints, init_model_from, read_checkpoint
 from mbn.train.hooks import HookSettings, TrainHooks
 from mbn.train.loop import Trainer
-from mbn.train.runtime import Runtime
+from mbn.train.runtime import Runtime, allocation_failure
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import MultiDomainStep
 from mbn.train.update import Update
@@ -84,13 +85,14 @@ def _build(
             check_new_run_dir(run_dir)
         clean_run_dir(run_dir)  # temporary files of writes a kill interrupted
     torch.manual_seed(cfg.trainer.seed)  # model initialisation
-    with dist.main_first():  # a download or a decoded-image cache is written once, by rank 0
+    with dist.main_first(), _out_of_memory("holding the data set", "data.image_size or data.train_limit"):
         data = build_data(cfg.data, seed=cfg.trainer.seed, device=device, rank=dist.rank, world_size=dist.world_size)
     _normalise_as_trained(cfg, data, ckpt)
-    model = build_model(cfg, data.num_classes, data.mean, data.std, plan.sources, heads=plan.heads)
-    if cfg.trainer.sync_bn:
-        model = convert_sync_batchnorm(model)  # one SyncBatchNorm per source
-    model.to(device)
+    with _out_of_memory(f"building the model on {device}", "model.width, or choose a smaller model.name"):
+        model = build_model(cfg, data.num_classes, data.mean, data.std, plan.sources, heads=plan.heads)
+        if cfg.trainer.sync_bn:
+            model = convert_sync_batchnorm(model)  # one SyncBatchNorm per source
+        model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     runtime = Runtime(
@@ -244,6 +246,20 @@ def check_same_recipe_on_every_rank(cfg: DictConfig, dist: DistContext) -> None:
             f"key '{key}': {main.get(key)!r} on rank 0, {value!r} on rank {rank}{more}; every rank must resolve "
             "the recipe alike (a value from the environment, e.g. ${oc.env:...}, that differs between ranks?)"
         )
+
+
+@contextlib.contextmanager
+def _out_of_memory(what: str, keys: str) -> Iterator[None]:
+    """Running out of memory while ``what`` is one line naming the recipe ``keys`` to lower (exit status 2)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        tried = allocation_failure(err)
+        if tried is None:
+            raise
+        raise RecipeError(
+            f"out of memory {what}{f' (tried to allocate {tried})' if tried else ''}; lower {keys}"
+        ) from None
 
 
 def run_length(cfg: DictConfig, plan: RunPlan, batches: int) -> tuple[RunLength, list[str]]:

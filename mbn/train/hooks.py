@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from mbn.config import DomainSpec, save_recipe
 from mbn.csvlog import CsvScalarLog
 from mbn.data import DataBundle
-from mbn.errors import TrainingDivergedError
+from mbn.errors import DomainError, TrainingDivergedError
 from mbn.eval.accuracy import accuracy
 from mbn.fileio import atomic_write_text
 from mbn.meter import NonFiniteError, StepMeter, TrainClock
@@ -28,7 +28,7 @@ from mbn.objective import CLASSES
 from mbn.progress import Progress
 from mbn.tblog import TensorBoardLogger
 from mbn.train.checkpoints import STATE_ERRORS, Checkpoint, RunCheckpoints, state_does_not_fit
-from mbn.train.runtime import Runtime
+from mbn.train.runtime import Runtime, allocation_failure
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import StepOutput, StepStats
 from mbn.train.update import Update
@@ -169,10 +169,19 @@ class TrainHooks:
         acc: dict[str, float] = {}
         ema: dict[str, float] = {}
         if runtime.dist.is_main:  # rank 0 evaluates; every rank keeps its result
-            acc = {bn: accuracy(runtime.model, test, bn, runtime.to_device, runtime.autocast) for bn in sources}
-            if self.update.ema is not None:
-                average = self.update.ema.module
-                ema = {bn: accuracy(average, test, bn, runtime.to_device, runtime.autocast) for bn in sources}
+            try:
+                acc = {bn: accuracy(runtime.model, test, bn, runtime.to_device, runtime.autocast) for bn in sources}
+                if self.update.ema is not None:
+                    average = self.update.ema.module
+                    ema = {bn: accuracy(average, test, bn, runtime.to_device, runtime.autocast) for bn in sources}
+            except (RuntimeError, MemoryError) as err:
+                tried = allocation_failure(err)
+                if tried is None:
+                    raise
+                raise DomainError(
+                    f"out of memory in the evaluation forward on {runtime.device}"
+                    f"{f' (tried to allocate {tried})' if tried else ''}; lower data.eval_batch_size"
+                ) from err
         acc, ema = runtime.dist.broadcast_object((acc, ema))
         state.test_acc, state.test_acc_ema, state.evaluated_step = acc, ema, state.step
         state.best_acc = max(state.best_acc, acc[self.sources[0]])
