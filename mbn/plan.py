@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from mbn.budget import matched_epochs
 from mbn.builders import build_domains, check_model, resolve_device
 from mbn.config import DomainSpec, ModelCfg, RecipeError, bn_sources, dependency_order, domain_specs
 from mbn.distributed import env_world_size
@@ -47,6 +48,7 @@ class RunPlan:
     device: torch.device
     init_checkpoint: dict[str, Any] | None = None
     init_path: Path | None = None
+    budget_epochs: int | None = None  # trainer.budget_of: the epochs costing what the baseline's would
 
 
 def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
@@ -89,8 +91,13 @@ def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
         )
     check_dataset_present(cfg.data)
     check_step_sizes(cfg, specs, device)
+    budget = None  # the baseline recipe read (and any error in it named) before the data is
+    if cfg.trainer.budget_of:
+        budget = matched_epochs(int(cfg.trainer.epochs), specs, domains, str(cfg.trainer.budget_of))
     sources = bn_sources(specs)
-    return RunPlan(dependency_order(specs), sources, domains, objectives, heads, device, init_checkpoint, init_path)
+    return RunPlan(
+        dependency_order(specs), sources, domains, objectives, heads, device, init_checkpoint, init_path, budget
+    )
 
 
 def check_windows(specs: list[DomainSpec]) -> None:

@@ -70,3 +70,12 @@ def test_interpolations_under_a_key_holding_dots_read_back(tmp_path, monkeypatch
     assert stored.cfg.eval.suites["cifar10-c:v1.0"] == "/tmp/C"
     assert stored.cfg.trainer.seed == 3
     assert train_main(["--resume", str(run), "trainer.max_steps=3"]) == 0
+
+
+def test_a_bad_budget_of_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before trainer.budget_of was checked")
+
+    monkeypatch.setattr("mbn.train.build.build_data", no_data)
+    assert train(VANILLA, tmp_path / "run", f"trainer.budget_of={tmp_path / 'missing.yaml'}") == 2
+    assert "key 'trainer.budget_of'" in one_line_error(capsys)

@@ -273,7 +273,9 @@ def run_length(cfg: DictConfig, plan: RunPlan, batches: int) -> tuple[RunLength,
         )
     epochs, notes = int(cfg.trainer.epochs), []
     if cfg.trainer.budget_of:  # the epochs costing what the baseline's would
-        epochs = matched_epochs(cfg.trainer.epochs, plan.specs, plan.domains, str(cfg.trainer.budget_of))
+        epochs = plan.budget_epochs or matched_epochs(
+            cfg.trainer.epochs, plan.specs, plan.domains, str(cfg.trainer.budget_of)
+        )
         notes.append(
             f"trainer.budget_of={cfg.trainer.budget_of}: {epochs} epochs cost what {cfg.trainer.epochs} "
             f"of {cfg.trainer.budget_of} would"
