@@ -14,6 +14,7 @@ that the domain left the model as it found it: every module's train/eval mode, e
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import torch
@@ -109,9 +110,11 @@ class ModelGuard:
         before = self.snapshot()  # modes and version counters: free, no device work
         try:
             made = domain.generate(x, y, ctx)
-        except (Exception, SystemExit, KeyboardInterrupt) as err:  # a user's signal arrives as StopSignal
+        except (Exception, SystemExit, KeyboardInterrupt) as err:  # under mbn's handlers a signal is StopSignal
             if "DataLoader worker" in str(err):  # a worker died (signal, OOM killer): not the domain's fault
                 raise
+            if isinstance(err, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                raise  # Python's own Ctrl-C handler (a second Ctrl-C in a script): the user's, not the domain's
             raise DomainError(
                 f"domain {name!r} (type {kind!r}) failed at step {step}: {type(err).__name__}: {first_line(err)}"
             ) from err

@@ -280,3 +280,27 @@ def test_a_train_mode_attack_through_sync_batchnorm_leaves_the_statistics_and_pa
             assert torch.equal(value, before[key]), key
     finally:
         dist.destroy_process_group()
+
+
+def test_keyboard_interrupt_under_pythons_own_handler_is_the_users(monkeypatch):
+    """In a script (Python's default SIGINT handler in place) a Ctrl-C during generate stays a KeyboardInterrupt."""
+    import signal
+
+    from mbn.domain import DomainContext
+    from mbn.domain_checks import ModelGuard
+    from mbn.errors import DomainError
+    from tests.nets import TinyNet
+
+    class Interrupted(mbn.Domain):
+        def generate(self, images, labels, ctx):
+            raise KeyboardInterrupt
+
+    net = mbn.convert_model(TinyNet(), ("clean",))
+    x, y = torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    guard, ctx = ModelGuard(net), DomainContext(model=net, bn="clean")
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
+    with pytest.raises(KeyboardInterrupt):
+        guard.generate(Interrupted(), "odd", "x", x, y, ctx, 1)
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)  # mbn's own handling or ignored
+    with pytest.raises(DomainError, match="KeyboardInterrupt"):
+        guard.generate(Interrupted(), "odd", "x", x, y, ctx, 1)
