@@ -36,7 +36,7 @@ from mbn.rundir import RunDirError, RunLock, check_new_run_dir, clean_run_dir
 from mbn.train.checkpoints import Checkpoint, RunCheckpoints, init_model_from, read_checkpoint
 from mbn.train.hooks import HookSettings, TrainHooks
 from mbn.train.loop import Trainer
-from mbn.train.runtime import Runtime, allocation_failure
+from mbn.train.runtime import Runtime, out_of_memory_message
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import MultiDomainStep
 from mbn.train.update import Update
@@ -254,12 +254,10 @@ def _out_of_memory(what: str, keys: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, MemoryError) as err:
-        tried = allocation_failure(err)
-        if tried is None:
+        message = out_of_memory_message(err, what, f"lower {keys}")
+        if message is None:
             raise
-        raise RecipeError(
-            f"out of memory {what}{f' (tried to allocate {tried})' if tried else ''}; lower {keys}"
-        ) from None
+        raise RecipeError(message) from None
 
 
 def run_length(cfg: DictConfig, plan: RunPlan, batches: int) -> tuple[RunLength, list[str]]:

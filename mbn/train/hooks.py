@@ -28,7 +28,7 @@ from mbn.objective import CLASSES
 from mbn.progress import Progress
 from mbn.tblog import TensorBoardLogger
 from mbn.train.checkpoints import STATE_ERRORS, Checkpoint, RunCheckpoints, state_does_not_fit
-from mbn.train.runtime import Runtime, allocation_failure
+from mbn.train.runtime import Runtime, out_of_memory_message
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import StepOutput, StepStats
 from mbn.train.update import Update
@@ -175,13 +175,10 @@ class TrainHooks:
                     average = self.update.ema.module
                     ema = {bn: accuracy(average, test, bn, runtime.to_device, runtime.autocast) for bn in sources}
             except (RuntimeError, MemoryError) as err:
-                tried = allocation_failure(err)
-                if tried is None:
+                message = out_of_memory_message(err, f"in the evaluation forward on {runtime.device}", _EVAL_KEYS)
+                if message is None:
                     raise
-                raise DomainError(
-                    f"out of memory in the evaluation forward on {runtime.device}"
-                    f"{f' (tried to allocate {tried})' if tried else ''}; lower data.eval_batch_size"
-                ) from err
+                raise DomainError(message) from err
         acc, ema = runtime.dist.broadcast_object((acc, ema))
         state.test_acc, state.test_acc_ema, state.evaluated_step = acc, ema, state.step
         state.best_acc = max(state.best_acc, acc[self.sources[0]])
@@ -266,6 +263,9 @@ class TrainHooks:
         self.progress.close()
         self.tb.close()
 
+
+#: What to lower when the evaluation forward runs out of memory.
+_EVAL_KEYS = "lower data.eval_batch_size"
 
 #: Seconds without a progress line after which a step prints one (a slow domain, a long logging window).
 HEARTBEAT_S = 30.0

@@ -192,6 +192,17 @@ def allocation_failure(err: BaseException) -> str | None:
     return size_text(int(count.group(1))) if count else ""
 
 
+def out_of_memory_message(err: BaseException, what: str, advice: str) -> str | None:
+    """``out of memory <what> (tried to allocate 2.00 GiB); <advice>`` for an out-of-memory error, else None.
+
+    The one wording of every out-of-memory line: building the data or the model, a step, the evaluation forward.
+    """
+    tried = allocation_failure(err)
+    if tried is None:
+        return None
+    return f"out of memory {what}{f' (tried to allocate {tried})' if tried else ''}; {advice}"
+
+
 def step_size_error(err: BaseException, where: str) -> DomainError | None:
     """One line naming the recipe keys for what a step's sizes cause; None for any other error.
 
@@ -209,10 +220,8 @@ def step_size_error(err: BaseException, where: str) -> DomainError | None:
             "source needs 2 or more images a step: raise data.batch_size, or the fraction of the domain that gets one "
             "image (domains.<name>.fraction)"
         )
-    tried = allocation_failure(err)
-    if tried is None:
-        return None
-    return DomainError(f"out of memory in {where}{f' (tried to allocate {tried})' if tried else ''}; {MEMORY_KEYS}")
+    message = out_of_memory_message(err, f"in {where}", MEMORY_KEYS)
+    return None if message is None else DomainError(message)
 
 
 def size_text(size: int) -> str:
