@@ -100,6 +100,60 @@ class RunLock:
         self.release()
 
 
+def missing_dirs(path: str | Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, outermost first (what ``mkdir(parents=True)`` would create)."""
+    missing = []
+    for directory in (Path(path), *Path(path).parents):
+        if os.path.lexists(directory):
+            break
+        missing.append(directory)
+    return missing[::-1]
+
+
+class NewRunDir:
+    """What a new run creates before it starts training: directories and the lock file, removed if it never starts.
+
+    A recipe, data or model error found while the trainer is built must leave nothing behind. Record the
+    directories (:meth:`before_creating`) and the lock file (:meth:`lock_in`) just before they are made;
+    :meth:`undo` then removes the lock file (only while holding its lock, so another run's is never removed) and
+    each recorded directory that is still empty. Nothing that existed before is touched.
+    """
+
+    def __init__(self) -> None:
+        self.dirs: list[Path] = []  # outermost first
+        self.lock_file: Path | None = None
+
+    def before_creating(self, path: str | Path) -> None:
+        """Record ``path`` and its parents that do not exist yet (call just before creating them)."""
+        self.dirs += [d for d in missing_dirs(path) if d not in self.dirs]
+
+    def created(self, path: str | Path) -> None:
+        """Record a directory this process has just created."""
+        if Path(path) not in self.dirs:
+            self.dirs.append(Path(path))
+
+    def lock_in(self, run_dir: str | Path) -> None:
+        """Record the run's lock file, unless one exists already (another run's, or left by an earlier one)."""
+        path = Path(run_dir) / LOCK_FILE
+        self.lock_file = None if os.path.lexists(path) else path
+
+    def undo(self) -> None:
+        """Remove the recorded lock file and the recorded directories still empty, innermost first; never raises."""
+        lock_file, self.lock_file = self.lock_file, None
+        if lock_file is not None and lock_file.is_file() and not lock_file.is_symlink():
+            try:
+                with RunLock(lock_file.parent):  # refused while another process holds it: its lock file stays
+                    lock_file.unlink()
+            except (RunDirError, OSError):
+                pass
+        dirs, self.dirs = self.dirs, []
+        for directory in reversed(dirs):
+            try:
+                directory.rmdir()  # only an empty directory
+            except OSError:
+                break
+
+
 def check_new_run_dir(run_dir: str | Path) -> None:
     """A new run may not write into a directory that holds another run's files, finished or not.
 

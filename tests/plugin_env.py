@@ -22,6 +22,6 @@ def install_plugin(site: Path, entry_points: str = ENTRY_POINTS, name: str = "mb
     shutil.copytree(PLUGIN_SRC, site / "mbn_example_plugin", dirs_exist_ok=True)
     info = site / f"{name}-0.1.0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\nRequires-Dist: mbn-advprop\n")
     (info / "entry_points.txt").write_text(entry_points)
     return site

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import mbn
+from mbn import extras
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.eval import main as eval_main
 from mbn.cli.train import main as train_main
@@ -30,6 +31,7 @@ from mbn.eval.robustness import (
     robust_accuracy,
     robustness_sweep,
 )
+from mbn.extras import TORCHATTACKS
 from mbn.fileio import atomic_torch_save
 from mbn.norm import MultiSourceBatchNorm
 from mbn.synthetic import generate_synthetic
@@ -92,8 +94,8 @@ def test_all_writes_every_schema_key_and_plot(run_dir, cache_dir, tmp_path):
     assert result["per_bn_acc"]["clean"] == result["clean_acc"]
 
     corr = result["corruptions"]
-    assert set(corr) == {"accuracy", "mean_acc", "per_corruption_mean", "ce", "mce", "reference"}
-    assert list(corr["accuracy"]) == list(CORRUPTIONS)
+    assert set(corr) == {"accuracy", "mean_acc", "per_corruption_mean", "ce", "mce", "reference", "skipped"}
+    assert list(corr["accuracy"]) == list(CORRUPTIONS) and corr["skipped"] == {}  # frost too, with the extra
     assert all(list(row) == [str(s) for s in SEVERITIES] for row in corr["accuracy"].values())
     values = [v for row in corr["accuracy"].values() for v in row.values()]
     assert all(0.0 <= v <= 1.0 for v in values)
@@ -154,6 +156,74 @@ def test_reference_to_itself_gives_mce_one(run_dir, cache_dir, tmp_path):
     assert corr["reference"] == str((first / "eval.json").resolve())
     assert list(corr["accuracy"]["fog"]) == ["1", "5"]
     assert "| CE |" in (second / "eval.md").read_text()
+
+
+FROST_SKIPPED = (
+    "mbn-eval: note: skipping the frost corruption (its textures come with the 'imagecorruptions' package, which is "
+    'not installed: pip install "mbn-advprop[robustness]"); corruption results are over 14 of 15 corruptions'
+)
+
+
+@pytest.fixture
+def base_install(monkeypatch):
+    """imagecorruptions (the robustness extra's frost textures) cannot be found, as on a plain install."""
+    real = extras.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name.split(".")[0] == "imagecorruptions" else real(name, *args)
+
+    monkeypatch.setattr(extras.importlib.util, "find_spec", find_spec)
+
+
+@pytest.mark.slow
+def test_all_on_a_base_install_skips_frost_said_and_labelled(base_install, run_dir, cache_dir, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ("--limit", "8", "--pgd-steps", "1", "--linf-eps", "1", "--l2-eps", "0.5")
+    assert run_eval(run_dir, first, cache_dir, "--all", *common) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "frost" in line] == [FROST_SKIPPED]  # one line: what, why, how
+    corr = read(first)["corruptions"]
+    evaluated = [name for name in CORRUPTIONS if name != "frost"]
+    assert list(corr["accuracy"]) == evaluated and "frost" not in corr["per_corruption_mean"]
+    assert list(corr["skipped"]) == ["frost"] and 'pip install "mbn-advprop[robustness]"' in corr["skipped"]["frost"]
+    values = [v for row in corr["accuracy"].values() for v in row.values()]
+    assert len(values) == 14 * 5
+    torch.testing.assert_close(corr["mean_acc"], float(np.mean(values)))
+    assert f"corruption mean {corr['mean_acc']:.4f} (14 of 15 corruptions, frost skipped)" in out
+    markdown = (first / "eval.md").read_text()
+    assert "Mean accuracy over 14 of 15 corruptions x 5 severities: **" in markdown
+    assert "| frost | - | - | - | - | - | skipped |" in markdown
+    assert f"Skipped: frost, {corr['skipped']['frost']}; the means above leave it out." in markdown
+    assert (first / "corruption_acc.png").read_bytes()[:8] == PNG_MAGIC
+    assert read(first)["adversarial"] is not None and read(first)["divergence"] is not None  # the rest of --all
+
+    # mCE against a reference is over the same 14
+    assert run_eval(run_dir, second, cache_dir, "--corruptions", "--limit", "8", "--reference", str(first)) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "frost" in line] == [FROST_SKIPPED]
+    corr = read(second)["corruptions"]
+    assert corr["mce"] == 1.0 and list(corr["ce"]) == evaluated and list(corr["skipped"]) == ["frost"]
+    assert "mCE 1.0000 (14 of 15 corruptions, frost skipped)" in out
+    assert "mCE over 14 of 15 corruptions relative to `" in (second / "eval.md").read_text()
+
+
+def test_frost_asked_for_by_name_on_a_base_install_is_one_line(base_install, run_dir, cache_dir, tmp_path, capsys):
+    from mbn.eval.evaluate import EvalOptions, evaluate_run
+    from mbn.extras import MissingExtraError
+
+    expected = (
+        "mbn-eval: error: the frost corruption (its textures) needs the 'imagecorruptions' package: "
+        'pip install "mbn-advprop[robustness]"'
+    )
+    for names in (["frost"], ["fog", "frost"]):
+        flags = ("--corruptions", "--limit", "8", "--severities", "1", "--corruption-types", *names)
+        assert run_eval(run_dir, tmp_path, cache_dir, *flags) == 2
+        assert capsys.readouterr().err.strip() == expected
+        assert not (tmp_path / "eval.json").exists()  # refused before any section was computed
+    # the library keeps the whole suite unless asked to skip (the paper harness's tables are of all 15)
+    options = EvalOptions(sections={"clean", "corruptions"}, limit=8, cache_dir=cache_dir, progress=False)
+    with pytest.raises(MissingExtraError, match="frost corruption"):
+        evaluate_run(run_dir, options)
 
 
 def test_reference_errors_exit_2(run_dir, cache_dir, tmp_path, capsys):
@@ -363,6 +433,7 @@ def test_routed_model_for_torchattacks(brightness):
 
 
 def test_autoattack_accuracy_beyond_the_margin(brightness):
+    pytest.importorskip("torchattacks", reason=f"AutoAttack: {TORCHATTACKS}")
     model, batches = brightness
     # eps 0.3 > margin 0.2: APGD-CE alone breaks every image. (Images that survive run all four attacks,
     # Square's 5000 queries included: minutes on CPU, so the robust side is left to the PGD tests.)

@@ -91,7 +91,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="AutoAttack L-inf radii in 0-255 units (default: the largest --linf-eps)",
     )
     opt.add_argument(
-        "--corruption-types", nargs="+", metavar="NAME", help="corruptions (default: the 15 of CIFAR-10-C)"
+        "--corruption-types",
+        nargs="+",
+        metavar="NAME",
+        help="corruptions (default: the 15 of CIFAR-10-C; frost needs the robustness extra, else it is skipped)",
     )
     opt.add_argument("--severities", type=int, nargs="+", metavar="S", help="severities (default: 1 2 3 4 5)")
     opt.add_argument(
@@ -175,6 +178,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         corruption_types=args.corruption_types,
         severities=args.severities,
         cache_dir=args.cache_dir,
+        skip_unavailable=True,  # the default list without the robustness extra: frost skipped, said and recorded
         seed=args.seed,
         weights=args.weights,
         bn=args.bn,

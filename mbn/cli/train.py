@@ -21,7 +21,7 @@ from mbn.config import RecipeError, load_recipe
 from mbn.distributed import DistContext
 from mbn.errors import DomainError, StopSignal, TrainingDivergedError, TrainingInterruptedError, one_line
 from mbn.fileio import WriteError
-from mbn.rundir import RunDirError, RunLock
+from mbn.rundir import NewRunDir, RunDirError, RunLock
 from mbn.shipped import recipe_purpose, recipes_dir, resolve_recipe, shipped_recipes
 from mbn.train.checkpoints import CheckpointError
 from mbn.train.preemption import signals_raise
@@ -72,11 +72,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare_run(args: argparse.Namespace) -> tuple[Any, Path, bool, DistContext]:
+def prepare_run(args: argparse.Namespace, new: NewRunDir | None = None) -> tuple[Any, Path, bool, DistContext]:
     """Load the recipe (or the run's saved one) and choose the run directory.
 
-    Nothing is written here (an automatic ``trainer.out_dir`` is created empty); the trainer checks the
-    directory (lock, existing run) before writing.
+    Nothing is written here (an automatic ``trainer.out_dir`` is created empty, and recorded in ``new``); the
+    trainer checks the directory (lock, existing run) before writing.
     """
     if args.resume:
         run_dir = Path(args.resume)
@@ -102,16 +102,23 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Path, bool, DistContext]
     dist = distributed.init_from_env(str(cfg.trainer.device))
     if cfg.trainer.out_dir is None:  # rank 0 claims it; the other ranks take rank 0's choice
         stem = f"runs/{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg.trainer.out_dir = dist.broadcast_object(str(claim_run_dir(stem)) if dist.is_main else None)
+        cfg.trainer.out_dir = dist.broadcast_object(str(claim_run_dir(stem, new)) if dist.is_main else None)
     return cfg, Path(cfg.trainer.out_dir), False, dist
 
 
-def claim_run_dir(stem: str) -> Path:
-    """Create a new directory ``stem`` (or ``stem-2``, ``stem-3``, ... when taken, e.g. by array jobs)."""
+def claim_run_dir(stem: str, new: NewRunDir | None = None) -> Path:
+    """Create a new directory ``stem`` (or ``stem-2``, ``stem-3``, ... when taken, e.g. by array jobs).
+
+    What it creates (the directory and any missing parent) is recorded in ``new``.
+    """
+    if new is not None:
+        new.before_creating(Path(stem).parent)
     for n in range(1, 1000):
         path = Path(stem if n == 1 else f"{stem}-{n}")
         try:
             path.mkdir(parents=True)
+            if new is not None:
+                new.created(path)
             return path
         except FileExistsError:
             continue
@@ -151,10 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, started: list[Any]) -> int:
+    new = NewRunDir()  # what this process creates for a new run: removed again if training never starts
     try:
-        cfg, run_dir, resume, dist = prepare_run(args)
+        cfg, run_dir, resume, dist = prepare_run(args, new)
         from mbn.train.build import build_trainer  # heavy imports after the recipe loaded
 
+        if dist.is_main and not resume:  # rank 0 creates trainer.out_dir and its lock file
+            new.before_creating(run_dir)
+            new.lock_in(run_dir)
         trainer = build_trainer(cfg, run_dir, resume=resume, dist=dist)
         started.append(trainer)
         main, world = dist.is_main, dist.world_size
@@ -176,6 +187,8 @@ def _train(args: argparse.Namespace, started: list[Any]) -> int:
         _say(f"{_prog()}: error: {why}; {_kept(started)}")
         return 1
     finally:
+        if not started:  # a recipe, data or model error (or a signal) before training: leave nothing behind
+            new.undo()
         distributed.shutdown()
     if not main:
         return 0

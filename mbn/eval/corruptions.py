@@ -59,7 +59,7 @@ import math
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -75,7 +75,7 @@ from skimage.util import random_noise
 from tqdm.auto import tqdm
 
 from mbn.errors import first_line
-from mbn.extras import require
+from mbn.extras import ROBUSTNESS, available, require
 from mbn.fileio import atomic_write
 from mbn.validators import check_int, is_int
 
@@ -95,6 +95,8 @@ __all__ = [
     "generate_corrupted",
     "images_fingerprint",
     "load_or_generate",
+    "require_corruptions",
+    "unavailable_corruptions",
 ]
 
 CORRUPTIONS: tuple[str, ...] = (
@@ -497,9 +499,27 @@ def _plasma_fractal(n: int, mapsize: int, decay: float, rng: np.random.Generator
     return maps / maps.max(axis=(1, 2), keepdims=True)
 
 
+def require_corruptions(corruptions: Collection[str]) -> None:
+    """Raise :class:`~mbn.extras.MissingExtraError` (one line naming the extra) if one cannot be generated here.
+
+    Only frost needs more than mbn's requirements: its textures come with ``imagecorruptions`` (the ``robustness``
+    extra).
+    """
+    if "frost" in corruptions:
+        # find_spec locates the package without importing it (its import pulls in the deprecated pkg_resources)
+        require("imagecorruptions", "the frost corruption (its textures)")
+
+
+def unavailable_corruptions(corruptions: Collection[str]) -> dict[str, str]:
+    """The corruptions of ``corruptions`` that cannot be generated here: ``{name: why, and how to get it}``."""
+    if "frost" in corruptions and not available("imagecorruptions"):
+        why = "its textures come with the 'imagecorruptions' package, which is not installed"
+        return {"frost": f'{why}: pip install "{ROBUSTNESS}"'}
+    return {}
+
+
 def _frost_dir() -> Path:
-    # find_spec locates the package without importing it (its import pulls in the deprecated pkg_resources)
-    require("imagecorruptions", "the frost corruption (its textures)")
+    require_corruptions(("frost",))
     spec = importlib.util.find_spec("imagecorruptions")
     assert spec is not None and spec.submodule_search_locations
     return Path(next(iter(spec.submodule_search_locations))) / "frost"

@@ -54,6 +54,10 @@ class EvalOptions:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size, pgd_steps, linf_eps (0-255), l2_eps ([0, 1] pixels), autoattack_eps (0-255),
         corruption_types, severities, cache_dir: as the ``mbn-eval`` options of the same names.
+        skip_unavailable: with the default corruption list (neither ``corruption_types`` nor the recipe's
+            ``eval.corruptions``), leave out a corruption this installation cannot generate (frost without the
+            ``robustness`` extra) with a note on stderr, recorded in ``corruptions.skipped``; otherwise it is a
+            one-line error. ``mbn-eval`` sets it; a corruption asked for by name is always an error.
         seed: seed of PGD random starts, AutoAttack and corruptions.
         progress: show progress bars on a terminal.
         weights: ``model`` (trained weights) or ``ema`` (their moving average); ``ema`` writes to ``RUN/ema/``
@@ -86,6 +90,7 @@ class EvalOptions:
     corruption_types: Sequence[str] | None = None
     severities: Sequence[int] | None = None
     cache_dir: Path | None = None
+    skip_unavailable: bool = False
     seed: int = 0
     progress: bool = True
     weights: str = "model"
@@ -202,7 +207,7 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
 
     from mbn.data import ArraySplit, EvalLoader, subset_indices, to_device
     from mbn.eval.accuracy import accuracy
-    from mbn.eval.corruptions import CORRUPTIONS
+    from mbn.eval.corruptions import CORRUPTIONS, require_corruptions, unavailable_corruptions
     from mbn.eval.divergence import bn_divergence
     from mbn.eval.loading import load_run, load_timm_run
     from mbn.eval.robustness import (
@@ -246,6 +251,16 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
     l2 = args.l2_eps if args.l2_eps is not None else radii("eval.l2_eps", ecfg.l2_eps)
     corruptions = args.corruption_types or list(ecfg.corruptions or CORRUPTIONS)
     severities = args.severities or [int(s) for s in ecfg.severities]
+    skipped: dict[str, str] = {}
+    if "corruptions" in sections:
+        if args.skip_unavailable and not (args.corruption_types or ecfg.corruptions):  # the default suite
+            skipped = unavailable_corruptions(corruptions)
+            corruptions = [name for name in corruptions if name not in skipped]
+            over = f"{len(corruptions)} of {len(corruptions) + len(skipped)} corruptions"
+            for name, why in skipped.items():
+                print(f"mbn-eval: note: skipping the {name} corruption ({why}); corruption results are over {over}",
+                      file=sys.stderr)  # fmt: skip
+        require_corruptions(corruptions)  # one named, and missing here: one line now, not after the other sections
 
     reference = None
     if "corruptions" in sections and args.reference is not None:
@@ -305,11 +320,11 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
             progress=args.progress,
         )
         if reference is None:
-            result["corruptions"] = corruption_summary(acc, corruptions, severities)
+            result["corruptions"] = corruption_summary(acc, corruptions, severities, skipped=skipped)
         else:
             try:
                 result["corruptions"] = corruption_summary(
-                    acc, corruptions, severities, reference=reference[1], reference_path=reference[0]
+                    acc, corruptions, severities, reference=reference[1], reference_path=reference[0], skipped=skipped
                 )
             except ValueError as err:  # the reference lacks pairs or has zero error somewhere
                 raise EvalInputError(f"--reference: {reference[0]}: {err}") from None
@@ -513,10 +528,15 @@ def summary_line(result: dict[str, Any]) -> str:
     parts = [
         f"clean {result['clean_acc']:.4f}" + (f" (BN {bn})" if bn and bn != (result.get("sources") or [bn])[0] else "")
     ]
-    if result.get("corruptions"):
-        parts.append(f"corruption mean {result['corruptions']['mean_acc']:.4f}")
-        if result["corruptions"].get("mce") is not None:
-            parts.append(f"mCE {result['corruptions']['mce']:.4f}")
+    corr = result.get("corruptions")
+    if corr:
+        from mbn.eval.report import corruptions_evaluated
+
+        part = corruptions_evaluated(corr)
+        of = f" ({part}, {', '.join(corr['skipped'])} skipped)" if corr.get("skipped") else ""
+        parts.append(f"corruption mean {corr['mean_acc']:.4f}{of}")
+        if corr.get("mce") is not None:
+            parts.append(f"mCE {corr['mce']:.4f}{of}")
     adv = result.get("adversarial")
     if adv and adv.get("linf"):
         eps, acc = max(adv["linf"].items(), key=lambda kv: float(kv[0]))

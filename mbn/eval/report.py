@@ -17,6 +17,7 @@ from mbn.fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "PLOT_FILES",
+    "corruptions_evaluated",
     "paper_table",
     "plot_bn_divergence",
     "plot_corruptions",
@@ -43,6 +44,19 @@ def _pct(value: float | None) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def corruptions_evaluated(section: Mapping[str, Any]) -> str:
+    """What a ``corruptions`` section's means are over: ``"14 of 15 corruptions"`` when some were skipped.
+
+    Args:
+        section: The ``corruptions`` section of ``eval.json``.
+
+    Returns:
+        ``"N of M corruptions"``, or ``"N corruptions"`` when none was skipped.
+    """
+    evaluated, skipped = len(section.get("accuracy") or {}), len(section.get("skipped") or {})
+    return f"{evaluated} of {evaluated + skipped} corruptions" if skipped else f"{evaluated} corruptions"
 
 
 def render_markdown(result: Mapping[str, Any]) -> str:
@@ -84,12 +98,16 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     corr = result.get("corruptions")
     if corr:
         severities = list(next(iter(corr["accuracy"].values())).keys()) if corr["accuracy"] else []
-        ce = corr.get("ce") or {}
+        ce, skipped = corr.get("ce") or {}, corr.get("skipped") or {}
+        over = corruptions_evaluated(corr)
         lines += ["## Common corruptions", ""]
-        lines.append(f"Mean accuracy over {len(corr['accuracy'])} corruptions x {len(severities)} severities: "
-                     f"**{_pct(corr['mean_acc'])}**.")  # fmt: skip
+        lines.append(f"Mean accuracy over {over} x {len(severities)} severities: **{_pct(corr['mean_acc'])}**.")
         if corr.get("mce") is not None:
-            lines.append(f"mCE relative to `{corr['reference']}`: **{_pct(corr['mce'])}** (100 = as the reference).")
+            mce_over = f" over {over}" if skipped else ""
+            lines.append(f"mCE{mce_over} relative to `{corr['reference']}`: **{_pct(corr['mce'])}** "
+                         "(100 = as the reference).")  # fmt: skip
+        for name, why in skipped.items():
+            lines.append(f"Skipped: {name}, {why}; the means above leave it out.")
         lines.append("")
         header = ["corruption", *[f"s{s}" for s in severities], "mean", *(["CE"] if ce else [])]
         rows = [
@@ -97,6 +115,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             + ([_pct(ce[name])] if ce else [])
             for name, row in corr["accuracy"].items()
         ]
+        rows += [[name, *["-" for _ in severities], "skipped", *(["-"] if ce else [])] for name in skipped]
         lines += [*_table(header, rows), ""]
 
     suites = result.get("suites")
@@ -274,8 +293,12 @@ def plot_corruptions(corruptions: Mapping[str, Any], path: Path) -> None:
     ax.plot(range(len(names)), [100 * means[n] for n in names], "k_", markersize=14, label="mean")
     ax.axhline(100 * corruptions["mean_acc"], color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+    skipped = corruptions.get("skipped") or {}
+    over = f" over {corruptions_evaluated(corruptions)}; {', '.join(skipped)} skipped" if skipped else ""
     ax.set(
-        ylabel="accuracy (%)", ylim=(0, 100), title=f"Corruption accuracy (mean {100 * corruptions['mean_acc']:.1f}%)"
+        ylabel="accuracy (%)",
+        ylim=(0, 100),
+        title=f"Corruption accuracy (mean {100 * corruptions['mean_acc']:.1f}%{over})",
     )
     ax.legend(fontsize=7, ncol=3)
     _save(fig, path)

@@ -38,7 +38,7 @@ from mbn.data import ArraySplit, EvalLoader, default_cache_dir
 from mbn.eval.accuracy import accuracy
 from mbn.eval.corruptions import CORRUPTIONS, SEVERITIES, images_fingerprint, load_or_generate
 from mbn.eval.metrics import mce, mean_corruption_accuracy, per_corruption_ce, per_corruption_mean
-from mbn.extras import require
+from mbn.extras import TORCHATTACKS, require
 from mbn.routing import eval_mode, use_source
 from mbn.validators import check_int, check_number
 
@@ -260,7 +260,7 @@ def autoattack_accuracy(
     """
     if num_classes < 4:
         raise ValueError(f"num_classes must be >= 4 for AutoAttack (its DLR loss uses 4 logits), got {num_classes}")
-    require("torchattacks", "AutoAttack (mbn-eval --autoattack)")
+    require("torchattacks", "AutoAttack (mbn-eval --autoattack)", install=TORCHATTACKS)
     import torchattacks  # heavy; only needed behind --autoattack
 
     routed = RoutedModel(model, source)
@@ -413,6 +413,7 @@ def corruption_summary(
     severities: Sequence[int] = SEVERITIES,
     reference: Mapping[tuple[str, int], float] | None = None,
     reference_path: str | None = None,
+    skipped: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``corruptions`` section of ``eval.json``: accuracies, means and (with a reference) CE and mCE.
 
@@ -422,9 +423,11 @@ def corruption_summary(
         severities: Severities to report and average over.
         reference: The reference model's accuracy table (same pairs), or None for ``ce = mce = None``.
         reference_path: Where the reference came from, recorded as ``reference``.
+        skipped: Corruptions of the suite left out, with why (see
+            :func:`mbn.eval.corruptions.unavailable_corruptions`); the means are then over fewer corruptions.
 
     Returns:
-        ``{"accuracy", "mean_acc", "per_corruption_mean", "ce", "mce", "reference"}``.
+        ``{"accuracy", "mean_acc", "per_corruption_mean", "ce", "mce", "reference", "skipped"}``.
 
     Raises:
         ValueError: the reference lacks pairs, or has zero error on a corruption (CE divides by it).
@@ -436,6 +439,7 @@ def corruption_summary(
         "ce": None,
         "mce": None,
         "reference": None,
+        "skipped": dict(skipped or {}),
     }
     if reference is not None:
         errors = {k: 1.0 - v for k, v in acc.items()}
