@@ -149,13 +149,37 @@ class EmaCfg:
 
 
 @dataclass
+class WandbCfg:
+    """Weights & Biases: the run's scalars, images, recipe and final metrics (``pip install wandb``)."""
+
+    enabled: bool = False
+    project: str = "mbn"
+    entity: str | None = None  # W&B's default entity when None
+    name: str | None = None  # the run's name in W&B; default: the run directory's name
+    mode: str | None = None  # online, offline (synced later with `wandb sync`), disabled; None: WANDB_MODE, else online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MlflowCfg:
+    """MLflow: the run's scalars, images, recipe and final metrics (``pip install mlflow``)."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None  # None: MLflow's own default (MLFLOW_TRACKING_URI, else MLflow's local store)
+    experiment: str = "mbn"
+    run_name: str | None = None  # default: the run directory's name
+
+
+@dataclass
 class LoggingCfg:
-    """TensorBoard output."""
+    """TensorBoard output (``scalars.csv`` is always written) and optional trackers."""
 
     tensorboard: bool = True
     image_every: int = 500  # steps between per-domain image grids (0 disables)
     divergence_every: int = 500  # steps between BN-statistics divergence scalars (0 disables)
     perturbation_gain: float = 10.0  # amplification of (adv - clean) in the image grids
+    wandb: WandbCfg = field(default_factory=WandbCfg)
+    mlflow: MlflowCfg = field(default_factory=MlflowCfg)
 
 
 @dataclass
@@ -459,6 +483,7 @@ _CHOICES = {
     "schedule.name": ("cosine", "step", "constant"),
     "trainer.amp": ("none", "bf16", "fp16"),
     "trainer.progress": ("auto", "bar", "plain", "none"),
+    "logging.wandb.mode": (None, "online", "offline", "disabled"),
 }
 _POSITIVE = {"low": 0, "low_open": True}
 _NON_NEGATIVE = {"low": 0}

@@ -6,7 +6,8 @@ One row per value, ``step,tag,value``, under a header written once::
     1,loss/clean,2.3025851249694824
     1,lr,0.1
 
-Tags are the TensorBoard tags (see :mod:`mbn.tblog`); values are written at full precision (``repr`` of the
+Tags are the canonical tags of :mod:`mbn.logger` (``loss/<domain>``, ``acc_test/<bn>``, ...); values are
+written at full precision (``repr`` of the
 float: it reads back bit for bit), never rounded. ``pandas.read_csv(path).pivot(index="step", columns="tag",
 values="value")`` gives one column per tag.
 
@@ -29,11 +30,12 @@ from typing import IO, Any
 
 from mbn.errors import first_line
 from mbn.fileio import atomic_write_text
+from mbn.logger import RunLogger
 
 HEADER = ("step", "tag", "value")
 
 
-class CsvScalarLog:
+class CsvScalarLog(RunLogger):
     """Append ``step,tag,value`` rows to ``path``; a disabled log does nothing.
 
     The file is opened on the first write (appending to what a resumed run kept), line buffered and flushed at
@@ -43,6 +45,8 @@ class CsvScalarLog:
         path: The CSV file (``RUN_DIR/scalars.csv``); its directory is created when needed.
         enabled: False: write nothing (the other ranks of a distributed run).
     """
+
+    name = "scalars.csv"
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = Path(path)
@@ -81,6 +85,10 @@ class CsvScalarLog:
         print(f"mbn: CSV scalar log stopped: cannot write {self.path} ({first_line(err)})", file=sys.stderr)
 
     # -------------------------------------------------------------------------------------------- resume
+    def resume_at(self, step: int) -> None:
+        """A resumed run logs the steps after ``step`` again: the rows after it are dropped (:meth:`truncate_after`)."""
+        self.truncate_after(step)
+
     def truncate_after(self, step: int) -> None:
         """Keep only the rows with ``step <= step``: a resumed run logs the later steps again.
 

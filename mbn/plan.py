@@ -28,6 +28,7 @@ from mbn.domain import Domain
 from mbn.errors import first_line
 from mbn.models import build_network, cifar_depth, cifar_resnet_layers
 from mbn.objective import CLASSES, Objective
+from mbn.trackers import check_trackers
 from mbn.train.checkpoints import CheckpointError, read_checkpoint, resolve_checkpoint
 from mbn.train.runtime import ONE_VALUE_PER_CHANNEL, size_text
 from mbn.validators import is_int
@@ -59,6 +60,7 @@ def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
     Raises:
         RecipeError: the first problem found, naming its key.
     """
+    check_trackers(cfg.logging)  # a tracker asked for but not installed: refused before anything is read or written
     specs = domain_specs(cfg)
     domains = build_domains(specs)
     check_windows(specs)

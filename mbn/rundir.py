@@ -21,7 +21,7 @@ from mbn.fileio import remove_stale_temps
 
 LOCK_FILE = ".lock"
 #: What a run writes; any of them in a directory means it holds (part of) a run.
-RUN_FILES = ("config.yaml", "checkpoints", "metrics.json", "tb", "scalars.csv")
+RUN_FILES = ("config.yaml", "checkpoints", "metrics.json", "tb", "scalars.csv", "trackers.json", "wandb")
 
 
 class RunDirError(ValueError):
@@ -177,7 +177,8 @@ def check_new_run_dir(run_dir: str | Path) -> None:
 
 #: Files whose interrupted atomic writes leave ``.<name>.<random>.tmp`` behind.
 WRITTEN_FILES = {
-    ".": ("config.yaml", "metrics.json", "eval.json", "eval.md", "scalars.csv"),  # scalars.csv: its resume rewrite
+    # scalars.csv: its resume rewrite
+    ".": ("config.yaml", "metrics.json", "eval.json", "eval.md", "scalars.csv", "trackers.json"),
     "checkpoints": ("last.pt", "best.pt"),
 }
 

@@ -1,67 +1,114 @@
-"""TensorBoard output of a training run, laid out so the curves that matter come first; and ``scalars.csv``.
+"""TensorBoard output of a training run: one sub-run per domain and per BN, so per-domain curves share a chart.
 
-Scalars (also appended to ``scalars.csv`` by a :class:`~mbn.csvlog.CsvScalarLog` given as ``csv``):
+TensorBoard draws one line per *run* on a chart of one *tag*, in the run's colour, with the run's name in the
+legend. So every per-domain quantity is written under the same tag by one writer per domain, and every per-BN
+quantity by one writer per BN source::
 
-- ``loss/<domain>``, ``loss/total``, ``acc/<domain>``, ``acc_test/<bn>`` and ``acc_test_ema/<bn>``, ``lr``,
-  ``throughput/images_per_s`` and ``throughput/<domain>``: whatever the engine passes to :meth:`scalars`.
-- ``x_diagnostics/bn_divergence_log10/<source>``: one per auxiliary BN source, the log10 of the symmetric KL
-  between its running statistics and the main BN's, averaged over layers (:mod:`mbn.eval.divergence`). The
-  divergence is often 1e-5 or less, which TensorBoard prints as 0; its log10 (-5.3) reads and plots well, and
-  ``10 ** value`` recovers it. A divergence of 0 is floored at ``1e-12`` (log10 -12).
+    RUN_DIR/tb/                 loss/total, lr, throughput/total, the recipe (text and HParams), the chart layout
+    RUN_DIR/tb/domain=clean/    loss/per_domain, train_acc/per_domain, throughput/per_domain, x_samples/*
+    RUN_DIR/tb/domain=adv/      (the same tags)
+    RUN_DIR/tb/bn=clean/        test_acc/per_bn, test_acc/per_bn_ema, x_diagnostics/* (auxiliary BNs)
+    RUN_DIR/tb/bn=adv/
 
-Order. TensorBoard's default (Time Series) view sorts tag groups, the part before the first ``/``,
-alphabetically: ``acc`` (training), ``acc_test``, ``acc_test_ema``, ``loss``, ``lr``, ``samples``,
-``samples_perturbation``, ``throughput``. The diagnostics group is named ``x_diagnostics`` so that it sorts
-after all of them: ``x`` comes after ``t``, and a word reads as what it is, where a ``_`` prefix would sort
-first and a symbol such as ``~`` is awkward to read and to type in the tag filter. Test accuracies have groups
-of their own, so no domain or BN name can make two curves share a tag. :meth:`TensorBoardLogger.layout` also
-writes a Custom Scalars layout (the CUSTOM SCALARS tab) in reading order: losses (every domain's and the total on
-one chart), accuracies (train per domain; test per BN with its EMA), learning rate and throughput, BN divergence.
+One chart, ``loss/per_domain``, then shows every domain's loss in its own colour with a legend
+(``tb/domain=clean``, ``tb/domain=adv``), and the weighted total sits on a chart of its own, where its larger
+scale squashes nothing. ``tensorboard --logdir runs`` over several runs overlays the same charts across runs.
 
-Images: ``samples/<domain>`` and ``samples_perturbation/<domain>`` (groups named to sort after ``acc``, ``loss``
-and ``lr``), the latter the change a domain made to its input, amplified by
-``logging.perturbation_gain`` around mid-grey so adversarial noise is visible, written only when there is a
-change (never for the clean domain, whose output is its input); ``x_diagnostics/bn_divergence_per_layer/<source>``,
-a bar plot of the per-layer divergence (log scale when it spans orders of magnitude) instead of one card per layer.
+Order. TensorBoard's default (Time Series) view and its Scalars tab sort tag groups (the part before the first
+``/``) alphabetically; the groups are named to read in this order: ``loss``, ``lr``, ``test_acc``, ``throughput``,
+``train_acc``, then ``x_diagnostics`` (BN divergence: ``bn_divergence_log10``, the log10 of the symmetric KL
+between an auxiliary BN's running statistics and the main BN's, averaged over layers; and
+``bn_divergence_per_layer``, a bar plot) and ``x_samples`` (``images``: a grid of the domain's batch;
+``perturbation``: the change the domain made to its input, amplified around mid-grey, written only where there
+is one). :meth:`TensorBoardLogger.start` also writes a Custom Scalars layout (the CUSTOM SCALARS tab) in reading
+order: losses, accuracies, learning rate and throughput, BN divergence.
 
-Text: ``recipe/text_summary`` (torch adds ``/text_summary``), the resolved recipe as a YAML code block
-(:meth:`TensorBoardLogger.recipe`).
+HParams. The recipe (as written: interpolations stay text) is flattened to ``section.key`` hyper-parameters in the
+root run's session, so TensorBoard's HParams tab lists every run of a ``--logdir`` with its recipe, and the last
+value of every curve (test accuracy per BN, final losses) as metrics; a finished run's session is marked done.
+
+``scalars.csv`` keeps the canonical tags (``loss/<domain>``, ...; :mod:`mbn.logger`), one column per quantity and
+domain; this module maps each canonical tag to its sub-run and tag (:func:`tensorboard_place`).
 """
 
 from __future__ import annotations
 
-import math
+import json
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from torch import Tensor, nn
-from torchvision.utils import make_grid
+from torch import Tensor
 
 from mbn.errors import first_line
-from mbn.eval.divergence import bn_divergence
+from mbn.logger import DIAGNOSTICS, RunLogger
 
-if TYPE_CHECKING:
-    from mbn.csvlog import CsvScalarLog
-
-#: Tag group of the diagnostics, named to sort after every training curve (see the module docstring).
-DIAGNOSTICS = "x_diagnostics"
-#: Smallest divergence whose log10 is logged (a divergence of exactly 0 logs -12, not -inf).
-DIVERGENCE_FLOOR = 1e-12
+#: The root run's name (the run's ``tb/`` directory itself).
+ROOT = ""
 
 
-def divergence_tag(source: str) -> str:
-    """Scalar tag of an auxiliary source's mean BN divergence (log10)."""
-    return f"{DIAGNOSTICS}/bn_divergence_log10/{source}"
+def domain_run(domain: str) -> str:
+    """The sub-run (a directory under ``tb/``) of a domain's curves."""
+    return f"domain={_dir_name(domain)}"
 
 
-def divergence_image_tag(source: str) -> str:
-    """Image tag of an auxiliary source's per-layer BN divergence plot."""
-    return f"{DIAGNOSTICS}/bn_divergence_per_layer/{source}"
+def bn_run(source: str) -> str:
+    """The sub-run of a BN source's curves (test accuracy, divergence)."""
+    return f"bn={_dir_name(source)}"
+
+
+def _dir_name(name: str) -> str:
+    return re.sub(r"[/\\\x00]", "_", name)
+
+
+#: Canonical tag prefix -> (sub-run maker, TensorBoard tag); the part after the prefix names the domain or BN.
+_PER_NAME: tuple[tuple[str, Callable[[str], str], str], ...] = (
+    ("loss/", domain_run, "loss/per_domain"),
+    ("acc/", domain_run, "train_acc/per_domain"),
+    ("throughput/", domain_run, "throughput/per_domain"),
+    ("acc_test/", bn_run, "test_acc/per_bn"),
+    ("acc_test_ema/", bn_run, "test_acc/per_bn_ema"),
+    (f"{DIAGNOSTICS}/bn_divergence_log10/", bn_run, f"{DIAGNOSTICS}/bn_divergence_log10"),
+    (f"{DIAGNOSTICS}/bn_divergence_per_layer/", bn_run, f"{DIAGNOSTICS}/bn_divergence_per_layer"),
+    ("samples/", domain_run, "x_samples/images"),
+    ("samples_perturbation/", domain_run, "x_samples/perturbation"),
+)
+#: Canonical tags of the root run that are renamed there.
+_ROOT_TAGS = {"loss/total": "loss/total", "throughput/images_per_s": "throughput/total"}
+
+
+def tensorboard_place(tag: str) -> tuple[str, str]:
+    """Where a canonical tag goes in TensorBoard: ``(sub-run, tag)``.
+
+    ``loss/adv`` -> ``("domain=adv", "loss/per_domain")``; tags of the whole run (``loss/total``, ``lr``, ...) stay
+    in the root run ``""``.
+    """
+    if tag in _ROOT_TAGS:
+        return ROOT, _ROOT_TAGS[tag]
+    for prefix, run, tb_tag in _PER_NAME:
+        if tag.startswith(prefix) and len(tag) > len(prefix):
+            return run(tag[len(prefix) :]), tb_tag
+    return ROOT, tag
+
+
+def canonical_tag(run: str, tag: str) -> str:
+    """The canonical tag of TensorBoard's ``(sub-run, tag)``: the inverse of :func:`tensorboard_place`."""
+    if not run:
+        return next((canonical for canonical, tb_tag in _ROOT_TAGS.items() if tb_tag == tag), tag)
+    name = run.split("=", 1)[1]
+    prefix = next(prefix for prefix, _, tb_tag in _PER_NAME if tb_tag == tag and run.startswith(prefix_of(tb_tag)))
+    return prefix + name
+
+
+def prefix_of(tb_tag: str) -> str:
+    """``domain=`` or ``bn=``: the sub-runs that hold ``tb_tag``."""
+    maker = next(maker for _, maker, tag in _PER_NAME if tag == tb_tag)
+    return maker("")
 
 
 _previous_excepthook: Callable[[threading.ExceptHookArgs], object] | None = None
@@ -85,8 +132,8 @@ def _install_thread_hook() -> None:
         threading.excepthook = _quiet_writer_thread
 
 
-class TensorBoardLogger:
-    """Thin wrapper over ``SummaryWriter``; a disabled logger does nothing (but still feeds ``csv``).
+class TensorBoardLogger(RunLogger):
+    """One ``SummaryWriter`` per sub-run, each made on its first write; a disabled logger does nothing.
 
     TensorBoard is a view of the run, not part of it: when an event file cannot be written (a full disk), the
     logger prints one line and stops logging, and training goes on to its checkpoints.
@@ -94,53 +141,44 @@ class TensorBoardLogger:
     Args:
         log_dir: The event files' directory (``RUN_DIR/tb``), created with the first event written.
         enabled: False: write no event file (``logging.tensorboard=false``, the other ranks).
-        perturbation_gain: Amplification of the ``samples_perturbation/<domain>`` images around mid-grey.
-        csv: Where every scalar also goes, TensorBoard enabled or not; the logger closes it.
     """
 
-    def __init__(
-        self,
-        log_dir: Path,
-        enabled: bool = True,
-        perturbation_gain: float = 10.0,
-        csv: CsvScalarLog | None = None,
-    ) -> None:
-        self._writer: Any = None  # the SummaryWriter, made on the first write (see :attr:`writer`)
+    name = "TensorBoard"
+    wants_images = True
+
+    def __init__(self, log_dir: Path, enabled: bool = True) -> None:
+        self._writers: dict[str, Any] = {}  # sub-run -> SummaryWriter, each made on its first write
         self._on = enabled  # False: disabled, or stopped by a write error
         self._purge_step: int | None = None  # a resumed run's first step logged again (see resume_at)
-        self.gain = perturbation_gain
         self.log_dir = log_dir
-        self.csv = csv
         if enabled:
             _install_thread_hook()
 
-    @property
-    def writer(self) -> Any:
-        """The ``SummaryWriter``, created (with ``log_dir``) on first use; None when disabled or stopped.
+    def writer(self, run: str = ROOT) -> Any:
+        """The ``SummaryWriter`` of sub-run ``run`` (``""``: the root), created on first use; None when off.
 
         Nothing is created when the logger is built: a run that fails before it logs anything (a recipe or data
         error found after the hooks were built, a full disk at ``config.yaml``) leaves no ``tb/``, which would
         make :func:`mbn.rundir.check_new_run_dir` refuse the corrected command in the same directory.
         """
-        if self._writer is None and self._on:
+        if run not in self._writers and self._on:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard; keep it off the import path
 
             with self._guard():
-                self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
-        return self._writer
+                path = self.log_dir / run if run else self.log_dir
+                self._writers[run] = SummaryWriter(str(path), purge_step=self._purge_step)
+        return self._writers.get(run)
 
     def resume_at(self, step: int) -> None:
-        """A run resumed from a checkpoint at ``step``: drop what was logged after it, in TensorBoard and the CSV.
+        """A run resumed from a checkpoint at ``step``: hide what was logged after it.
 
         The steps after the checkpoint are trained and logged again (bit-identically); TensorBoard's ``purge_step``
-        hides the old events from ``step + 1`` on, and the CSV is cut back, so both hold each step once.
+        hides the old events from ``step + 1`` on, in every sub-run, so each step is shown once.
         """
-        if self.csv is not None:
-            self.csv.truncate_after(step)
         if self._on and step > 0:
-            self._purge_step = step + 1  # the writer made on the next write purges from there
-            if self._writer is not None:
-                writer, self._writer = self._writer, None
+            self._purge_step = step + 1  # the writers made on the next writes purge from there
+            writers, self._writers = self._writers, {}
+            for writer in writers.values():
                 with self._guard():
                     writer.close()
 
@@ -149,189 +187,171 @@ class TensorBoardLogger:
         try:
             yield
         except Exception as err:
-            writer, self._writer, self._on = self._writer, None, False
+            writers, self._writers, self._on = self._writers, {}, False
             print(f"mbn: TensorBoard logging stopped: cannot write {self.log_dir} ({first_line(err)})", file=sys.stderr)
-            if writer is not None:
+            for writer in writers.values():
                 with suppress(Exception):
                     writer.close()
 
-    @property
-    def _csv_on(self) -> bool:
-        return self.csv is not None and self.csv.enabled
-
-    def layout(self, domains: Sequence[str], sources: Sequence[str], divergence: bool = True) -> None:
+    def start(self, domains: Sequence[str], sources: Sequence[str], divergence: bool = True) -> None:
         """Write the Custom Scalars layout: losses, accuracies, learning rate and throughput, BN divergence.
 
-        Call once when training starts (again on resume: the same layout). Every chart holds at least one tag
-        that every run logs, so no chart stays empty (the EMA and other-BN test curves join when logged).
+        Called when every session starts (a resume writes the same layout). Each chart selects its tag in every
+        sub-run, so it holds one line per domain (or BN); the EMA and other-BN test curves join when logged.
 
         Args:
-            domains: The domains whose ``loss/<domain>``, ``acc/<domain>`` and ``throughput/<domain>`` are logged.
+            domains: The run's domains (their sub-runs carry the per-domain tags).
             sources: The BN sources, the main one first; the others are the auxiliary sources of the divergence.
-            divergence: Whether :meth:`divergence` will log anything (``logging.divergence_every > 0``, separate
-                running statistics); False leaves the BN divergence category out rather than empty.
+            divergence: Whether BN divergence is logged (``logging.divergence_every > 0``, separate running
+                statistics); False leaves the BN divergence category out rather than empty.
         """
-        writer = self.writer
+        writer = self.writer()
         if writer is None:
             return
         layout: dict[str, dict[str, list[Any]]] = {
-            "losses": {"loss (every domain and total)": _chart([f"loss/{d}" for d in domains] + ["loss/total"])},
+            "losses": {
+                "loss per domain": _chart("loss/per_domain"),
+                "total loss (weighted sum over domains)": _chart("loss/total"),
+            },
             "accuracies": {
-                "train accuracy per domain": _chart([f"acc/{d}" for d in domains]),
-                "test accuracy per BN (and its EMA weights)": _chart(
-                    [tag for bn in sources for tag in (f"acc_test/{bn}", f"acc_test_ema/{bn}")]
-                ),
+                "train accuracy per domain": _chart("train_acc/per_domain"),
+                "test accuracy per BN": _chart("test_acc/per_bn"),
+                "test accuracy per BN, EMA weights": _chart("test_acc/per_bn_ema"),
             },
             "learning rate and throughput": {
-                "learning rate": _chart(["lr"]),
-                "images per second (all domains)": _chart(["throughput/images_per_s"]),
-                "images per second per domain": _chart([f"throughput/{d}" for d in domains]),
+                "learning rate": _chart("lr"),
+                "images per second (all domains)": _chart("throughput/total"),
+                "images per second per domain": _chart("throughput/per_domain"),
             },
         }
         if divergence and len(sources) > 1:
             layout["BN divergence"] = {
-                "log10 symmetric KL to the main BN (mean over layers)": _chart([divergence_tag(s) for s in sources[1:]])
+                "log10 symmetric KL to the main BN (mean over layers)": _chart(f"{DIAGNOSTICS}/bn_divergence_log10")
             }
         with self._guard():
             writer.add_custom_scalars(layout)
 
-    def recipe(self, yaml_text: str, step: int = 0) -> None:
-        """The resolved recipe as text (tag ``recipe/text_summary``), a YAML code block; once, at step 0."""
-        writer = self.writer
+    def recipe(self, recipe: Mapping[str, Any], text: str) -> None:
+        """The recipe as a YAML code block (tag ``recipe/text_summary``) and as HParams; once, at step 0."""
+        writer = self.writer()
         if writer is None:
             return
-        longest = max((len(m) for m in re.findall(r"`+", yaml_text)), default=0)
+        longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
         fence = "`" * max(3, longest + 1)  # a fence longer than any backtick run inside
         with self._guard():
-            writer.add_text("recipe", f"{fence}yaml\n{yaml_text.rstrip()}\n{fence}", step)
+            writer.add_text("recipe", f"{fence}yaml\n{text.rstrip()}\n{fence}", 0)
+            writer.file_writer.add_summary(_session_start(hparams_of(recipe)))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Write ``{tag: value}`` at ``step`` to TensorBoard and to ``csv``."""
-        if self.csv is not None:
-            self.csv.scalars(values, step)
-        writer = self.writer
-        if writer is not None:
+        """Write each canonical ``{tag: value}`` at ``step`` in its sub-run (:func:`tensorboard_place`)."""
+        if not self._on:
+            return
+        for tag, value in values.items():
+            run, tb_tag = tensorboard_place(tag)
+            writer = self.writer(run)
+            if writer is None:
+                return
             with self._guard():
-                for tag, value in values.items():
-                    writer.add_scalar(tag, value, step)
+                writer.add_scalar(tb_tag, value, step)
 
-    def images(self, domain: str, images: Tensor, source: Tensor | None, step: int, n: int = 16) -> None:
-        """Grid of a domain's images, and of its perturbation when it changed another batch.
+    def images(self, images: Mapping[str, Tensor], step: int) -> None:
+        """Write each canonical ``{tag: (3, H, W) image}`` at ``step`` in its sub-run."""
+        if not self._on:
+            return
+        for tag, image in images.items():
+            run, tb_tag = tensorboard_place(tag)
+            writer = self.writer(run)
+            if writer is None:
+                return
+            with self._guard():
+                writer.add_image(tb_tag, image, step)
 
-        No perturbation image is written when ``images`` is ``source`` (or the same memory), or equals it: a
-        uniform grey card says nothing.
-        """
-        writer = self.writer
+    def final(self, metrics: Mapping[str, Any]) -> None:
+        """Mark the run's HParams session as finished."""
+        writer = self.writer()
         if writer is None:
             return
-        shown = images[:n].detach().float().clamp(0, 1).cpu()
         with self._guard():
-            writer.add_image(f"samples/{domain}", make_grid(shown, nrow=8), step)
-            if source is None or source.shape != images.shape or _same_tensor(images, source):
-                return
-            delta = (images[:n].detach().float() - source[:n].detach().float()).cpu()
-            if not bool(delta.any()):
-                return
-            grid = make_grid((0.5 + self.gain * delta).clamp(0, 1))
-            writer.add_image(f"samples_perturbation/{domain}", grid, step)
-
-    def divergence(self, model: nn.Module, step: int) -> None:
-        """Each auxiliary source's BN divergence: one log10 scalar (mean over layers) and a per-layer plot."""
-        if not self._on and not self._csv_on:
-            return
-        for source, layers in bn_divergence(model).items():
-            if not layers:
-                continue
-            mean = sum(layers.values()) / len(layers)
-            self.scalars({divergence_tag(source): _log10(mean)}, step)
-            writer = self.writer
-            if writer is not None:
-                image = _divergence_plot(source, layers, step)
-                with self._guard():
-                    writer.add_image(divergence_image_tag(source), image, step, dataformats="HWC")
+            writer.file_writer.add_summary(_session_end())
 
     def flush(self) -> None:
-        """Flush pending events (and the CSV) to disk."""
-        if self.csv is not None:
-            self.csv.flush()
-        if self._writer is not None:  # nothing written yet: nothing to flush (and no tb/ made for it)
+        """Flush pending events to disk."""
+        for writer in list(self._writers.values()):  # nothing written yet: nothing to flush (and no tb/ made)
             with self._guard():
-                self._writer.flush()
+                writer.flush()
 
     def close(self) -> None:
-        """Flush and close the event file and the CSV."""
-        if self.csv is not None:
-            self.csv.close()
-        writer, self._writer, self._on = self._writer, None, False
-        if writer is not None:
+        """Flush and close every event file."""
+        writers, self._writers, self._on = self._writers, {}, False
+        for writer in writers.values():
             with self._guard():
                 writer.close()
 
 
-def _chart(tags: Sequence[str]) -> list[Any]:
-    """A multiline chart of exactly ``tags`` (Custom Scalars reads each entry as a regular expression)."""
-    return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+def _chart(tag: str) -> list[Any]:
+    """A multiline chart of ``tag`` in every sub-run (Custom Scalars reads the entry as a regular expression)."""
+    return ["Multiline", [f"^{re.escape(tag)}$"]]
 
 
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    """``a`` and ``b`` are the same tensor or views of the same memory with the same layout (no data read)."""
-    if a is b:
-        return True
-    return (
-        a.device == b.device
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.data_ptr() == b.data_ptr()
-    )
+#: Longest text value of a hyper-parameter (a long list is cut, with an ellipsis).
+_HPARAM_TEXT = 200
 
 
-def _log10(value: float) -> float:
-    """log10 of a divergence, floored at :data:`DIVERGENCE_FLOOR`; NaN and inf pass through."""
-    if math.isnan(value):
-        return value
-    return math.log10(max(value, DIVERGENCE_FLOOR))
+def hparams_of(recipe: Mapping[str, Any]) -> dict[str, bool | float | str]:
+    """The recipe's leaves as ``{"section.key": value}``: numbers, booleans and text; lists as JSON, None as text.
+
+    Domains are keyed by name (``domains.adv.eps``); a key holding dots stays one name after its section.
+    """
+    out: dict[str, bool | float | str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, bool):
+            out[prefix] = node
+        elif isinstance(node, (int, float)):
+            out[prefix] = float(node)
+        elif isinstance(node, str):
+            out[prefix] = node[:_HPARAM_TEXT]
+        else:
+            text = json.dumps(node, default=str)
+            out[prefix] = text if len(text) <= _HPARAM_TEXT else text[: _HPARAM_TEXT - 1] + "…"
+
+    walk(recipe, "")
+    return out
 
 
-#: Most layer names written under the bars; deeper models get every k-th name.
-_MAX_LABELS = 40
+def _hparams_summary(tag: str, **info: Any) -> Any:
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **info)
+    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+    return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
 
 
-def _divergence_plot(source: str, layers: Mapping[str, float], step: int) -> Any:
-    """An RGB (H, W, 3) uint8 bar plot of the per-layer divergence, drawn with Agg (no pyplot, no global state)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _session_start(hparams: Mapping[str, bool | float | str]) -> Any:
+    """The HParams session start: the run's hyper-parameters.
 
-    names, values = _short_names(list(layers)), [float(v) for v in layers.values()]
-    n = len(names)
-    finite = [v for v in values if math.isfinite(v)]
-    positive = [v for v in finite if v > 0]
-    log = bool(positive) and len(positive) == len(finite) and max(positive) / min(positive) >= 100
-    fig = Figure(figsize=(min(16.0, max(7.0, 0.2 * n + 2.5)), 5.0), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.bar(range(n), [v if math.isfinite(v) else math.nan for v in values], color="tab:blue", width=0.8)
-    if log:
-        ax.set_yscale("log")
-    every = max(1, math.ceil(n / _MAX_LABELS))
-    ticks = list(range(0, n, every))
-    ax.set_xticks(ticks, [f"{i}: {names[i]}" if every > 1 else names[i] for i in ticks], rotation=90, fontsize=7)
-    ax.set_xlim(-0.6, n - 0.4)
-    mean = sum(finite) / len(finite) if finite else math.nan
-    ax.set_xlabel("layer, in model order" + (f" (one in {every} named)" if every > 1 else ""))
-    ax.set_ylabel("symmetric KL to the main BN" + (" (log scale)" if log else ""))
-    ax.set_title(f"BN divergence of '{source}' per layer, step {step}\nmean over {n} layers: {mean:.3g}", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    No experiment summary is written, so that TensorBoard builds the HParams table from every run's own session
+    and runs of different recipes are listed side by side.
+    """
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            info.hparams[key].bool_value = value
+        elif isinstance(value, float):
+            info.hparams[key].number_value = value
+        else:
+            info.hparams[key].string_value = value
+    return _hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=info)
 
 
-def _short_names(names: list[str]) -> list[str]:
-    """Layer names without the dotted prefix they all share (``net.``)."""
-    parts = [name.split(".") for name in names]
-    shared = 0
-    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
-        shared += 1
-    return [".".join(p[shared:]) for p in parts]
+def _session_end() -> Any:
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    info = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+    return _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=info)

@@ -46,3 +46,36 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in err
     return err
+
+
+def tensorboard_runs(tb: Path) -> dict[str, object]:
+    """Every sub-run under a run's ``tb/`` (``""``: the root) as a loaded ``EventAccumulator``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for path in [tb, *sorted(p for p in tb.iterdir() if p.is_dir())]:
+        if not list(path.glob("events.out.tfevents*")):
+            continue
+        acc = EventAccumulator(str(path), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+        acc.Reload()
+        runs["" if path == tb else path.name] = acc
+    return runs
+
+
+def tensorboard_scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard holds for a run, under its canonical tag (``loss/adv``), as ``(step, value)``."""
+    from mbn.tblog import canonical_tag
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for run, acc in tensorboard_runs(tb).items():
+        for tag in acc.Tags()["scalars"]:  # type: ignore[attr-defined]
+            events = acc.Scalars(tag)  # type: ignore[attr-defined]
+            out[canonical_tag(run, tag)] = [(e.step, e.value) for e in events]
+    return out
+
+
+def tensorboard_images(tb: Path) -> set[str]:
+    """The canonical tags of every image TensorBoard holds for a run (``samples/adv``)."""
+    from mbn.tblog import canonical_tag
+
+    return {canonical_tag(run, tag) for run, acc in tensorboard_runs(tb).items() for tag in acc.Tags()["images"]}  # type: ignore[attr-defined]

@@ -110,11 +110,9 @@ def test_shipped_recipe_trains_with_soft_targets(tmp_path):
         loss = metrics["train"][domain]["loss"]
         assert loss is not None and loss == loss and 0 < loss < 10
     assert metrics["images_seen"]["mixup"] == metrics["images_seen"]["cutmix"] == 4 * 8  # halves of 16
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tests.runs import tensorboard_images
 
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    perturbations = {t for t in events.Tags()["images"] if t.startswith("samples_perturbation/")}
+    perturbations = {t for t in tensorboard_images(run / "tb") if t.startswith("samples_perturbation/")}
     assert perturbations == {"samples_perturbation/mixup", "samples_perturbation/cutmix"}  # each against its half
 
 

@@ -3,7 +3,8 @@
 A merge error in a ``base:`` chain names the key and the file that set it; a file that is not a recipe (a password
 file, a binary, a list, a huge line) is named with the key that pointed at it, never quoted; long keys are cut.
 ``trainer.device`` takes only what this build of torch offers. And a run that fails before it logged anything
-leaves no ``tb/`` behind, so the corrected command can use the same directory.
+leaves no ``tb/`` behind, so the corrected command can use the same directory; one refused before training starts
+leaves no directory it created (an automatic ``runs/NAME-TIME/``, a new ``trainer.out_dir``) at all.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from mbn.builders import available_devices, resolve_device
 from mbn.cli.train import main as train_main
 from mbn.config import MESSAGE_CHARS, RecipeError
 from mbn.fileio import WriteError
+from mbn.rundir import NewRunDir, RunLock
 from mbn.tblog import TensorBoardLogger
-from tests.runs import REPO, train
+from tests.runs import REPO, TINY, train
 
 VANILLA = REPO / "recipes" / "vanilla.yaml"
 #: What a file that is not a recipe holds; a message must never show it.
@@ -243,7 +245,7 @@ def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path):
     """The writer made on the first write after a resume hides the events logged after the checkpoint."""
     import shutil
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tests.runs import tensorboard_scalars
 
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.pt"
@@ -252,6 +254,60 @@ def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path):
     assert train_main(["--resume", str(run), "trainer.max_steps=3"]) == 0  # logs step 3, then "crashes" back to 2
     shutil.copy(tmp_path / "step2.pt", last)
     assert train_main(["--resume", str(run), "trainer.max_steps=5"]) == 0
-    acc = EventAccumulator(str(run / "tb"))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("loss/clean")] == [1, 2, 3, 4, 5]
+    assert [step for step, _ in tensorboard_scalars(run / "tb")["loss/clean"]] == [1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------ no run directory before training starts
+#: Recipes refused before training starts: (override, what the one line names).
+REFUSED = {
+    "unknown-domain": ("domains.x.type=nosuch", "key 'domains.x.type': unknown domain type 'nosuch'"),  # recipe check
+    "accumulation": ("optim.grad_accum_steps=8", "key 'optim.grad_accum_steps': 8 batches"),  # after the lock is taken
+}
+
+
+@pytest.mark.parametrize(("override", "named"), REFUSED.values(), ids=REFUSED)
+def test_a_refused_run_leaves_no_out_dir_it_created(override, named, tmp_path, capsys):
+    assert train(VANILLA, tmp_path / "new" / "run", override) == 2
+    assert named in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []  # neither run/ nor the parent made for it
+
+
+@pytest.mark.parametrize(("override", "named"), REFUSED.values(), ids=REFUSED)
+def test_a_refused_run_leaves_no_automatic_run_directory(override, named, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train_main([str(VANILLA), *TINY, override]) == 2
+    assert named in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []  # no runs/vanilla-<time>/, no runs/
+    (tmp_path / "runs").mkdir()
+    assert train_main([str(VANILLA), *TINY, override]) == 2
+    capsys.readouterr()
+    assert list(tmp_path.iterdir()) == [tmp_path / "runs"] and list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.mark.parametrize(("override", "named"), REFUSED.values(), ids=REFUSED)
+def test_a_refused_run_keeps_an_existing_out_dir_as_it_was(override, named, tmp_path, capsys):
+    empty, used = tmp_path / "empty", tmp_path / "used"
+    empty.mkdir()
+    used.mkdir()
+    (used / ".lock").write_text("pid 1 on elsewhere\n")  # an earlier run's lock file, and a file of the user's
+    (used / "notes.txt").write_text("mine\n")
+    for out in (empty, used):
+        assert train(VANILLA, out, override) == 2
+        assert named in one_line_error(capsys)
+    assert list(empty.iterdir()) == []  # kept, and empty again: its lock file went with the refused run
+    assert sorted(p.name for p in used.iterdir()) == [".lock", "notes.txt"]
+
+
+def test_another_processs_lock_file_is_never_removed(tmp_path):
+    run = tmp_path / "new" / "run"
+    new = NewRunDir()
+    new.before_creating(run)
+    new.lock_in(run)
+    with RunLock(run):  # held by another trainer: this process's registry refuses a second holder, as would fcntl
+        new.undo()
+    assert (run / ".lock").is_file()  # the lock file, and so its directories, stay
+    new = NewRunDir()
+    new.before_creating(tmp_path / "new" / "other")
+    (tmp_path / "new" / "other").mkdir()
+    new.undo()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["run"]  # only the empty one it made is removed

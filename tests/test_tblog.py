@@ -1,4 +1,4 @@
-"""TensorBoard layout (order, divergence summary and plot, recipe text, no empty cards) and ``scalars.csv``."""
+"""TensorBoard layout (sub-runs per domain and BN, order, divergence, recipe and HParams) and ``scalars.csv``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from torch import nn
 from mbn.convert import convert_model
 from mbn.csvlog import CsvScalarLog, read_scalars
 from mbn.eval.divergence import bn_divergence
-from mbn.tblog import DIAGNOSTICS, TensorBoardLogger, divergence_image_tag, divergence_tag
+from mbn.logger import DIAGNOSTICS, RunLogger, RunLoggers, divergence_image_tag, divergence_tag
+from mbn.tblog import TensorBoardLogger, canonical_tag, hparams_of, tensorboard_place
+from tests.runs import tensorboard_images, tensorboard_runs, tensorboard_scalars
 
 
 def _events(log_dir: Path):
@@ -43,36 +45,74 @@ def _model(sources: tuple[str, ...] = ("clean", "adv", "aug")) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------- layout
+WINDOW = {  # one logging window of a 2-domain run, as the hooks pass it
+    "loss/clean": 2.1,
+    "loss/adv": 2.4,
+    "acc/clean": 0.25,
+    "acc/adv": 0.125,
+    "loss/total": 4.5,
+    "lr": 0.1,
+    "throughput/images_per_s": 100.0,
+    "throughput/clean": 50.0,
+    "throughput/adv": 50.0,
+}
 
 
-def test_layout_lists_losses_first_and_divergence_last(tmp_path):
+# ----------------------------------------------------------------------------------------------- sub-runs
+
+
+def test_per_domain_curves_share_one_tag_in_one_sub_run_per_domain(tmp_path):
+    """One chart per quantity, one line (sub-run) per domain or BN: TensorBoard colours them and names them."""
     logger = TensorBoardLogger(tmp_path / "tb")
-    logger.layout(["clean", "autoaug", "adv"], ["clean", "autoaug", "adv"])
+    logger.scalars(WINDOW, 1)
+    logger.scalars({"acc_test/clean": 0.5, "acc_test/adv": 0.4, "acc_test_ema/clean": 0.55}, 1)
+    logger.close()
+    runs = {run: set(acc.Tags()["scalars"]) for run, acc in tensorboard_runs(tmp_path / "tb").items()}
+    assert runs == {
+        "": {"loss/total", "lr", "throughput/total"},
+        "domain=clean": {"loss/per_domain", "train_acc/per_domain", "throughput/per_domain"},
+        "domain=adv": {"loss/per_domain", "train_acc/per_domain", "throughput/per_domain"},
+        "bn=clean": {"test_acc/per_bn", "test_acc/per_bn_ema"},
+        "bn=adv": {"test_acc/per_bn"},
+    }
+    scalars = tensorboard_scalars(tmp_path / "tb")  # read back under the canonical tags: the same values
+    expected = WINDOW | {"acc_test/clean": 0.5, "acc_test/adv": 0.4, "acc_test_ema/clean": 0.55}
+    assert scalars == {tag: [(1, pytest.approx(value))] for tag, value in expected.items()}
+
+
+def test_tag_groups_sort_losses_first_and_diagnostics_last():
+    """TensorBoard sorts tag groups alphabetically: losses lead, then lr, accuracies, throughput; extras last."""
+    canonical = [*WINDOW, "acc_test/clean", "acc_test_ema/clean", divergence_tag("adv")]
+    images = ["samples/adv", "samples_perturbation/adv", divergence_image_tag("adv")]
+    groups = sorted({tensorboard_place(tag)[1].split("/")[0] for tag in canonical + images})
+    assert groups == ["loss", "lr", "test_acc", "throughput", "train_acc", DIAGNOSTICS, "x_samples"]
+    for tag in canonical + images:
+        assert canonical_tag(*tensorboard_place(tag)) == tag
+
+
+def test_layout_lists_losses_first_total_apart_and_divergence_last(tmp_path):
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.start(["clean", "autoaug", "adv"], ["clean", "autoaug", "adv"], True)
     logger.close()
     layout = _layout(_events(tmp_path / "tb"))
     titles = [title for title, _ in layout]
     assert titles == ["losses", "accuracies", "learning rate and throughput", "BN divergence"]
-    (loss_chart,) = layout[0][1]
-    assert loss_chart[1] == ["^loss/clean$", "^loss/autoaug$", "^loss/adv$", "^loss/total$"]
-    test_chart = dict(layout[1][1])["test accuracy per BN (and its EMA weights)"]
-    assert "^acc_test/clean$" in test_chart and "^acc_test_ema/clean$" in test_chart
-    assert dict(layout[3][1])["log10 symmetric KL to the main BN (mean over layers)"] == [
-        f"^{divergence_tag('autoaug')}$",
-        f"^{divergence_tag('adv')}$",
+    assert layout[0][1] == [
+        ("loss per domain", ["^loss/per_domain$"]),  # every domain's sub-run: one line each
+        ("total loss (weighted sum over domains)", ["^loss/total$"]),  # on its own axes
     ]
+    assert dict(layout[1][1])["test accuracy per BN"] == ["^test_acc/per_bn$"]
+    assert dict(layout[3][1]) == {
+        "log10 symmetric KL to the main BN (mean over layers)": [f"^{DIAGNOSTICS}/bn_divergence_log10$"]
+    }
 
 
 @pytest.mark.parametrize(("sources", "divergence"), [(["clean"], True), (["clean", "adv"], False)])
 def test_layout_has_no_divergence_chart_when_none_is_logged(tmp_path, sources, divergence):
     logger = TensorBoardLogger(tmp_path / "tb")
-    logger.layout(["clean"], sources, divergence=divergence)
+    logger.start(["clean"], sources, divergence)
     logger.close()
     assert "BN divergence" not in [title for title, _ in _layout(_events(tmp_path / "tb"))]
-
-
-def test_diagnostics_tags_share_one_group():
-    assert divergence_tag("adv").split("/", 1)[0] == divergence_image_tag("adv").split("/", 1)[0] == DIAGNOSTICS
 
 
 # ----------------------------------------------------------------------------------------------- divergence
@@ -82,18 +122,20 @@ def test_divergence_is_one_log10_scalar_and_one_plot_per_source(tmp_path):
     model = _model()
     expected = bn_divergence(model)
     assert set(expected) == {"adv", "aug"} and all(len(layers) == 2 for layers in expected.values())
-    logger = TensorBoardLogger(tmp_path / "tb", csv=CsvScalarLog(tmp_path / "scalars.csv"))
-    logger.divergence(model, 5)
-    logger.close()
-    acc = _events(tmp_path / "tb")
-    assert set(acc.Tags()["scalars"]) == {divergence_tag("adv"), divergence_tag("aug")}  # no per-layer cards
-    assert set(acc.Tags()["images"]) == {divergence_image_tag("adv"), divergence_image_tag("aug")}
+    loggers = RunLoggers([TensorBoardLogger(tmp_path / "tb"), CsvScalarLog(tmp_path / "scalars.csv")])
+    loggers.divergence(model, 5)
+    loggers.close()
+    runs = tensorboard_runs(tmp_path / "tb")
+    assert set(runs) == {"bn=adv", "bn=aug"}
     for source, layers in expected.items():
-        (event,) = acc.Scalars(divergence_tag(source))
+        acc = runs[f"bn={source}"]
+        assert acc.Tags()["scalars"] == [f"{DIAGNOSTICS}/bn_divergence_log10"]  # no per-layer cards
+        assert acc.Tags()["images"] == [f"{DIAGNOSTICS}/bn_divergence_per_layer"]
+        (event,) = acc.Scalars(f"{DIAGNOSTICS}/bn_divergence_log10")
         mean = sum(layers.values()) / len(layers)
         assert 1e-9 < mean < 1e-3  # what TensorBoard would print as 0
         assert event.step == 5 and event.value == pytest.approx(math.log10(mean), rel=1e-6)
-        (image,) = acc.Images(divergence_image_tag(source))
+        (image,) = acc.Images(f"{DIAGNOSTICS}/bn_divergence_per_layer")
         assert image.step == 5 and image.width > image.height > 100
     rows = read_scalars(tmp_path / "scalars.csv")
     assert {(step, tag) for step, tag, _ in rows} == {(5, divergence_tag("adv")), (5, divergence_tag("aug"))}
@@ -101,11 +143,12 @@ def test_divergence_is_one_log10_scalar_and_one_plot_per_source(tmp_path):
 
 def test_divergence_of_identical_statistics_is_floored_not_minus_infinity(tmp_path):
     model = convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), ("clean", "adv"))
-    logger = TensorBoardLogger(tmp_path / "tb", enabled=False, csv=CsvScalarLog(tmp_path / "scalars.csv"))
-    logger.divergence(model, 1)
-    logger.close()
+    loggers = RunLoggers([CsvScalarLog(tmp_path / "scalars.csv")])  # TensorBoard off: the CSV goes on alone
+    assert not loggers.wants_images  # no plot is drawn for nobody
+    loggers.divergence(model, 1)
+    loggers.close()
     assert read_scalars(tmp_path / "scalars.csv") == [(1, divergence_tag("adv"), -12.0)]
-    assert not (tmp_path / "tb").exists()  # TensorBoard off: the CSV goes on alone
+    assert not (tmp_path / "tb").exists()
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -114,16 +157,20 @@ def test_divergence_of_identical_statistics_is_floored_not_minus_infinity(tmp_pa
 def test_perturbation_only_where_a_domain_changed_its_input(tmp_path):
     torch.manual_seed(0)
     clean = torch.rand(4, 3, 8, 8)
-    logger = TensorBoardLogger(tmp_path / "tb")
-    logger.images("clean", clean, clean, 1)  # the clean domain hands its input on
-    logger.images("view", clean[:], clean, 1)  # the same memory
-    logger.images("copy", clean.clone(), clean, 1)  # a copy: no change either
-    logger.images("adv", (clean + 4 / 255 * torch.randn_like(clean).sign()).clamp(0, 1), clean, 1)
-    logger.images("rot", torch.rot90(clean, 1, (2, 3)), None, 1)  # no source given
-    logger.close()
-    images = set(_events(tmp_path / "tb").Tags()["images"])
+    loggers = RunLoggers([TensorBoardLogger(tmp_path / "tb")])
+    loggers.domain_images("clean", clean, clean, 1)  # the clean domain hands its input on
+    loggers.domain_images("view", clean[:], clean, 1)  # the same memory
+    loggers.domain_images("copy", clean.clone(), clean, 1)  # a copy: no change either
+    loggers.domain_images("adv", (clean + 4 / 255 * torch.randn_like(clean).sign()).clamp(0, 1), clean, 1)
+    loggers.domain_images("rot", torch.rot90(clean, 1, (2, 3)), None, 1)  # no source given
+    loggers.close()
+    images = tensorboard_images(tmp_path / "tb")
     assert {f"samples/{d}" for d in ("clean", "view", "copy", "adv", "rot")} <= images
     assert {tag for tag in images if tag.startswith("samples_perturbation/")} == {"samples_perturbation/adv"}
+    assert set(tensorboard_runs(tmp_path / "tb")["domain=adv"].Tags()["images"]) == {
+        "x_samples/images",
+        "x_samples/perturbation",
+    }
 
 
 # ----------------------------------------------------------------------------------------------- recipe
@@ -132,7 +179,7 @@ def test_perturbation_only_where_a_domain_changed_its_input(tmp_path):
 def test_recipe_is_a_yaml_code_block_at_step_0(tmp_path):
     yaml_text = "model:\n  name: cifar_resnet8\ndomains:\n  - name: clean\n    bn: clean\n"
     logger = TensorBoardLogger(tmp_path / "tb")
-    logger.recipe(yaml_text)
+    logger.recipe({"model": {"name": "cifar_resnet8"}}, yaml_text)
     logger.close()
     (event,) = _events(tmp_path / "tb").Tensors("recipe/text_summary")  # torch adds /text_summary
     text = event.tensor_proto.string_val[0].decode()
@@ -140,15 +187,71 @@ def test_recipe_is_a_yaml_code_block_at_step_0(tmp_path):
     assert text == "```yaml\n" + yaml_text.rstrip() + "\n```"
 
 
+def test_hyper_parameters_are_the_recipe_flattened(tmp_path):
+    recipe = {
+        "optim": {"name": "sgd", "lr": 0.1, "nesterov": True, "betas": [0.9, 0.999]},
+        "trainer": {"epochs": 3, "budget_of": None, "seed": "${oc.env:SEED}"},
+        "domains": {"adv": {"type": "pgd", "eps": 0.0157}},
+        "imports": [],
+    }
+    assert hparams_of(recipe) == {
+        "optim.name": "sgd",
+        "optim.lr": 0.1,
+        "optim.nesterov": True,
+        "optim.betas": "[0.9, 0.999]",
+        "trainer.epochs": 3.0,
+        "trainer.budget_of": "null",
+        "trainer.seed": "${oc.env:SEED}",  # as written: a secret never reaches the event file
+        "domains.adv.type": "pgd",
+        "domains.adv.eps": 0.0157,
+        "imports": "[]",
+    }
+    from tensorboard.plugins.hparams import metadata
+
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.recipe(recipe, "optim: {}\n")
+    logger.final({"test_acc_main": 0.5})
+    logger.close()
+    acc = _events(tmp_path / "tb")
+    contents = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert set(contents) == {metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG}  # no experiment tag
+    start = metadata.parse_session_start_info_plugin_data(contents[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["optim.lr"].number_value == pytest.approx(0.1)
+    assert start.hparams["optim.nesterov"].bool_value is True
+    assert start.hparams["domains.adv.type"].string_value == "pgd"
+    end = metadata.parse_session_end_info_plugin_data(contents[metadata.SESSION_END_INFO_TAG])
+    assert end.status == 1  # STATUS_SUCCESS
+
+
 def test_disabled_logger_writes_nothing(tmp_path):
     logger = TensorBoardLogger(tmp_path / "tb", enabled=False)
-    logger.layout(["clean"], ["clean", "adv"])
-    logger.recipe("a: 1\n")
-    logger.scalars({"loss/clean": 1.0}, 1)
-    logger.images("adv", torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), 1)
-    logger.divergence(_model(), 1)
-    logger.close()
+    loggers = RunLoggers([logger])
+    loggers.start(["clean"], ["clean", "adv"], True)
+    loggers.recipe({"a": 1}, "a: 1\n")
+    loggers.scalars({"loss/clean": 1.0}, 1)
+    loggers.domain_images("adv", torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), 1)
+    loggers.divergence(_model(), 1)
+    loggers.final({})
+    loggers.close()
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_logger_that_raises_is_dropped_with_one_line_and_the_others_go_on(tmp_path, capsys):
+    class Broken(RunLogger):
+        name = "broken tracker"
+
+        def scalars(self, values, step):
+            raise ConnectionError("server unreachable\nsecond line")
+
+    csv = CsvScalarLog(tmp_path / "scalars.csv")
+    loggers = RunLoggers([Broken(), csv])
+    loggers.scalars({"loss/clean": 1.0}, 1)
+    loggers.scalars({"loss/clean": 0.5}, 2)
+    loggers.close()
+    assert read_scalars(tmp_path / "scalars.csv") == [(1, "loss/clean", 1.0), (2, "loss/clean", 0.5)]
+    assert capsys.readouterr().err.splitlines() == [
+        "mbn: broken tracker logging stopped (server unreachable); training goes on"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- CSV
@@ -159,7 +262,7 @@ VALUES = {"loss/clean": 2.302585124969482, "acc/clean": 0.1, "x": 0.1 + 0.2, "ti
 
 def test_csv_holds_every_scalar_at_full_precision(tmp_path):
     csv = CsvScalarLog(tmp_path / "scalars.csv")
-    logger = TensorBoardLogger(tmp_path / "tb", csv=csv)
+    logger = RunLoggers([TensorBoardLogger(tmp_path / "tb"), csv])
     logger.scalars(VALUES, 1)
     assert (tmp_path / "scalars.csv").read_text().count("\n") == 1 + len(VALUES)  # flushed at the call
     logger.scalars({"lr": 0.05, "throughput/images_per_s": 1234.5}, 2)
@@ -179,7 +282,7 @@ def test_csv_holds_every_scalar_at_full_precision(tmp_path):
 
 
 def test_csv_goes_on_when_tensorboard_is_off(tmp_path):
-    logger = TensorBoardLogger(tmp_path / "tb", enabled=False, csv=CsvScalarLog(tmp_path / "scalars.csv"))
+    logger = RunLoggers([TensorBoardLogger(tmp_path / "tb", enabled=False), CsvScalarLog(tmp_path / "scalars.csv")])
     logger.scalars({"loss/clean": 0.5}, 7)
     logger.close()
     assert read_scalars(tmp_path / "scalars.csv") == [(7, "loss/clean", 0.5)]
@@ -232,7 +335,7 @@ def test_appending_after_a_crash_starts_on_a_new_line(tmp_path):
 def test_csv_write_error_is_one_line_and_stops_the_log(tmp_path, capsys):
     (tmp_path / "blocked").write_text("a file, not a directory")
     csv = CsvScalarLog(tmp_path / "blocked" / "scalars.csv")
-    logger = TensorBoardLogger(tmp_path / "tb", csv=csv)
+    logger = RunLoggers([TensorBoardLogger(tmp_path / "tb"), csv])
     logger.scalars({"loss/clean": 1.0}, 1)
     logger.scalars({"loss/clean": 0.5}, 2)  # stopped: nothing raised, nothing printed again
     csv.truncate_after(1)
@@ -240,7 +343,7 @@ def test_csv_write_error_is_one_line_and_stops_the_log(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mbn: CSV scalar log stopped: cannot write {csv.path} (")
     assert not csv.enabled
-    assert [e.value for e in _events(tmp_path / "tb").Scalars("loss/clean")] == [1.0, 0.5]  # TensorBoard goes on
+    assert tensorboard_scalars(tmp_path / "tb")["loss/clean"] == [(1, 1.0), (2, 0.5)]  # TensorBoard goes on
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -251,3 +354,27 @@ def test_csv_full_disk_is_one_line(capsys):
     csv.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"mbn: CSV scalar log stopped: cannot write /dev/full ({os.strerror(errno.ENOSPC)})"]
+
+
+# ----------------------------------------------------------------------------------------------- a real run
+
+
+def test_a_run_writes_its_recipe_as_hyper_parameters_and_marks_its_session_done(tmp_path):
+    from tensorboard.plugins.hparams import metadata
+
+    from tests.runs import VANILLA, train
+
+    run = tmp_path / "run"
+    assert train(VANILLA, run, "trainer.max_steps=2", "optim.lr=0.05") == 0
+    root = tensorboard_runs(run / "tb")[""]
+    contents = root.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(contents[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["optim.lr"].number_value == pytest.approx(0.05)
+    assert start.hparams["model.name"].string_value == "cifar_resnet8"
+    assert start.hparams["trainer.max_steps"].number_value == 2
+    assert metadata.SESSION_END_INFO_TAG in contents  # finished
+    scalars = tensorboard_scalars(run / "tb")
+    rows = read_scalars(run / "scalars.csv")
+    assert {tag for _, tag, _ in rows} == set(scalars)  # the CSV's tags, laid out in sub-runs
+    for step, tag, value in rows:
+        assert dict(scalars[tag])[step] == pytest.approx(value, rel=1e-6), tag

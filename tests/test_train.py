@@ -17,7 +17,7 @@ import mbn
 from mbn.checkpoint import load_checkpoint
 from mbn.cli.train import main as train_main
 from mbn.config import load_recipe
-from mbn.tblog import divergence_image_tag, divergence_tag
+from mbn.logger import DIAGNOSTICS, divergence_image_tag, divergence_tag
 from tests.plugin_env import install_plugin
 from tests.runs import TINY, train, weights
 
@@ -44,25 +44,31 @@ def test_smoke_every_recipe_trains_on_synthetic(recipe, tmp_path):
 
 @pytest.mark.slow
 def test_feature_tensorboard_has_per_domain_curves(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """One sub-run per domain and per BN, each quantity under one tag: one chart per quantity, a line per domain."""
+    from tests.runs import tensorboard_images, tensorboard_runs, tensorboard_scalars
 
     run = tmp_path / "run"
-    assert train(REPO / "recipes" / "advprop_autoaug.yaml", run, "trainer.max_steps=4") == 0
-    acc = EventAccumulator(str(run / "tb"))
-    acc.Reload()
-    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
-    for domain in ("clean", "autoaug", "adv"):
-        assert {f"loss/{domain}", f"acc/{domain}"} <= scalars
-        assert f"samples/{domain}" in images
-    assert {"loss/total", "lr", "throughput/images_per_s", "acc_test/clean"} <= scalars
-    assert "samples_perturbation/adv" in images
-    assert "samples_perturbation/clean" not in images  # the clean domain changes nothing
-    assert {divergence_tag("autoaug"), divergence_tag("adv")} <= scalars  # one summary per auxiliary BN
-    assert {divergence_image_tag("autoaug"), divergence_image_tag("adv")} <= images  # its layers in one plot
-    assert not [tag for tag in scalars if "divergence" in tag and tag.split("/")[-1] not in ("autoaug", "adv")]
-    assert len(acc.Scalars("loss/adv")) == 4
-    groups = sorted({tag.split("/")[0] for tag in scalars | images})
-    assert groups[:3] == ["acc", "acc_test", "loss"] and groups[-1] == "x_diagnostics"  # what a reader looks for first
+    assert (
+        train(REPO / "recipes" / "advprop_autoaug.yaml", run, "trainer.max_steps=4", "trainer.eval_all_bns=true") == 0
+    )
+    runs = tensorboard_runs(run / "tb")
+    domains, bns = ("clean", "autoaug", "adv"), ("clean", "autoaug", "adv")
+    assert set(runs) == {"", *(f"domain={d}" for d in domains), *(f"bn={b}" for b in bns)}
+    tags = {name: set(acc.Tags()["scalars"]) | set(acc.Tags()["images"]) for name, acc in runs.items()}
+    assert tags[""] == {"loss/total", "lr", "throughput/total"}  # the total on its own chart
+    for d in domains:
+        expected = {"loss/per_domain", "train_acc/per_domain", "throughput/per_domain", "x_samples/images"}
+        assert tags[f"domain={d}"] == expected | ({"x_samples/perturbation"} if d != "clean" else set())
+    assert tags["bn=clean"] == {"test_acc/per_bn"}  # the main BN: no divergence to itself
+    for b in ("autoaug", "adv"):
+        divergence = {f"{DIAGNOSTICS}/bn_divergence_log10", f"{DIAGNOSTICS}/bn_divergence_per_layer"}
+        assert tags[f"bn={b}"] == {"test_acc/per_bn"} | divergence
+    scalars, images = tensorboard_scalars(run / "tb"), tensorboard_images(run / "tb")
+    assert [step for step, _ in scalars["loss/adv"]] == [1, 2, 3, 4]
+    assert {divergence_tag("autoaug"), divergence_tag("adv")} <= set(scalars)
+    assert {divergence_image_tag("autoaug"), divergence_image_tag("adv")} <= images
+    groups = sorted({tag.split("/")[0] for run_tags in tags.values() for tag in run_tags})
+    assert groups[0] == "loss" and groups[-2:] == [DIAGNOSTICS, "x_samples"]  # what a reader looks for first
 
 
 @pytest.mark.slow

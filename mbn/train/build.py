@@ -23,16 +23,20 @@ from mbn.budget import matched_epochs
 from mbn.builders import build_model
 from mbn.config import DomainSpec, RecipeError
 from mbn.convert import convert_sync_batchnorm
+from mbn.csvlog import CsvScalarLog
 from mbn.data import DataBundle, build_data
 from mbn.distributed import DistContext
 from mbn.ema import WeightEma
 from mbn.gradnorm import SampleMeanGradients
+from mbn.logger import RunLogger
 from mbn.models import weights_normalisation
 from mbn.objective import CLASSES, Objective
 from mbn.optim import build_optimizer, build_scheduler
 from mbn.plan import RunPlan, plan_run
 from mbn.resume import check_resume_config, flatten
 from mbn.rundir import RunDirError, RunLock, check_new_run_dir, clean_run_dir
+from mbn.tblog import TensorBoardLogger
+from mbn.trackers import trackers
 from mbn.train.checkpoints import Checkpoint, RunCheckpoints, init_model_from, read_checkpoint
 from mbn.train.hooks import HookSettings, TrainHooks
 from mbn.train.loop import Trainer
@@ -163,7 +167,10 @@ def _build(
             normalizer=normalizer,
             ema=ema,
         )
-        hooks = TrainHooks(cfg, hook_settings(cfg), run_dir, runtime, update, checkpoints, data, plan.specs, length)
+        loggers = run_loggers(cfg, run_dir) if dist.is_main else []
+        hooks = TrainHooks(
+            cfg, hook_settings(cfg), run_dir, runtime, update, checkpoints, data, plan.specs, length, loggers
+        )
         hooks.init_report = init_report
         undo.callback(hooks.close)  # TensorBoard's writer thread, the progress bar
         if ckpt is not None:
@@ -287,6 +294,18 @@ def gentler_overrides(cfg: DictConfig) -> str:
     return f"optim.lr={float(cfg.optim.lr) / 10:g}" + ("" if cfg.optim.grad_clip else " optim.grad_clip=1.0")
 
 
+def run_loggers(cfg: DictConfig, run_dir: Path) -> list[RunLogger]:
+    """Where rank 0 reports: TensorBoard, ``scalars.csv`` and the trackers the recipe enables.
+
+    TensorBoard with ``logging.tensorboard``, ``scalars.csv`` always, W&B and MLflow with ``logging.wandb`` and
+    ``logging.mlflow``. Nothing is written until the first report.
+    """
+    loggers: list[RunLogger] = [CsvScalarLog(run_dir / "scalars.csv")]  # every logged scalar, also without TB
+    if cfg.logging.tensorboard:
+        loggers.insert(0, TensorBoardLogger(run_dir / "tb"))
+    return loggers + trackers(cfg.logging, run_dir)
+
+
 def hook_settings(cfg: DictConfig) -> HookSettings:
     """The logging, evaluation and checkpoint cadence the recipe asks for."""
     return HookSettings(
@@ -295,7 +314,6 @@ def hook_settings(cfg: DictConfig) -> HookSettings:
         divergence_every=int(cfg.logging.divergence_every or 0),
         checkpoint_every_steps=int(cfg.trainer.checkpoint_every_steps or 0),
         eval_all_bns=bool(cfg.trainer.eval_all_bns),
-        tensorboard=bool(cfg.logging.tensorboard),
         perturbation_gain=float(cfg.logging.perturbation_gain),
         progress=str(cfg.trainer.progress),
         divergence_layout=bool(cfg.logging.divergence_every) and not cfg.model.share_stats,

@@ -1,9 +1,10 @@
 """What happens around the steps: logging, evaluation, checkpoints, ``metrics.json``.
 
 Three events (:meth:`TrainHooks.after_step`, :meth:`~TrainHooks.after_epoch`, :meth:`~TrainHooks.finish`) and the
-calls they make: the logging window (read on logging steps only, the step's one host sync), TensorBoard and
-``scalars.csv``, progress lines, image grids and BN divergence, test accuracy at its cadence, mid-epoch and epoch
-checkpoints (with the session's clock and open window), and the final metrics.
+calls they make: the logging window (read on logging steps only, the step's one host sync), the run's loggers
+(TensorBoard, ``scalars.csv``, trackers: :mod:`mbn.logger`), progress lines, image grids and BN divergence, test
+accuracy at its cadence, mid-epoch and epoch checkpoints (with the session's clock and open window), and the final
+metrics.
 """
 
 from __future__ import annotations
@@ -18,21 +19,20 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mbn.config import DomainSpec, save_recipe
-from mbn.csvlog import CsvScalarLog
 from mbn.data import DataBundle
 from mbn.errors import DomainError, TrainingDivergedError
 from mbn.eval.accuracy import accuracy
 from mbn.fileio import atomic_write_text
+from mbn.logger import RunLogger, RunLoggers
 from mbn.meter import NonFiniteError, StepMeter, TrainClock
 from mbn.objective import CLASSES
-from mbn.progress import Progress
-from mbn.tblog import TensorBoardLogger
+from mbn.progress import Progress, accuracy_line, step_line
 from mbn.train.checkpoints import STATE_ERRORS, Checkpoint, RunCheckpoints, state_does_not_fit
 from mbn.train.runtime import Runtime, out_of_memory_message
 from mbn.train.state import RunLength, TrainState
 from mbn.train.step import StepOutput, StepStats
 from mbn.train.update import Update
-from mbn.written_recipe import recipe_yaml
+from mbn.written_recipe import recipe_as_written, recipe_yaml
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class HookSettings:
     divergence_every: int = 0  # BN divergence every this many steps (logging.divergence_every; 0: never)
     checkpoint_every_steps: int = 0  # mid-epoch checkpoints (trainer.checkpoint_every_steps; 0: epochs only)
     eval_all_bns: bool = False  # test accuracy through every BN, not only the main one
-    tensorboard: bool = True
     perturbation_gain: float = 10.0  # logging.perturbation_gain
     progress: str = "plain"  # trainer.progress
     divergence_layout: bool = True  # a BN-divergence chart in TensorBoard's layout
@@ -61,6 +60,7 @@ class TrainHooks:
         runtime, update, checkpoints: what the hooks read (model, learning rate) and write (checkpoints).
         data: the test split and class count.
         specs: the recipe's domains; length: how long the run trains.
+        loggers: where scalars, images, the recipe and the final metrics go (rank 0's; none on the others).
     """
 
     def __init__(
@@ -74,18 +74,14 @@ class TrainHooks:
         data: DataBundle,
         specs: Sequence[DomainSpec],
         length: RunLength,
+        loggers: Sequence[RunLogger] = (),
     ) -> None:
         self.cfg, self.settings, self.run_dir = cfg, settings, run_dir
         self.runtime, self.update, self.checkpoints = runtime, update, checkpoints
         self.data, self.specs, self.length = data, list(specs), length
         self.sources = checkpoints.sources
         main = runtime.dist.is_main  # the other ranks write nothing and print nothing
-        self.tb = TensorBoardLogger(
-            run_dir / "tb",
-            settings.tensorboard and main,
-            settings.perturbation_gain,
-            csv=CsvScalarLog(run_dir / "scalars.csv", enabled=main),  # every logged scalar, also without TB
-        )
+        self.log = RunLoggers(loggers if main else (), settings.perturbation_gain)
         self.progress = Progress(settings.progress if main else "none", total=length.planned_steps)
         self.meter = StepMeter([s.name for s in self.specs], runtime.device, runtime.dist)
         self.clock = TrainClock(runtime.device, runtime.dist.world_size)  # images of every rank
@@ -97,15 +93,15 @@ class TrainHooks:
 
     # ---------------------------------------------------------------------------------------- events
     def start(self, state: TrainState, *, resumed: bool, idle: bool) -> None:
-        """Before the first step of this session: the recipe saved, TensorBoard laid out (rank 0)."""
+        """Before the first step of this session: the recipe saved, the loggers started (rank 0)."""
         if idle or not self.runtime.dist.is_main:
             self._wall_start = time.perf_counter()
             return
         save_recipe(self.cfg, self.run_dir / "config.yaml")  # after every check passed: never a bad recipe
-        self.tb.resume_at(state.step)  # a resume logs the steps after its checkpoint again
-        self.tb.layout([s.name for s in self.specs], list(self.sources), divergence=self.settings.divergence_layout)
+        self.log.resume_at(state.step)  # a resume logs the steps after its checkpoint again
+        self.log.start([s.name for s in self.specs], list(self.sources), self.settings.divergence_layout)
         if not resumed:  # once per run, not once per session
-            self.tb.recipe(recipe_yaml(self.cfg))
+            self.log.recipe(recipe_as_written(self.cfg), recipe_yaml(self.cfg))
         self._wall_start = time.perf_counter()
 
     def after_step(self, state: TrainState, last: StepOutput, stats: Sequence[StepStats]) -> None:
@@ -129,15 +125,17 @@ class TrainHooks:
             means["loss/total"] = sum(weights[n] * means[f"loss/{n}"] for n in weights if f"loss/{n}" in means)
             means["lr"] = self.update.lr
             means.update(self.clock.throughput())
-            self.tb.scalars(means, step)
-            self._say(f"epoch {state.epoch} step {step}: " + _fmt(means))
+            self.log.scalars(means, step)
+            losses = {s.name: means[f"loss/{s.name}"] for s in self.specs if f"loss/{s.name}" in means}
+            speed = means.get("throughput/images_per_s")
+            self._say(step_line(state.epoch, step, losses, self.update.lr, speed))
             self.progress.show({k[5:]: v for k, v in means.items() if k.startswith("loss/")})
             self.last_window = means
         if log.image_every and (step % log.image_every == 0 or step == 1):
             for name, made in last.batches.items():
-                self.tb.images(name, made.images, made.source, step)
+                self.log.domain_images(name, made.images, made.source, step)
         if log.divergence_every and step % log.divergence_every == 0 and len(self.sources) > 1:
-            self.tb.divergence(self.runtime.model, step)
+            self.log.divergence(self.runtime.model, step)
         save_every = self.settings.checkpoint_every_steps
         if save_every and step % save_every == 0 and not self.length.epoch_done(state):
             self.save_checkpoint(state)
@@ -158,6 +156,7 @@ class TrainHooks:
         metrics = self.final_metrics(state, self._wall_at_save)
         if self.runtime.dist.is_main and not (idle and (self.run_dir / "metrics.json").is_file()):
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            self.log.final(metrics)
         return metrics
 
     # ------------------------------------------------------------------------------- what they call
@@ -183,9 +182,8 @@ class TrainHooks:
         state.test_acc, state.test_acc_ema, state.evaluated_step = acc, ema, state.step
         state.best_acc = max(state.best_acc, acc[self.sources[0]])
         logged = {f"acc_test/{bn}": a for bn, a in acc.items()} | {f"acc_test_ema/{bn}": a for bn, a in ema.items()}
-        self.tb.scalars(logged, state.step)
-        line = _fmt(acc, "test_acc") + (" " + _fmt(ema, "test_acc_ema") if ema else "")
-        self.progress.log(f"epoch {state.epoch} step {state.step}: " + line)
+        self.log.scalars(logged, state.step)
+        self.progress.log(accuracy_line(state.step, acc, ema))
         return acc
 
     def save_checkpoint(self, state: TrainState) -> None:
@@ -259,9 +257,9 @@ class TrainHooks:
         }
 
     def close(self) -> None:
-        """Close the progress display and TensorBoard (flushing scalars.csv)."""
+        """Close the progress display and the loggers (TensorBoard's writer threads, scalars.csv)."""
         self.progress.close()
-        self.tb.close()
+        self.log.close()
 
 
 #: What to lower when the evaluation forward runs out of memory.
@@ -275,8 +273,3 @@ def _time_split(seconds: dict[str, float]) -> str:
     """``1.23 s (generate: adv 1.1 s, clean 0.00 s)`` from a timed step's seconds."""
     domains = ", ".join(f"{name} {t:.2f} s" for name, t in seconds.items() if name != "step")
     return f"{seconds.get('step', 0.0):.2f} s (generate: {domains}; the rest: forward and backward)"
-
-
-def _fmt(values: dict[str, float], prefix: str = "") -> str:
-    items = (f"{prefix + '/' if prefix else ''}{k}={v:.4g}" for k, v in values.items())
-    return " ".join(items)
