@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from mbn.logger import RunLogger
-from mbn.trackers import final_metrics, image_array, path_name, read_tracker_ids, run_name, write_tracker_ids
+from mbn.tracker_runs import final_metrics, image_array, path_name, read_tracker_ids, run_name, write_tracker_ids
 
 #: MLflow's longest parameter value; a longer one is cut, with an ellipsis.
 PARAM_CHARS = 6000

@@ -26,7 +26,7 @@ from typing import Any
 from torch import Tensor
 
 from mbn.logger import RunLogger
-from mbn.trackers import final_metrics, image_array, read_tracker_ids, run_name, write_tracker_ids
+from mbn.tracker_runs import final_metrics, image_array, read_tracker_ids, run_name, write_tracker_ids
 
 #: The file the recipe's YAML is saved as, in the W&B run's files.
 RECIPE_FILE = "recipe.yaml"

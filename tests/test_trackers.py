@@ -20,15 +20,8 @@ import yaml
 
 from mbn.csvlog import read_scalars
 from mbn.logger import RunLogger
-from mbn.trackers import (
-    TRACKERS_FILE,
-    check_trackers,
-    final_metrics,
-    path_name,
-    read_tracker_ids,
-    trackers,
-    write_tracker_ids,
-)
+from mbn.tracker_runs import TRACKERS_FILE, final_metrics, path_name, read_tracker_ids, write_tracker_ids
+from mbn.trackers import check_trackers, trackers
 from tests.runs import REPO, VANILLA, one_line_error, tensorboard_images, train
 
 ADVPROP = REPO / "recipes" / "advprop.yaml"
