@@ -244,27 +244,21 @@ class TensorBoardLogger(RunLogger):
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Write each canonical ``{tag: value}`` at ``step`` in its sub-run (:func:`tensorboard_place`)."""
-        if not self._on:
-            return
-        for tag, value in values.items():
-            run, tb_tag = tensorboard_place(tag)
-            writer = self.writer(run)
-            if writer is None:
-                return
-            with self._guard():
-                writer.add_scalar(tb_tag, value, step)
+        self._write("add_scalar", values, step)
 
     def images(self, images: Mapping[str, Tensor], step: int) -> None:
         """Write each canonical ``{tag: (3, H, W) image}`` at ``step`` in its sub-run."""
-        if not self._on:
-            return
-        for tag, image in images.items():
+        self._write("add_image", images, step)
+
+    def _write(self, add: str, items: Mapping[str, Any], step: int) -> None:
+        """``SummaryWriter.<add>(tag, item, step)`` for each item, in the sub-run its canonical tag names."""
+        for tag, item in items.items():
             run, tb_tag = tensorboard_place(tag)
             writer = self.writer(run)
-            if writer is None:
+            if writer is None:  # off, or stopped by a write error
                 return
             with self._guard():
-                writer.add_image(tb_tag, image, step)
+                getattr(writer, add)(tb_tag, item, step)
 
     def final(self, metrics: Mapping[str, Any]) -> None:
         """Mark the run's HParams session as finished."""
