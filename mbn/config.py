@@ -613,6 +613,12 @@ def check_preload_keys(data: Any) -> None:
         )
 
 
+#: A domain's name: a directory name under ``tb/`` (``domain=<name>``) and part of its tags.
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
+#: Names the run's totals take in the tags (``loss/total``, ``throughput/images_per_s``).
+RESERVED_DOMAIN_NAMES = ("total", "images_per_s")
+
+
 def domain_specs(cfg: DictConfig) -> list[DomainSpec]:
     """Resolve ``cfg.domains`` into specs in recipe order, checking entries and ``input`` links.
 
@@ -636,6 +642,11 @@ def domain_specs(cfg: DictConfig) -> list[DomainSpec]:
         end = _check_key(f"{key}.end", check_number, entry.get("end", 1.0), low=0, high=1)
         if not start < end:
             raise RecipeError(f"key '{key}.start/end': expected 0 <= start < end <= 1, got {start}, {end}")
+        if not isinstance(name, str) or not _DOMAIN_NAME.fullmatch(name) or name in RESERVED_DOMAIN_NAMES:
+            raise RecipeError(
+                f"key '{_clip(str(key))}': a domain name is 1-64 letters, digits, '_', '-' or '.' (a file name in tb/ "
+                f"and a tag), and not {' or '.join(RESERVED_DOMAIN_NAMES)} (the run's totals)"
+            )
         bn = entry.get("bn") or name
         if not isinstance(bn, str) or not bn.isidentifier():
             raise RecipeError(f"key '{key}.bn': expected an identifier naming a BN source, got {bn!r}")

@@ -10,7 +10,8 @@ before a checkpoint could store the damage.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -121,6 +122,7 @@ class TrainClock:
     every domain count (an adversarial batch is images the model trained on), on every rank under torchrun
     (``world_size`` x this rank's, as the ranks train equal batches). The first window of each session
     (compilation, allocator and kernel warm-up) is left out of the throughput but counted in ``train_time``.
+    Logging (:meth:`paused`: scalars, image grids, divergence, to every logger) is counted in neither.
     """
 
     def __init__(self, device: torch.device, world_size: int = 1) -> None:
@@ -143,6 +145,16 @@ class TrainClock:
         """Images each domain trained on in one step (on every rank: ranks train equal batches)."""
         for name, n in images.items():
             self._window[name] = self._window.get(name, 0) + n * self.world_size
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave what runs inside out of the open window (logging: TensorBoard, trackers, image grids)."""
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._tic is not None:
+                self._tic += time.perf_counter() - tic
 
     def lap(self) -> None:
         """Close the window (synchronising the device) and open the next."""

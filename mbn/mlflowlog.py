@@ -30,7 +30,15 @@ from typing import Any
 from torch import Tensor
 
 from mbn.logger import RunLogger
-from mbn.tracker_runs import final_metrics, image_array, path_name, read_tracker_ids, run_name, write_tracker_ids
+from mbn.tracker_runs import (
+    final_metrics,
+    image_array,
+    path_name,
+    read_tracker_ids,
+    run_name,
+    uri_digest,
+    write_tracker_ids,
+)
 
 #: MLflow's longest parameter value; a longer one is cut, with an ellipsis.
 PARAM_CHARS = 6000
@@ -72,7 +80,8 @@ class MlflowLogger(RunLogger):
             uri = self.tracking_uri or mlflow.get_tracking_uri()
             client = MlflowClient(uri)
             stored = read_tracker_ids(self.run_dir).get("mlflow", {})
-            run_id = stored.get("run_id") if stored.get("tracking_uri") == uri else None
+            digest = uri_digest(uri)  # the URI may hold credentials: only its SHA-256 is written
+            run_id = stored.get("run_id") if stored.get("tracking_uri_sha256") == digest else None
             if run_id is not None and self._reopen(client, str(run_id)):
                 self.client, self.run_id = client, str(run_id)
             else:
@@ -81,7 +90,7 @@ class MlflowLogger(RunLogger):
                 tags = {"mbn.run_dir": str(self.run_dir.resolve())}
                 run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
                 self.client, self.run_id = client, run.info.run_id
-                write_tracker_ids(self.run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": uri})
+                write_tracker_ids(self.run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri_sha256": digest})
         assert self.run_id is not None
         return self.client, self.run_id
 

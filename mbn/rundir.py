@@ -101,9 +101,13 @@ class RunLock:
 
 
 def missing_dirs(path: str | Path) -> list[Path]:
-    """``path`` and its parents that do not exist yet, outermost first (what ``mkdir(parents=True)`` would create)."""
+    """``path`` and its parents that do not exist yet, outermost first (what ``mkdir(parents=True)`` would create).
+
+    The path is resolved first, so ``new/../kept`` names ``kept`` (which exists), never a directory to remove.
+    """
     missing = []
-    for directory in (Path(path), *Path(path).parents):
+    path = Path(path).resolve()
+    for directory in (path, *path.parents):
         if os.path.lexists(directory):
             break
         missing.append(directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -41,6 +42,14 @@ def write_tracker_ids(run_dir: Path, tracker: str, ids: Mapping[str, Any]) -> No
 
 
 # ------------------------------------------------------------------------------------- shared helpers
+def uri_digest(uri: str) -> str:
+    """SHA-256 of a tracking URI: what ``trackers.json`` keeps to tell the same store again.
+
+    A URI may hold a password or token, which must not be written to the run directory.
+    """
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()
+
+
 def run_name(name: str | None, run_dir: Path) -> str:
     """The tracker's run name: ``name``, else the run directory's name."""
     return str(name) if name else Path(run_dir).resolve().name

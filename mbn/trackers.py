@@ -7,11 +7,12 @@ its run, so ``import mbn`` never needs them; :func:`check_trackers` refuses a re
 installed, in one line, before anything is written.
 
 A tracker's run id is kept in ``RUN_DIR/trackers.json`` (``{"wandb": {"id": ...}, "mlflow": {"run_id": ...,
-"tracking_uri": ...}}``) when its run starts, so ``mbn-train --resume`` continues the same W&B and MLflow runs.
+"tracking_uri_sha256": ...}}``) when its run starts, so ``mbn-train --resume`` continues the same W&B and MLflow runs.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,12 @@ def check_trackers(logging: Any) -> None:
 
 
 def wandb_wanted(logging: Any) -> bool:
-    """Whether the recipe asks for W&B logging (``mode=disabled`` asks for none: W&B itself would log nothing)."""
-    return bool(logging.wandb.enabled) and logging.wandb.mode != "disabled"
+    """Whether the recipe asks for W&B logging.
+
+    ``mode=disabled`` asks for none (W&B itself would log nothing), nor does no mode with ``WANDB_MODE=disabled``.
+    """
+    mode = logging.wandb.mode or os.environ.get("WANDB_MODE")
+    return bool(logging.wandb.enabled) and mode != "disabled"
 
 
 def trackers(logging: Any, run_dir: Path) -> list[RunLogger]:

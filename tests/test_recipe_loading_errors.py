@@ -311,3 +311,12 @@ def test_another_processs_lock_file_is_never_removed(tmp_path):
     (tmp_path / "new" / "other").mkdir()
     new.undo()
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["run"]  # only the empty one it made is removed
+
+
+def test_a_refused_run_through_dot_dot_never_removes_the_directory_it_names(tmp_path, capsys):
+    kept = tmp_path / "keep"
+    kept.mkdir()
+    out = tmp_path / "new" / ".." / "keep"
+    assert train(VANILLA, out, "optim.grad_accum_steps=8") == 2  # refused after the lock was taken
+    one_line_error(capsys)
+    assert kept.is_dir() and list(kept.iterdir()) == []

@@ -378,3 +378,27 @@ def test_a_run_writes_its_recipe_as_hyper_parameters_and_marks_its_session_done(
     assert {tag for _, tag, _ in rows} == set(scalars)  # the CSV's tags, laid out in sub-runs
     for step, tag, value in rows:
         assert dict(scalars[tag])[step] == pytest.approx(value, rel=1e-6), tag
+
+
+@pytest.mark.parametrize("name", ["total", "images_per_s", "a/b", "x" * 65, "-dash"])
+def test_a_domain_name_that_is_no_directory_or_a_total_is_one_line(tmp_path, capsys, name):
+    """A domain's name is a sub-run directory (``tb/domain=<name>``) and a tag; ``total`` would hide the total."""
+    from tests.runs import VANILLA, one_line_error, train
+
+    assert train(VANILLA, tmp_path / "run", f"domains.{name}.type=clean", "trainer.max_steps=1") == 2
+    assert "a domain name is 1-64 letters, digits, '_', '-' or '.'" in one_line_error(capsys)
+
+
+def test_logging_time_is_not_training_time():
+    """What the loggers take (a slow tracker, image grids) is left out of the window: throughput stays honest."""
+    import time
+
+    from mbn.meter import TrainClock
+
+    clock = TrainClock(torch.device("cpu"))
+    clock.start()
+    with clock.paused():
+        time.sleep(0.3)
+    clock.count({"clean": 8})
+    clock.stop()
+    assert clock.train_time < 0.1

@@ -5,6 +5,7 @@ The W&B and MLflow tests skip when the package is not installed; the others need
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import struct
@@ -86,6 +87,14 @@ def test_disabled_mode_asks_for_no_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
     check_trackers(_logging(wandb={"enabled": True, "mode": "disabled"}))
     assert trackers(_logging(wandb={"enabled": True, "mode": "disabled"}), Path("unused")) == []
+
+
+def test_wandb_mode_disabled_in_the_environment_starts_no_tracker(monkeypatch):
+    """With no mode in the recipe W&B's own WANDB_MODE decides: ``disabled`` there means no W&B at all."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert trackers(_logging(wandb={"enabled": True, "mode": None}), Path("unused")) == []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert [t.name for t in trackers(_logging(wandb={"enabled": True, "mode": None}), Path("unused"))] == ["W&B"]
 
 
 @pytest.mark.slow
@@ -274,7 +283,8 @@ def test_mlflow_logs_the_scalars_images_recipe_and_final_metrics(tmp_path, mlflo
     mlflow = ["logging.mlflow.enabled=true", f"logging.mlflow.tracking_uri={mlflow_store}", "logging.image_every=1"]
     assert train(ADVPROP, run, "trainer.max_steps=2", "optim.lr=0.05", *mlflow) == 0
     ids = read_tracker_ids(run)["mlflow"]
-    assert ids["tracking_uri"] == mlflow_store
+    assert ids["tracking_uri_sha256"] == hashlib.sha256(mlflow_store.encode()).hexdigest()  # never the URI itself
+    assert mlflow_store not in (run / "trackers.json").read_text()
     client = MlflowClient(mlflow_store)
     logged = client.get_run(ids["run_id"])
     assert logged.info.status == "FINISHED" and logged.info.run_name == "run"

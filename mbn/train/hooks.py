@@ -125,17 +125,19 @@ class TrainHooks:
             means["loss/total"] = sum(weights[n] * means[f"loss/{n}"] for n in weights if f"loss/{n}" in means)
             means["lr"] = self.update.lr
             means.update(self.clock.throughput())
-            self.log.scalars(means, step)
+            with self.clock.paused():  # a slow tracker never shows as slow training
+                self.log.scalars(means, step)
             losses = {s.name: means[f"loss/{s.name}"] for s in self.specs if f"loss/{s.name}" in means}
             speed = means.get("throughput/images_per_s")
             self._say(step_line(state.epoch, step, losses, self.update.lr, speed))
             self.progress.show({k[5:]: v for k, v in means.items() if k.startswith("loss/")})
             self.last_window = means
-        if log.image_every and (step % log.image_every == 0 or step == 1):
-            for name, made in last.batches.items():
-                self.log.domain_images(name, made.images, made.source, step)
-        if log.divergence_every and step % log.divergence_every == 0 and len(self.sources) > 1:
-            self.log.divergence(self.runtime.model, step)
+        with self.clock.paused():
+            if log.image_every and (step % log.image_every == 0 or step == 1):
+                for name, made in last.batches.items():
+                    self.log.domain_images(name, made.images, made.source, step)
+            if log.divergence_every and step % log.divergence_every == 0 and len(self.sources) > 1:
+                self.log.divergence(self.runtime.model, step)
         save_every = self.settings.checkpoint_every_steps
         if save_every and step % save_every == 0 and not self.length.epoch_done(state):
             self.save_checkpoint(state)
