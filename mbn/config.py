@@ -38,14 +38,18 @@ class ModelCfg:
     share_affine: bool = False  # one affine pair for every source (separate statistics only)
     share_stats: bool = False  # one set of running statistics (separate affine only)
     init_from: str | None = None  # run directory or checkpoint: load its backbone (and heads that fit) first
+    # keyword arguments of the model's constructor (timm.create_model / torchvision), e.g. {drop_path_rate: 0.2}
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataCfg:
     """Dataset, loading and the CPU-side base transforms (crop, flip)."""
 
-    name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | synthetic
-    root: str = "data"
+    name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | webdataset | synthetic
+    root: str = "data"  # webdataset: the training shards, a brace pattern (/data/train-{000000..001023}.tar)
+    test_root: str | None = None  # webdataset: the evaluation shards (brace pattern)
+    test_split: str = "test"  # imagefolder: the evaluation folder under root (<root>/<test_split>/<class>/*; val)
     download: bool = False
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -62,6 +66,7 @@ class DataCfg:
     decode: str = "workers"  # streamed: workers decode and crop | device: workers read, the training device decodes
     mean: list[float] | None = None  # input normalisation (0-1 units); None: the data set's (or the weights')
     std: list[float] | None = None
+    aug_repeats: int = 0  # repeated augmentation: each training image k times per epoch, across ranks (0, 1: off)
     train_limit: int | None = None  # use the first N training images (after a fixed seeded shuffle)
     test_limit: int | None = None  # use the first N test images
     synthetic_train_size: int = 5000
@@ -72,7 +77,7 @@ class DataCfg:
 class OptimCfg:
     """Optimiser and loss."""
 
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # any optimiser timm names (timm.optim.list_optimizers()): sgd, adamw, rmsproptf, lamb, ...
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -87,17 +92,20 @@ class OptimCfg:
     # false: no weight decay on 1-d parameters (BN weights and biases) and biases (timm's param_groups_weight_decay);
     # true: decay every parameter, as mbn did before 0.3 (runs saved without this key keep that on resume)
     decay_norm_and_bias: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)  # further arguments of the optimiser (e.g. {eps: 0.001})
 
 
 @dataclass
 class ScheduleCfg:
     """Learning-rate schedule, stepped every optimisation step."""
 
-    name: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 0.0
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training (step)
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    name: str = "cosine"  # timm's cosine | tanh | poly | step | multistep, or constant
+    warmup_epochs: float = 0.0  # linear warm-up from optim.lr / warm-up steps to optim.lr, then the schedule
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training (multistep)
+    decay_epochs: float | None = None  # step: decay by gamma every this many epochs (2.4: EfficientNet's)
+    gamma: float = 0.1  # the decay factor of step / multistep (timm's decay_rate)
+    min_lr: float = 0.0  # the floor of cosine / tanh / poly
+    kwargs: dict[str, Any] = field(default_factory=dict)  # further arguments of timm's scheduler (e.g. {k_decay: 1})
 
 
 @dataclass
@@ -122,6 +130,7 @@ class TrainerCfg:
     eval_all_bns: bool = False  # evaluate through every BN, not only the main one
     checkpoint_every_steps: int = 0  # extra checkpoints inside an epoch (0: at epoch ends only)
     log_every: int = 20  # steps between log lines / scalar writes
+    keep_best_k: int = 0  # also keep the k checkpoints with the best test accuracy (best-<step>.pt; mbn-avg-checkpoints)
     progress: str = "auto"  # auto | bar | plain | none
 
 
@@ -475,12 +484,11 @@ def load_recipe(
 
 
 _CHOICES = {
-    "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
+    "data.name": ("cifar10", "cifar100", "imagefolder", "webdataset", "synthetic"),
     "data.augment": ("cifar", "imagenet"),
     "data.decode": ("workers", "device"),
-    "optim.name": ("sgd", "adamw"),
     "optim.grad_normalization": ("domain_mean", "sample_mean"),
-    "schedule.name": ("cosine", "step", "constant"),
+    "schedule.name": ("cosine", "tanh", "poly", "step", "multistep", "constant"),
     "trainer.amp": ("none", "bf16", "fp16"),
     "trainer.progress": ("auto", "bar", "plain", "none"),
     "logging.wandb.mode": (None, "online", "offline", "disabled"),
@@ -493,6 +501,7 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "data.eval_batch_size": _POSITIVE,
     "data.image_size": _POSITIVE,
     "data.num_workers": _NON_NEGATIVE,
+    "data.aug_repeats": _NON_NEGATIVE,
     "data.crop_padding": _NON_NEGATIVE,
     "data.crop_fraction": {"low": 0, "low_open": True, "high": 1},
     "data.min_image_side": _NON_NEGATIVE,
@@ -504,6 +513,7 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "trainer.log_every": _POSITIVE,
     "trainer.eval_every": _NON_NEGATIVE,
     "trainer.checkpoint_every_steps": _NON_NEGATIVE,
+    "trainer.keep_best_k": _NON_NEGATIVE,
     "optim.lr": _POSITIVE,
     "optim.momentum": {"low": 0, "high": 1, "high_open": True},
     "optim.weight_decay": _NON_NEGATIVE,
@@ -514,6 +524,7 @@ _NUMBERS: dict[str, dict[str, Any]] = {
     "schedule.warmup_epochs": _NON_NEGATIVE,
     "schedule.gamma": _POSITIVE,
     "schedule.min_lr": _NON_NEGATIVE,
+    "schedule.decay_epochs": _POSITIVE,
 }
 
 
