@@ -130,7 +130,7 @@ class TrainerCfg:
     eval_all_bns: bool = False  # evaluate through every BN, not only the main one
     checkpoint_every_steps: int = 0  # extra checkpoints inside an epoch (0: at epoch ends only)
     log_every: int = 20  # steps between log lines / scalar writes
-    keep_best_k: int = 0  # also keep the k checkpoints with the best test accuracy (best-<step>.pt; mbn-avg-checkpoints)
+    keep_best_k: int = 0  # also keep the k best-testing checkpoints (best/step-<step>.pt; mbn-avg-checkpoints)
     progress: str = "auto"  # auto | bar | plain | none
 
 
@@ -234,6 +234,9 @@ def with_legacy_values(recipe: dict[str, Any]) -> dict[str, Any]:
         section, key = dotted.split(".")
         if isinstance(out.get(section), dict) and key not in out[section]:
             out[section][key] = value
+    schedule = out.get("schedule")
+    if isinstance(schedule, dict) and schedule.get("name") == "step" and schedule.get("decay_epochs") is None:
+        schedule["name"] = "multistep"  # mbn < 0.5's step schedule (milestones) is timm's multistep
     return out
 
 
@@ -477,6 +480,8 @@ def load_recipe(
 
     import_user_modules(imports, CLI_OPTION)
     import_user_modules(cfg.imports)
+    if saved_run and cfg.schedule.name == "step" and cfg.schedule.decay_epochs is None:
+        cfg.schedule.name = "multistep"  # mbn < 0.5's step schedule (milestones) is timm's multistep
     cfg.imports = [*cfg.imports, *(name for name in dict.fromkeys(imports) if name not in cfg.imports)]
     validate_recipe(cfg)
     remember_interpolations(cfg, leaves)
@@ -488,7 +493,7 @@ _CHOICES = {
     "data.augment": ("cifar", "imagenet"),
     "data.decode": ("workers", "device"),
     "optim.grad_normalization": ("domain_mean", "sample_mean"),
-    "schedule.name": ("cosine", "tanh", "poly", "step", "multistep", "constant"),
+    "schedule.name": ("cosine", "tanh", "poly", "step", "multistep", "constant", "wsd", "rsqrt"),
     "trainer.amp": ("none", "bf16", "fp16"),
     "trainer.progress": ("auto", "bar", "plain", "none"),
     "logging.wandb.mode": (None, "online", "offline", "disabled"),
@@ -563,6 +568,10 @@ def validate_recipe(cfg: DictConfig) -> None:
     domain_specs(cfg)
 
 
+#: The schedules that decay to ``schedule.min_lr``.
+_FLOORED_SCHEDULES = ("cosine", "tanh", "poly", "wsd", "rsqrt")
+
+
 def check_schedule(cfg: DictConfig) -> None:
     """``schedule`` values that agree with each other.
 
@@ -577,11 +586,20 @@ def check_schedule(cfg: DictConfig) -> None:
             "key 'schedule.milestones': expected increasing fractions of training in (0, 1) (0.5: half way; not "
             f"epochs or steps), got {milestones}"
         )
-    if schedule.min_lr and schedule.name != "cosine":
+    if schedule.min_lr and schedule.name not in _FLOORED_SCHEDULES:
         raise RecipeError(
-            f"key 'schedule.min_lr': the floor of the cosine schedule, but schedule.name is {schedule.name}; "
-            "set it to 0 or use schedule.name=cosine"
+            f"key 'schedule.min_lr': the floor of the {'/'.join(_FLOORED_SCHEDULES)} schedules, but schedule.name is "
+            f"{schedule.name}; set it to 0 or use one of them"
         )
+    if schedule.name == "step" and schedule.decay_epochs is None:
+        raise RecipeError(
+            "key 'schedule.decay_epochs': timm's step schedule decays by schedule.gamma every decay_epochs epochs "
+            "(e.g. 2.4); set it, or use schedule.name=multistep for schedule.milestones (mbn < 0.5's step)"
+        )
+    from mbn.optim import optimizer_arguments, scheduler_arguments
+
+    optimizer_arguments(cfg.optim)  # an optimiser timm names, taking the optim.kwargs given
+    scheduler_arguments(schedule, 2, 0, 1)  # schedule.kwargs that timm's schedules take
     if schedule.min_lr > cfg.optim.lr:
         raise RecipeError(
             f"key 'schedule.min_lr': {schedule.min_lr} is above optim.lr={cfg.optim.lr}; the cosine schedule "
@@ -604,9 +622,9 @@ def check_preload_keys(data: Any) -> None:
     """``data.preload`` agrees with the keys only one loading mode has (preloaded arrays or a streamed tree).
 
     Checked when the recipe loads, before any rank waits; :func:`mbn.plan.check_dataset_present` checks that the data
-    is where ``data.root`` says.
+    is where ``data.root`` says. Tar shards (``webdataset``) always stream; ``data.preload`` does not apply to them.
     """
-    if getattr(data, "preload", True):
+    if getattr(data, "preload", True) and data.name != "webdataset":
         if getattr(data, "decode", "workers") == "device":
             raise RecipeError("key 'data.decode': device decoding is for streamed trees: set data.preload=false")
         if getattr(data, "augment", "cifar") == "imagenet":
@@ -615,7 +633,7 @@ def check_preload_keys(data: Any) -> None:
                 "set data.preload=false"
             )
         return
-    if data.name != "imagefolder":
+    if data.name not in ("imagefolder", "webdataset"):
         raise RecipeError(f"key 'data.preload': only imagefolder trees stream (data.preload=false), not {data.name}")
     if getattr(data, "on_device", False):
         raise RecipeError(

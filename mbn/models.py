@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -217,15 +219,57 @@ def check_model_config(cfg: ModelCfg) -> None:
     if name.startswith("torchvision."):
         if name.removeprefix("torchvision.") not in torchvision.models.list_models():
             raise ModelConfigError("name", f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
+        _check_kwargs(cfg)
         return
     if name.startswith("timm."):
         _check_timm_name(name.removeprefix("timm."))
+        _check_kwargs(cfg)
         return
+    for key in model_kwargs(cfg):
+        raise ModelConfigError(
+            f"kwargs.{str(key)[:80]}",
+            f"{name} takes no keyword arguments (model.kwargs is for timm.* and torchvision.*)",
+        )
     if cifar_depth(name) is None:
         hint = " (depth: expected 6n+2, e.g. 8, 20, 56, or 18/34)" if name.startswith("cifar_resnet") else ""
         raise ModelConfigError("name", f"unknown model {name!r}{hint}; accepted: {_ACCEPTED}")
     if cfg.pretrained:
         raise ModelConfigError("pretrained", f"no pretrained weights for {name!r}; set model.pretrained=false")
+
+
+def model_kwargs(cfg: ModelCfg) -> dict[str, Any]:
+    """``model.kwargs`` as a plain dict: keyword arguments of the network's constructor."""
+    kwargs = getattr(cfg, "kwargs", None) or {}
+    plain = OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else kwargs
+    assert isinstance(plain, dict)
+    return {str(k): v for k, v in plain.items()}
+
+
+def _check_kwargs(cfg: ModelCfg) -> None:
+    """The network's constructor takes every ``model.kwargs`` key: it is built once on the meta device (no memory)."""
+    kwargs = model_kwargs(cfg)
+    if not kwargs:
+        return
+    for key in ("num_classes", "pretrained", "weights"):
+        if key in kwargs:
+            raise ModelConfigError(f"kwargs.{key}", "set by mbn (the data's classes, model.pretrained); not in kwargs")
+    name = cfg.name
+    try:
+        with torch.device("meta"):
+            if name.startswith("timm."):
+                import timm
+
+                timm.create_model(name.removeprefix("timm.").partition(".")[0], pretrained=False, **kwargs)
+            else:
+                torchvision.models.get_model(name.removeprefix("torchvision."), **kwargs)
+    except TypeError as err:
+        match = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+        if match is None:
+            raise ModelConfigError("kwargs", f"{name} refused them ({first_line(err)})") from None
+        key = match.group(1)
+        raise ModelConfigError(f"kwargs.{key[:80]}", f"{name} takes no argument {key[:80]!r}") from None
+    except Exception as err:  # a value the constructor refuses
+        raise ModelConfigError("kwargs", f"{name} refused them ({first_line(err)})") from None
 
 
 def _replace_head(net: nn.Module, num_classes: int) -> None:
@@ -245,11 +289,11 @@ def _download_error(source: str, name: str, err: Exception, hint: str) -> ModelC
     )
 
 
-def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def _torchvision_net(name: str, num_classes: int, pretrained: bool, kwargs: Mapping[str, Any]) -> nn.Module:
     if not pretrained:
-        return torchvision.models.get_model(name, num_classes=num_classes)
+        return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     try:
-        net = torchvision.models.get_model(name, weights="DEFAULT")
+        net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
     except Exception as err:  # urllib / hash errors
         hint = "offline? put the weights under $TORCH_HOME/hub/checkpoints or set model.pretrained=false"
         raise _download_error("torchvision", name, err, hint) from None
@@ -306,7 +350,7 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _timm_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def _timm_net(name: str, num_classes: int, pretrained: bool, kwargs: Mapping[str, Any]) -> nn.Module:
     import timm
 
     if pretrained and not _timm_weights_cached(name) and not hub_reachable():
@@ -316,7 +360,7 @@ def _timm_net(name: str, num_classes: int, pretrained: bool) -> nn.Module:
             "download them once where there is a network (HF_HOME names the cache) or set model.pretrained=false",
         )
     try:
-        return timm.create_model(name, num_classes=num_classes, pretrained=pretrained)
+        return timm.create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
     except Exception as err:
         if not pretrained:
             raise
@@ -359,9 +403,9 @@ def build_network(cfg: ModelCfg, num_classes: int) -> nn.Module:
     check_model_config(cfg)
     name = cfg.name
     if name.startswith("torchvision."):
-        return _torchvision_net(name.removeprefix("torchvision."), num_classes, cfg.pretrained)
+        return _torchvision_net(name.removeprefix("torchvision."), num_classes, cfg.pretrained, model_kwargs(cfg))
     if name.startswith("timm."):
-        return _timm_net(name.removeprefix("timm."), num_classes, cfg.pretrained)
+        return _timm_net(name.removeprefix("timm."), num_classes, cfg.pretrained, model_kwargs(cfg))
     depth = cifar_depth(name)
     if depth == 18:
         return cifar_resnet18(num_classes, cfg.width)

@@ -1,17 +1,55 @@
-"""Optimiser and per-step learning-rate schedule (linear warm-up, then cosine / step / constant).
+"""Optimiser and per-step learning-rate schedule, through timm's factories.
 
-The schedule depends only on ``trainer.epochs`` x batches per epoch, never on ``trainer.max_steps``,
-so a run stopped early and resumed follows exactly the same learning rates.
+``optim.name`` is any optimiser timm names (``create_optimizer_v2``: sgd, momentum, adamw, rmsproptf, lamb, lars,
+lion, ...) and ``schedule.name`` any of its per-update schedules (``create_scheduler_v2``: cosine, tanh, poly, step,
+multistep, constant, wsd, rsqrt), with ``optim.kwargs`` / ``schedule.kwargs`` passed through. mbn keeps three things
+of its own around them:
+
+* the parameter groups (:func:`param_groups`: no weight decay on BN weights and biases);
+* its linear warm-up: optimisation step ``s`` of the first ``W`` steps trains at ``optim.lr * (s + 1) / W``, then
+  timm's schedule runs over the remaining ``total - W`` steps from ``optim.lr`` (to ``schedule.min_lr``);
+* the schedule's length: ``trainer.epochs`` x optimisation steps per epoch, never ``trainer.max_steps``, so a run
+  stopped early and resumed follows exactly the same learning rates. Epoch-valued keys (``schedule.decay_epochs``)
+  are converted to steps; ``schedule.milestones`` are fractions of the steps after the warm-up.
+
+The learning rate of a step is a pure function of the step, the recipe and the base rate: a checkpoint holds only the
+step (:class:`StepSchedule`), and a resume with a new ``optim.lr`` or ``schedule.min_lr`` follows the new values from
+its first step.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from mbn.errors import RecipeError, first_line
+
+#: Arguments of timm's scheduler factory that mbn sets itself (from its own keys, or to its own warm-up and length).
+_SCHEDULER_OWN = {
+    "optimizer": "",
+    "sched": "schedule.name",
+    "num_epochs": "trainer.epochs",
+    "decay_epochs": "schedule.decay_epochs",
+    "decay_milestones": "schedule.milestones",
+    "decay_rate": "schedule.gamma",
+    "min_lr": "schedule.min_lr",
+    "warmup_lr": "schedule.warmup_epochs",
+    "warmup_epochs": "schedule.warmup_epochs",
+    "warmup_prefix": "schedule.warmup_epochs",
+    "step_on_epochs": "",
+    "updates_per_epoch": "",
+    "cooldown_epochs": "",  # the run's length is trainer.epochs; timm only adds the cool-down to the epochs it reports
+    "patience_epochs": "",  # plateau (an epoch-wise schedule on a metric) is not offered
+    "plateau_mode": "",
+}
+#: Arguments of timm's optimiser factory that mbn sets from its own keys.
+_OPTIMIZER_OWN = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "params": "", "momentum": "optim.momentum"}
 
 
 def param_groups(model: nn.Module, optim: DictConfig) -> list[dict[str, Any]]:
@@ -29,35 +67,190 @@ def param_groups(model: nn.Module, optim: DictConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _plain(section: Any) -> dict[str, Any]:
+    """A recipe mapping (``optim.kwargs``) as a plain dict."""
+    if isinstance(section, DictConfig):
+        return dict(OmegaConf.to_container(section, resolve=True))  # type: ignore[arg-type]
+    return dict(section or {})
+
+
+def timm_optimizer_name(optim: Any) -> str:
+    """The timm name for ``optim.name``: plain ``sgd`` with ``optim.nesterov=false`` is timm's ``momentum``."""
+    name = str(optim.name).lower()
+    return "momentum" if name == "sgd" and not optim.nesterov else name
+
+
+def optimizer_arguments(optim: Any) -> tuple[str, dict[str, Any]]:
+    """The timm optimiser name and the keyword arguments mbn passes to ``create_optimizer_v2`` (besides the groups).
+
+    Raises :class:`RecipeError` in one line for an optimiser timm does not name, or an ``optim.kwargs`` key its class
+    does not take (or one that an ``optim`` key sets).
+    """
+    from timm.optim import get_optimizer_class, get_optimizer_info, list_optimizers
+
+    name = timm_optimizer_name(optim)
+    try:
+        info = get_optimizer_info(name)
+    except (ValueError, KeyError):
+        raise RecipeError(
+            f"key 'optim.name': {str(optim.name)[:80]!r} is not an optimiser timm names ({len(list_optimizers())} "
+            "do, e.g. sgd, momentum, adamw, rmsproptf, lamb, lars, lion: timm.optim.list_optimizers())"
+        ) from None
+    extra = _plain(optim.kwargs)
+    opt_class = get_optimizer_class(name, bind_defaults=False)
+    accepted = inspect.signature(opt_class).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    for key in extra:
+        if _OPTIMIZER_OWN.get(key):
+            raise RecipeError(f"key 'optim.kwargs.{key}': set it as {_OPTIMIZER_OWN[key]}, not in optim.kwargs")
+        if (not takes_any and key not in accepted) or key == "params":
+            takes = ", ".join(k for k in accepted if k not in ("self", "params"))
+            shown, cls = str(key)[:80], getattr(opt_class, "__name__", name)
+            raise RecipeError(
+                f"key 'optim.kwargs.{shown}': {name} ({cls}) takes no argument {shown!r}; it takes: {takes}"
+            )
+    arguments: dict[str, Any] = {"lr": float(optim.lr), "weight_decay": float(optim.weight_decay)}
+    if info.has_momentum:
+        arguments["momentum"] = float(optim.momentum)
+    if info.has_betas and "betas" not in extra:
+        arguments["betas"] = tuple(float(b) for b in optim.betas)
+    return name, {**arguments, **extra}
+
+
 def build_optimizer(model: nn.Module, optim: DictConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov by default) or AdamW from the ``optim`` section, over :func:`param_groups`."""
-    params = param_groups(model, optim)
-    if optim.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=optim.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    """The optimiser of timm's ``create_optimizer_v2`` over :func:`param_groups`, from the ``optim`` section.
+
+    ``sgd`` (Nesterov unless ``optim.nesterov=false``) and ``adamw`` build the same torch optimisers, with the same
+    arguments, as mbn did before it used timm's factory.
+    """
+    from timm.optim import create_optimizer_v2
+
+    name, arguments = optimizer_arguments(optim)
+    try:
+        return create_optimizer_v2(param_groups(model, optim), opt=name, **arguments)
+    except (TypeError, ValueError) as err:  # a value the optimiser refuses (e.g. a negative eps)
+        raise RecipeError(f"key 'optim.kwargs': {name} refused its arguments ({first_line(err)})") from None
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: DictConfig, base_lr: float) -> float:
-    """Multiplier of the base learning rate at optimisation ``step`` (0-based)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule.name == "cosine":
-        floor = schedule.min_lr / base_lr
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule.name == "step":
-        return schedule.gamma ** sum(progress >= m for m in schedule.milestones)
-    return 1.0
+def _first_step_at(fraction: float, span: int) -> int:
+    """The first step ``t`` (after the warm-up) with ``t / span >= fraction``, as mbn's step schedule tested it."""
+    t = max(0, math.ceil(fraction * span))
+    while t > 0 and (t - 1) / span >= fraction:
+        t -= 1
+    while t / span < fraction:
+        t += 1
+    return t
+
+
+def scheduler_arguments(schedule: Any, total_steps: int, warmup_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+    """The arguments of timm's ``create_scheduler_v2`` for the steps after the warm-up, counted in steps."""
+    span = max(1, total_steps - warmup_steps)
+    extra = _plain(schedule.kwargs)
+    for key in extra:
+        if key in _SCHEDULER_OWN:
+            owner = _SCHEDULER_OWN[key]
+            instead = f"set it as {owner}" if owner else "mbn sets it (per-step schedule over trainer.epochs)"
+            raise RecipeError(f"key 'schedule.kwargs.{key}': {instead}, not in schedule.kwargs")
+    from timm.scheduler import create_scheduler_v2
+
+    accepted = inspect.signature(create_scheduler_v2).parameters
+    for key in extra:
+        if key not in accepted:
+            takes = ", ".join(k for k in accepted if k not in _SCHEDULER_OWN)
+            raise RecipeError(
+                f"key 'schedule.kwargs.{str(key)[:80]}': timm's schedules take no argument {str(key)[:80]!r}; "
+                f"they take: {takes}"
+            )
+    name = str(schedule.name)
+    arguments: dict[str, Any] = {
+        "sched": name,
+        "num_epochs": span,
+        "min_lr": float(schedule.min_lr),
+        "decay_rate": float(schedule.gamma),
+        "warmup_epochs": 0,
+        "step_on_epochs": False,
+        "updates_per_epoch": 1,  # timm counts in steps here
+    }
+    if name == "multistep":
+        # timm's milestone m applies from step m - 1 on (its historical convention)
+        arguments["decay_milestones"] = [_first_step_at(float(m), span) + 1 for m in schedule.milestones]
+    if schedule.decay_epochs is not None:
+        decay = float(schedule.decay_epochs)
+        arguments["decay_epochs"] = decay if name in ("wsd", "rsqrt") and decay < 1 else decay * steps_per_epoch
+    return {**arguments, **extra}
+
+
+class StepSchedule:
+    """The learning rate of every optimisation step: mbn's linear warm-up, then timm's schedule.
+
+    Stepped once per optimisation step (:meth:`step`, like a torch scheduler). Its state is the step alone; the base
+    rate is the recipe's ``optim.lr``, so loading the state of a run trained with another rate sets this run's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Any, total_steps: int, steps_per_epoch: int) -> None:
+        from timm.scheduler import create_scheduler_v2
+
+        self.optimizer = optimizer
+        self.warmup_steps = round(float(schedule.warmup_epochs) * steps_per_epoch)
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        for group, base in zip(optimizer.param_groups, self.base_lrs, strict=True):
+            group["initial_lr"] = base  # timm's schedule starts from it
+        arguments = scheduler_arguments(schedule, total_steps, self.warmup_steps, steps_per_epoch)
+        try:
+            self.decay, _ = create_scheduler_v2(optimizer, **arguments)
+        except (ValueError, TypeError, AssertionError) as err:
+            raise RecipeError(
+                f"key 'schedule.name': timm's {arguments['sched']!r} schedule refused ({first_line(err)})"
+            ) from None
+        self.last_step = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> list[float]:
+        """Every parameter group's learning rate at optimisation ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return [base * ((step + 1) / self.warmup_steps) for base in self.base_lrs]
+        return list(self.decay._get_lr(step - self.warmup_steps))
+
+    def _apply(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.lr_at(self.last_step), strict=True):
+            group["lr"] = lr
+
+    def step(self) -> None:
+        """One optimisation step is done: the next one's learning rate."""
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rates of the next optimisation step (as torch schedulers name it)."""
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def set_base_lr(self, lr: float, min_lr: float | None = None) -> None:
+        """Follow a new ``optim.lr`` (and ``schedule.min_lr``) from the current step on: a resume that changed them."""
+        self.base_lrs = [float(lr)] * len(self.optimizer.param_groups)
+        self.decay.base_values = list(self.base_lrs)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = float(lr)
+        if min_lr is not None and hasattr(self.decay, "lr_min"):
+            self.decay.lr_min = float(min_lr)
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step (and, for information, the base rates)."""
+        return {"step": self.last_step, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue at a saved step; the ``LambdaLR`` state of mbn < 0.5's checkpoints gives its ``last_epoch``."""
+        step = state["step"] if "step" in state else state["last_epoch"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"the saved schedule's step is {step!r}, not a count of steps")
+        self.last_step = step
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["initial_lr"] = base
+        self._apply()
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, schedule: DictConfig, total_steps: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per optimisation step."""
-    warmup = round(schedule.warmup_epochs * steps_per_epoch)
-    base_lr = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule, base_lr)
-    )
+) -> StepSchedule:
+    """The run's :class:`StepSchedule`, stepped once per optimisation step."""
+    return StepSchedule(optimizer, schedule, total_steps, steps_per_epoch)

@@ -61,7 +61,7 @@ def test_weights_check_names_the_ema_and_optimiser_state(tmp_path):
             checkpoints.check_finite_weights(1)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "step"])
+@pytest.mark.parametrize("schedule", ["cosine", "multistep"])
 def test_a_resume_with_another_learning_rate_takes_it_from_the_resumed_step(tmp_path, schedule):
     """The resumed run's rates are the schedule of the new base rate at the same position, from its first step."""
     common = [*TINY, "logging.image_every=0", "logging.divergence_every=0", f"schedule.name={schedule}"]

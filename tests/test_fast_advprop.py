@@ -38,7 +38,7 @@ def test_budget_matching_arithmetic():
 
 
 def test_budget_of_sets_the_epochs_and_keeps_milestones_fractions(tmp_path):
-    cfg = load_recipe(FAST, [*TINY, "trainer.epochs=7", "schedule.name=step"])
+    cfg = load_recipe(FAST, [*TINY, "trainer.epochs=7", "schedule.name=multistep"])
     with build_trainer(cfg, tmp_path / "run") as trainer:
         assert trainer.length.epochs == 6  # round(7 / 1.2)
         assert trainer.length.total_steps == 6 * trainer.length.steps_per_epoch

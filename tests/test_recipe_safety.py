@@ -43,12 +43,15 @@ def test_values_from_the_environment_are_written_as_their_interpolation(tmp_path
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["schedule.name=step", "schedule.milestones=[30,60]"], "key 'schedule.milestones': expected increasing"),
-        (["schedule.name=step", "schedule.milestones=[2.0,-1]"], "got [2.0, -1.0]"),
+        (["schedule.name=multistep", "schedule.milestones=[30,60]"], "key 'schedule.milestones': expected increasing"),
+        (["schedule.name=multistep", "schedule.milestones=[2.0,-1]"], "got [2.0, -1.0]"),
         (["schedule.milestones=[0.75,0.5]"], "key 'schedule.milestones'"),
         (["schedule.milestones=[0.5,0.5]"], "key 'schedule.milestones'"),
         (["schedule.milestones=[0,0.5]"], "key 'schedule.milestones'"),
-        (["schedule.name=step", "schedule.min_lr=0.001"], "key 'schedule.min_lr': the floor of the cosine schedule"),
+        (
+            ["schedule.name=multistep", "schedule.min_lr=0.001"],
+            "key 'schedule.min_lr': the floor of the cosine/tanh/poly/wsd/rsqrt schedules",
+        ),
         (["optim.lr=0.01", "schedule.min_lr=0.1"], "key 'schedule.min_lr': 0.1 is above optim.lr=0.01"),
         (["optim.betas=[0.9,${oc.env:X}]"], "key 'optim.betas': '[0.9,${oc.env:X}]' is not a YAML value"),
     ],

@@ -14,6 +14,7 @@ from torch import nn
 from mbn.distributed import DistContext
 from mbn.ema import WeightEma
 from mbn.gradnorm import SampleMeanGradients
+from mbn.optim import StepSchedule
 from mbn.train.step import UpdateLedger
 
 
@@ -24,7 +25,7 @@ class Update:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scheduler: StepSchedule,
         scaler: torch.amp.GradScaler,
         dist: DistContext,
         *,
