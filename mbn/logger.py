@@ -3,8 +3,9 @@
 Every output of a run's progress (TensorBoard, ``scalars.csv``, Weights & Biases, MLflow) is a
 :class:`RunLogger`: it receives the same calls with the same values, and keeps what it can show. Values are named
 by their canonical tags (``loss/<domain>``, ``acc/<domain>``, ``loss/total``, ``lr``, ``throughput/images_per_s``,
-``throughput/<domain>``, ``acc_test/<bn>``, ``acc_test_ema/<bn>``, ``x_diagnostics/bn_divergence_log10/<source>``:
-the tags of ``scalars.csv``); a logger may lay them out its own way (TensorBoard draws one sub-run per domain and
+``throughput/<domain>``, ``acc_test/<bn>``, ``acc_test_ema/<bn>``, ``acc5_test/<bn>`` and ``acc5_test_ema/<bn>``
+(top-5, logged with six classes or more), ``x_diagnostics/bn_divergence_log10/<source>``: the tags of
+``scalars.csv``); a logger may lay them out its own way (TensorBoard draws one sub-run per domain and
 per BN, see :mod:`mbn.tblog`).
 
 :class:`RunLoggers` hands each call to every logger, computing what they share once (image grids, the BN

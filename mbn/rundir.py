@@ -21,7 +21,7 @@ from mbn.fileio import remove_stale_temps
 
 LOCK_FILE = ".lock"
 #: What a run writes; any of them in a directory means it holds (part of) a run.
-RUN_FILES = ("config.yaml", "checkpoints", "metrics.json", "tb", "scalars.csv", "trackers.json", "wandb")
+RUN_FILES = ("config.yaml", "checkpoints", "best", "metrics.json", "tb", "scalars.csv", "trackers.json", "wandb")
 
 
 class RunDirError(ValueError):
@@ -184,6 +184,7 @@ WRITTEN_FILES = {
     # scalars.csv: its resume rewrite
     ".": ("config.yaml", "metrics.json", "eval.json", "eval.md", "scalars.csv", "trackers.json"),
     "checkpoints": ("last.pt", "best.pt"),
+    "best": ("ledger.json", "step-*.pt"),  # trainer.keep_best_k (mbn.train.checkpoints.KeptCheckpoints)
 }
 
 

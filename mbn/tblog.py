@@ -7,7 +7,8 @@ quantity by one writer per BN source::
     RUN_DIR/tb/                 loss/total, lr, throughput/total, the recipe (text and HParams), the chart layout
     RUN_DIR/tb/domain=clean/    loss/per_domain, train_acc/per_domain, throughput/per_domain, x_samples/*
     RUN_DIR/tb/domain=adv/      (the same tags)
-    RUN_DIR/tb/bn=clean/        test_acc/per_bn, test_acc/per_bn_ema, x_diagnostics/* (auxiliary BNs)
+    RUN_DIR/tb/bn=clean/        test_acc/per_bn, test_acc/per_bn_ema, test_acc5/per_bn, test_acc5/per_bn_ema,
+                                x_diagnostics/* (auxiliary BNs)
     RUN_DIR/tb/bn=adv/
 
 One chart, ``loss/per_domain``, then shows every domain's loss in its own colour with a legend
@@ -15,7 +16,8 @@ One chart, ``loss/per_domain``, then shows every domain's loss in its own colour
 scale squashes nothing. ``tensorboard --logdir runs`` over several runs overlays the same charts across runs.
 
 Order. TensorBoard's default (Time Series) view and its Scalars tab sort tag groups (the part before the first
-``/``) alphabetically; the groups are named to read in this order: ``loss``, ``lr``, ``test_acc``, ``throughput``,
+``/``) alphabetically; the groups are named to read in this order: ``loss``, ``lr``, ``test_acc``, ``test_acc5``
+(top-5, with six classes or more), ``throughput``,
 ``train_acc``, then ``x_diagnostics`` (BN divergence: ``bn_divergence_log10``, the log10 of the symmetric KL
 between an auxiliary BN's running statistics and the main BN's, averaged over layers; and
 ``bn_divergence_per_layer``, a bar plot) and ``x_samples`` (``images``: a grid of the domain's batch;
@@ -73,6 +75,8 @@ _PER_NAME: tuple[tuple[str, Callable[[str], str], str], ...] = (
     ("throughput/", domain_run, "throughput/per_domain"),
     ("acc_test/", bn_run, "test_acc/per_bn"),
     ("acc_test_ema/", bn_run, "test_acc/per_bn_ema"),
+    ("acc5_test/", bn_run, "test_acc5/per_bn"),
+    ("acc5_test_ema/", bn_run, "test_acc5/per_bn_ema"),
     (f"{DIAGNOSTICS}/bn_divergence_log10/", bn_run, f"{DIAGNOSTICS}/bn_divergence_log10"),
     (f"{DIAGNOSTICS}/bn_divergence_per_layer/", bn_run, f"{DIAGNOSTICS}/bn_divergence_per_layer"),
     ("samples/", domain_run, "x_samples/images"),
@@ -217,6 +221,8 @@ class TensorBoardLogger(RunLogger):
                 "train accuracy per domain": _chart("train_acc/per_domain"),
                 "test accuracy per BN": _chart("test_acc/per_bn"),
                 "test accuracy per BN, EMA weights": _chart("test_acc/per_bn_ema"),
+                "test top-5 accuracy per BN": _chart("test_acc5/per_bn"),
+                "test top-5 accuracy per BN, EMA weights": _chart("test_acc5/per_bn_ema"),
             },
             "learning rate and throughput": {
                 "learning rate": _chart("lr"),

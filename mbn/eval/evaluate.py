@@ -28,7 +28,9 @@ SCHEMA_KEYS = (
     "num_images",
     "sources",
     "clean_acc",
+    "clean_acc5",
     "per_bn_acc",
+    "per_bn_acc5",
     "corruptions",
     "adversarial",
     "divergence",
@@ -206,7 +208,7 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
     import numpy as np
 
     from mbn.data import ArraySplit, EvalLoader, subset_indices, to_device
-    from mbn.eval.accuracy import accuracy
+    from mbn.eval.accuracy import topk_accuracy
     from mbn.eval.corruptions import CORRUPTIONS, require_corruptions, unavailable_corruptions
     from mbn.eval.divergence import bn_divergence
     from mbn.eval.loading import load_run, load_timm_run
@@ -297,9 +299,14 @@ def evaluate_run(path: str | Path, options: EvalOptions) -> tuple[dict[str, Any]
     previous = load_previous(out_dir / "eval.json", result, run.checkpoint)
     result.update({key: previous.get(key) for key in SCHEMA_KEYS[SCHEMA_KEYS.index("clean_acc") :]})
 
-    result["clean_acc"] = accuracy(run.model, loader, bn, move)
+    # one pass per BN gives top-1 and top-5 (top-5 is None with five classes or fewer); the chosen BN's pass is
+    # shared by clean_acc and per_bn_acc
+    per_bn = {bn: topk_accuracy(run.model, loader, bn, move)}
     if "per_bn" in sections:
-        result["per_bn_acc"] = {source: accuracy(run.model, loader, source, move) for source in run.sources}
+        per_bn |= {source: topk_accuracy(run.model, loader, source, move) for source in run.sources if source != bn}
+        result["per_bn_acc"] = {source: per_bn[source].top1 for source in run.sources}
+        result["per_bn_acc5"] = {source: per_bn[source].top5 for source in run.sources}
+    result["clean_acc"], result["clean_acc5"] = per_bn[bn].top1, per_bn[bn].top5
     if "divergence" in sections:
         result["divergence"] = bn_divergence(run.model)
     if "corruptions" in sections:

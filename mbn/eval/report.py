@@ -83,8 +83,15 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     if result.get("clean_acc") is not None or per_bn:
         lines += ["## Clean accuracy", ""]
         accs = dict(per_bn) or {main: result.get("clean_acc")}
+        top5 = dict(result.get("per_bn_acc5") or {})
+        if not top5 and result.get("clean_acc5") is not None:
+            top5 = {main: result.get("clean_acc5")}
         rows = [[f"{bn} (main)" if bn == main else bn, _pct(acc)] for bn, acc in accs.items()]
-        lines += [*_table(["BN", "accuracy"], rows), ""]
+        if any(v is not None for v in top5.values()):  # none with five classes or fewer
+            rows = [[*row, _pct(top5.get(bn))] for row, bn in zip(rows, accs, strict=True)]
+            lines += [*_table(["BN", "accuracy", "top-5"], rows), ""]
+        else:
+            lines += [*_table(["BN", "accuracy"], rows), ""]
 
     adv = result.get("adversarial")
     if adv:

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +30,7 @@ from mbn.gradnorm import SampleMeanGradients
 from mbn.logger import RunLogger
 from mbn.models import weights_normalisation
 from mbn.objective import CLASSES, Objective
-from mbn.optim import build_optimizer, build_scheduler
+from mbn.optim import StepSchedule, build_optimizer, build_scheduler
 from mbn.plan import RunPlan, plan_run
 from mbn.resume import check_resume_config, flatten
 from mbn.rundir import RunDirError, RunLock, check_new_run_dir, clean_run_dir
@@ -140,6 +139,7 @@ def _build(
             sources=plan.sources,
             heads=plan.heads,
             gentler=gentler_overrides(cfg),
+            keep_best_k=int(cfg.trainer.keep_best_k),
         )
         state, init_report = TrainState(), None
         if ckpt is not None:
@@ -348,7 +348,7 @@ def _normalise_as_trained(cfg: DictConfig, data: DataBundle, ckpt: Checkpoint | 
 
 
 def _schedule_change(
-    cfg: DictConfig, ckpt: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState
+    cfg: DictConfig, ckpt: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: StepSchedule, state: TrainState
 ) -> list[str]:
     """A note of what a resume changed of the update, the learning rate of the resumed step set to follow it.
 
@@ -379,14 +379,9 @@ def _schedule_change(
     listed = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in changed)
     if changed == ["optim.grad_clip"]:
         return [f"resumed at step {state.step} with {listed}"]
-    old_lr = optimizer.param_groups[0]["lr"]
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if lambdas is not None:  # LambdaLR: base rates from the recipe, the rate of the resumed step from its schedule
-        scheduler.base_lrs = [float(cfg.optim.lr)] * len(optimizer.param_groups)
-        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas, strict=True):
-            group["initial_lr"] = base
-            group["lr"] = base * fn(state.step)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    saved_groups = ckpt["optimizer"].get("param_groups") or [{}]
+    old_lr = float(saved_groups[0].get("lr", optimizer.param_groups[0]["lr"]))
+    scheduler.set_base_lr(cfg.optim.lr, cfg.schedule.min_lr)  # the rate of the resumed step from the new schedule
     new_lr = optimizer.param_groups[0]["lr"]
     windows = " and the domains' start/end windows" if "trainer.epochs" in changed else ""
     return [

@@ -7,13 +7,18 @@ main BN's test accuracy improved. It is read with ``torch.load(..., weights_only
 empty or foreign file, a model of another shape, a missing entry, other data) is one line naming the file or key.
 ``mbn-train --resume``, ``model.init_from`` and ``mbn-eval`` all read checkpoints through this module; the
 checkpoints of mbn 0.3.x load and resume unchanged.
+
+With ``trainer.keep_best_k`` > 0, :class:`KeptCheckpoints` also keeps the k checkpoints with the best test accuracy
+so far under ``RUN/best/`` (``step-000123.pt``, the same dict as ``last.pt``), ranked in ``RUN/best/ledger.json``;
+``mbn-avg-checkpoints`` averages them.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from mbn.config import RecipeError
 from mbn.distributed import DistContext, resume_command
 from mbn.errors import TrainingDivergedError, first_line, one_line
-from mbn.fileio import WriteError, atomic_torch_save
+from mbn.fileio import WriteError, atomic_torch_save, atomic_write_text
 from mbn.init_from import InitReport, init_from_state
 from mbn.resume import resumable
 from mbn.train.state import TrainState
@@ -228,6 +233,111 @@ def _rounded(values: Any) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
+# ---------------------------------------------------------------------------------- the k best checkpoints kept
+#: The directory of the kept best checkpoints, under the run directory, and its ranking.
+KEPT_DIR = "best"
+LEDGER = "ledger.json"
+
+
+def kept_name(step: int) -> str:
+    """``step-000123.pt``: the file of the checkpoint kept at ``step``."""
+    return f"step-{step:06d}.pt"
+
+
+@dataclass(frozen=True)
+class KeptEntry:
+    """One kept checkpoint: its step, the test accuracy it was ranked by, its file in ``RUN/best/``."""
+
+    step: int
+    metric: float
+    file: str
+
+
+def _rank(entries: list[KeptEntry]) -> list[KeptEntry]:
+    """Best first; a tie keeps the earlier step first (a later checkpoint must beat a kept one to displace it)."""
+    return sorted(entries, key=lambda e: (-e.metric, e.step))
+
+
+def read_ledger(directory: Path) -> tuple[str | None, list[KeptEntry]]:
+    """``(metric tag, kept entries best first)`` of ``directory/ledger.json``; ``(None, [])`` when there is none.
+
+    Raises:
+        CheckpointError: an unreadable ledger, naming it.
+    """
+    path = Path(directory) / LEDGER
+    if not path.is_file():
+        return None, []
+    try:
+        ledger = json.loads(path.read_text())
+        entries = [KeptEntry(int(e["step"]), float(e["metric"]), str(e["file"])) for e in ledger["kept"]]
+        metric = ledger.get("metric")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable ledger of kept checkpoints ({first_line(err)})") from None
+    if any(Path(e.file).name != e.file for e in entries):  # a name, never a path out of RUN/best
+        raise CheckpointError(f"{path}: not a readable ledger of kept checkpoints (a file entry is a path)")
+    return (str(metric) if metric is not None else None), _rank(entries)
+
+
+class KeptCheckpoints:
+    """``RUN/best/``: the ``k`` checkpoints with the best test accuracy so far, ranked in ``ledger.json``.
+
+    Every write is atomic (:mod:`mbn.fileio`) and ordered so that a kill leaves a consistent directory: the new
+    checkpoint, then the ledger, then the deletion of the checkpoint that fell out (a file the ledger does not name
+    is removed when the run resumes). Rank 0 alone calls it (:meth:`RunCheckpoints.save`).
+
+    Args:
+        directory: ``RUN/best``.
+        k: how many to keep (``trainer.keep_best_k``, > 0).
+    """
+
+    def __init__(self, directory: Path, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"keep {k} checkpoints? expected 1 or more")
+        self.dir, self.k = Path(directory), k
+        self.metric: str | None = None  # the tag the ranking is by (acc_test/<main> or acc_test_ema/<main>)
+        self.entries: list[KeptEntry] = []  # best first
+
+    def offer(self, step: int, metric: float, tag: str, ckpt: Mapping[str, Any]) -> bool:
+        """Keep ``ckpt`` when ``metric`` is among the best ``k`` so far (a step offered again replaces its entry)."""
+        new = KeptEntry(step, float(metric), kept_name(step))
+        ranked = _rank([e for e in self.entries if e.step != step] + [new])
+        kept, dropped = ranked[: self.k], ranked[self.k :]
+        if new in kept:
+            atomic_torch_save(dict(ckpt), self.dir / new.file)
+        if kept != self.entries or tag != self.metric:
+            self.entries, self.metric = kept, tag
+            self._write_ledger()
+        for entry in dropped:
+            if entry.file not in {e.file for e in kept}:
+                (self.dir / entry.file).unlink(missing_ok=True)
+        return new in kept
+
+    def resume(self, step: int) -> None:
+        """Continue the ranking of a run resumed at ``step``: read the ledger back, forget what came after ``step``.
+
+        The steps after the resumed checkpoint are trained (and evaluated) again, so their entries are dropped here
+        and offered again; entries beyond ``k`` (a lower ``trainer.keep_best_k``) and files no entry names go.
+        """
+        self.metric, entries = read_ledger(self.dir)
+        kept = [e for e in entries if e.step <= step and (self.dir / e.file).is_file()][: self.k]
+        if kept != entries:
+            self.entries = kept
+            self._write_ledger()
+        self.entries = kept
+        names = {e.file for e in kept}
+        for path in self.dir.glob("step-*.pt") if self.dir.is_dir() else []:
+            if path.name not in names:
+                path.unlink(missing_ok=True)
+
+    def _write_ledger(self) -> None:
+        ledger = {
+            "metric": self.metric,
+            "k": self.k,
+            "kept": [{"step": e.step, "metric": e.metric, "file": e.file} for e in self.entries],
+        }
+        atomic_write_text(self.dir / LEDGER, json.dumps(ledger, indent=2) + "\n")
+
+
 # ------------------------------------------------------------------------------------------- the run's files
 class RunCheckpoints:
     """``checkpoints/last.pt`` and ``best.pt`` of one run: what goes in, how it is written, how it comes back.
@@ -255,6 +365,7 @@ class RunCheckpoints:
         sources: tuple[str, ...],
         heads: Mapping[str, int],
         gentler: str = "optim.lr=<lower> optim.grad_clip=1.0",
+        keep_best_k: int = 0,
     ) -> None:
         self.dir, self.dist = Path(directory), dist
         self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
@@ -262,6 +373,8 @@ class RunCheckpoints:
         self.data_fingerprint = data.fingerprint()
         self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.gentler = gentler  # the overrides a divergence message suggests for the resume
+        # trainer.keep_best_k: the k best checkpoints by ranked_metric, under RUN/best/
+        self.kept = KeptCheckpoints(self.dir.parent / KEPT_DIR, keep_best_k) if keep_best_k > 0 else None
 
     @property
     def last(self) -> Path:
@@ -363,6 +476,22 @@ class RunCheckpoints:
         main = state.test_acc.get(self.sources[0])
         if main is not None and state.evaluated_step == state.step and main >= state.best_acc:  # these weights
             atomic_torch_save(ckpt, self.dir / "best.pt")
+        ranked = self.ranked_metric(state)
+        if self.kept is not None and ranked is not None and state.evaluated_step == state.step:
+            self.kept.offer(state.step, ranked[1], ranked[0], ckpt)
+
+    def ranked_metric(self, state: TrainState) -> tuple[str, float] | None:
+        """``(tag, accuracy)`` the kept checkpoints are ranked by; None before any evaluation.
+
+        The main BN's test accuracy of the EMA weights when the run has a weight average (as timm's
+        ``CheckpointSaver`` ranks by the EMA's metric with ``--model-ema``), else of the trained weights.
+        """
+        main = self.sources[0]
+        if self.ema is not None and main in state.test_acc_ema:
+            return f"acc_test_ema/{main}", float(state.test_acc_ema[main])
+        if main in state.test_acc:
+            return f"acc_test/{main}", float(state.test_acc[main])
+        return None
 
     def save_on_every_rank(self, save: Any) -> None:
         """``save()``, then rank 0's outcome on every rank: no rank exits before rank 0 has written.
@@ -397,6 +526,8 @@ class RunCheckpoints:
         except STATE_ERRORS as err:
             raise state_does_not_fit(path, err) from None
         self.saved_step = state.step
+        if self.kept is not None and self.dist.is_main:  # the ranking goes on from the ledger
+            self.kept.resume(state.step)
         return state
 
     def restore_ema(self, ckpt: Checkpoint, path: Path) -> bool:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from mbn.config import DomainSpec, save_recipe
 from mbn.data import DataBundle
 from mbn.errors import DomainError, TrainingDivergedError
-from mbn.eval.accuracy import accuracy
+from mbn.eval.accuracy import TopK, topk_accuracy
 from mbn.fileio import atomic_write_text
 from mbn.logger import RunLogger, RunLoggers
 from mbn.meter import NonFiniteError, StepMeter, TrainClock
@@ -167,23 +167,32 @@ class TrainHooks:
         self.clock.stop()
         sources = self.sources if self.settings.eval_all_bns else self.sources[:1]
         runtime, test = self.runtime, self.data.test
-        acc: dict[str, float] = {}
-        ema: dict[str, float] = {}
+        scores: dict[str, TopK] = {}
+        ema_scores: dict[str, TopK] = {}
         if runtime.dist.is_main:  # rank 0 evaluates; every rank keeps its result
-            try:
-                acc = {bn: accuracy(runtime.model, test, bn, runtime.to_device, runtime.autocast) for bn in sources}
+            try:  # one pass per BN gives top-1 and top-5
+                scores = {
+                    bn: topk_accuracy(runtime.model, test, bn, runtime.to_device, runtime.autocast) for bn in sources
+                }
                 if self.update.ema is not None:
                     average = self.update.ema.module
-                    ema = {bn: accuracy(average, test, bn, runtime.to_device, runtime.autocast) for bn in sources}
+                    ema_scores = {
+                        bn: topk_accuracy(average, test, bn, runtime.to_device, runtime.autocast) for bn in sources
+                    }
             except (RuntimeError, MemoryError) as err:
                 message = out_of_memory_message(err, f"in the evaluation forward on {runtime.device}", _EVAL_KEYS)
                 if message is None:
                     raise
                 raise DomainError(message) from err
-        acc, ema = runtime.dist.broadcast_object((acc, ema))
+        scores, ema_scores = runtime.dist.broadcast_object((scores, ema_scores))
+        acc = {bn: s.top1 for bn, s in scores.items()}
+        ema = {bn: s.top1 for bn, s in ema_scores.items()}
         state.test_acc, state.test_acc_ema, state.evaluated_step = acc, ema, state.step
         state.best_acc = max(state.best_acc, acc[self.sources[0]])
         logged = {f"acc_test/{bn}": a for bn, a in acc.items()} | {f"acc_test_ema/{bn}": a for bn, a in ema.items()}
+        # top-5 beside top-1 (none with five classes or fewer: every prediction would be in the top 5)
+        logged |= {f"acc5_test/{bn}": s.top5 for bn, s in scores.items() if s.top5 is not None}
+        logged |= {f"acc5_test_ema/{bn}": s.top5 for bn, s in ema_scores.items() if s.top5 is not None}
         self.log.scalars(logged, state.step)
         self.progress.log(accuracy_line(state.step, acc, ema))
         return acc
