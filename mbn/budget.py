@@ -7,7 +7,8 @@ making its batch (a PGD-k attack: k). A domain gets ``fraction`` of its input's 
 epochs and the run trains ``round(epochs * cost(baseline) / cost(recipe))`` epochs; the learning-rate milestones,
 warm-up and domain windows are fractions of the run and scale with it. Example: Fast AdvProp (4 in 5 images
 trained clean, 1 in 5 attacked by PGD-1 and trained adversarially) costs ``0.8 + 0.2 * (1 + 1) = 1.2`` per step,
-so 105 vanilla epochs become 88, as in the official code.
+so 105 vanilla epochs become 88, as in the official code. An epoch of a recipe with ``data.aug_repeats=k`` is k
+passes over the images and costs k times as much.
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ def baseline_path(name: str) -> Path:
     return path
 
 
-def matched_epochs(epochs: int, specs: Sequence[DomainSpec], domains: Mapping[str, Domain], baseline: str) -> int:
-    """Epochs of this recipe that cost what ``epochs`` of ``baseline`` cost (at least 1)."""
+def matched_epochs(
+    epochs: int, specs: Sequence[DomainSpec], domains: Mapping[str, Domain], baseline: str, *, repeats: int | None = 1
+) -> int:
+    """Epochs of this recipe that cost what ``epochs`` of ``baseline`` cost (at least 1).
+
+    ``repeats``: this recipe's ``data.aug_repeats`` (an epoch is that many passes over the images); the baseline's
+    own is read from it.
+    """
     from mbn.builders import build_domains
 
     try:
@@ -49,5 +56,11 @@ def matched_epochs(epochs: int, specs: Sequence[DomainSpec], domains: Mapping[st
     except RecipeError as err:  # the message names the baseline's file; say which key pointed at it
         raise RecipeError(f"key 'trainer.budget_of': {err}") from None
     base_specs = domain_specs(base_cfg)
-    base_cost = step_cost(base_specs, build_domains(base_specs))
-    return max(1, round(round(epochs * base_cost / step_cost(specs, domains), 9)))  # 87.4999... is 87.5
+    base_cost = step_cost(base_specs, build_domains(base_specs)) * passes(base_cfg.data.get("aug_repeats"))
+    cost = step_cost(specs, domains) * passes(repeats)
+    return max(1, round(round(epochs * base_cost / cost, 9)))  # 87.4999... is 87.5
+
+
+def passes(aug_repeats: int | None) -> int:
+    """Passes over the training images an epoch makes: ``data.aug_repeats`` (0 or 1: one)."""
+    return max(1, int(aug_repeats or 0))

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from mbn.budget import matched_epochs
 from mbn.builders import build_domains, check_model, resolve_device
 from mbn.config import DomainSpec, ModelCfg, RecipeError, bn_sources, dependency_order, domain_specs
+from mbn.data.files import evaluation_folder
 from mbn.distributed import env_world_size
 from mbn.domain import Domain
 from mbn.errors import first_line
@@ -95,7 +96,9 @@ def plan_run(cfg: DictConfig, *, resume: bool = False) -> RunPlan:
     check_step_sizes(cfg, specs, device)
     budget = None  # the baseline recipe read (and any error in it named) before the data is
     if cfg.trainer.budget_of:
-        budget = matched_epochs(int(cfg.trainer.epochs), specs, domains, str(cfg.trainer.budget_of))
+        budget = matched_epochs(
+            int(cfg.trainer.epochs), specs, domains, str(cfg.trainer.budget_of), repeats=cfg.data.get("aug_repeats")
+        )
     sources = bn_sources(specs)
     return RunPlan(
         dependency_order(specs), sources, domains, objectives, heads, device, init_checkpoint, init_path, budget
@@ -148,8 +151,15 @@ def check_dataset_present(data: DictConfig) -> None:
     The loading-mode keys were checked when the recipe loaded (:func:`mbn.config.check_preload_keys`).
     """
     root = Path(str(data.root))
+    if data.name == "webdataset":  # brace patterns of tar shards (data.root, data.test_root)
+        from mbn.data.shards import check_shards_present
+
+        check_shards_present(data)
     if data.name == "imagefolder" and not _is_folder(root / "train"):
         raise RecipeError(f"key 'data.root': imagefolder expects {root}/train/<class>/*; directory not found")
+    if data.name == "imagefolder" and not _is_folder(root / (split := evaluation_folder(data))):
+        key = "data.root" if split == "test" else "data.test_split"
+        raise RecipeError(f"key '{key}': imagefolder evaluates on {root}/{split}/<class>/*; directory not found")
     if data.name in CIFAR_FOLDERS and not data.download and not (root / CIFAR_FOLDERS[data.name]).is_dir():
         raise RecipeError(
             f"key 'data.root': {data.name} not found under {str(root)!r} (expected {CIFAR_FOLDERS[data.name]}/ "

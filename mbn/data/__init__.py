@@ -18,6 +18,7 @@ Modules, each importing only those above it:
 * :mod:`mbn.data.loaders`: per-sample seeds, :class:`ResumableBatches` and the training and evaluation loaders.
 * :mod:`mbn.data.fingerprints`: identities of a training set, checked on resume.
 * :mod:`mbn.data.streamed`: a streamed ImageFolder, decoded in workers (or on the device).
+* :mod:`mbn.data.shards`: WebDataset tar shards (``data.name=webdataset``); :mod:`mbn.data.make_shards` writes them.
 * :mod:`mbn.data.preloaded`: CIFAR, a decoded and cached ImageFolder tree, synthetic; :func:`load_arrays`.
 * :mod:`mbn.data.bundle`: :func:`build_data` and :class:`DataBundle`, from the ``data`` section of a recipe.
 """

@@ -14,7 +14,7 @@ import torch
 
 from mbn.config import RecipeError, check_preload_keys
 from mbn.data.arrays import ArraySplit, DataStats
-from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, folder_classes, folder_samples
+from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, evaluation_folder, folder_classes, folder_samples
 from mbn.data.fingerprints import streamed_fingerprints, training_set_fingerprint
 from mbn.data.loaders import AugmentedArrayDataset, DeviceTrainLoader, EvalLoader, ResumableBatches, TrainLoader
 from mbn.data.preloaded import load_arrays
@@ -101,13 +101,15 @@ def build_data(cfg: Any, *, seed: int, device: torch.device | str, rank: int = 0
         RecipeError: missing or malformed dataset, bad limits, or a batch larger than the training set.
     """
     device = torch.device(device)
+    if cfg.name == "webdataset":
+        return build_webdataset_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size)
     if cfg.name == "imagefolder" and not getattr(cfg, "preload", True):
         return build_streamed_data(cfg, seed=seed, device=device, rank=rank, world_size=world_size)
     check_preload_keys(cfg)
     train, test, stats = load_arrays(cfg)
     stats = _override_normalisation(cfg, stats)
     _check_batch_size(cfg, len(train), world_size)
-    shard = {"rank": rank, "world_size": world_size}
+    shard = {"rank": rank, "world_size": world_size, "repeats": int(getattr(cfg, "aug_repeats", 0) or 1)}
     if cfg.on_device:
         train_loader: ResumableBatches = DeviceTrainLoader(
             train, cfg.batch_size, seed=seed, device=device, crop_padding=cfg.crop_padding, hflip=cfg.hflip, **shard
@@ -155,9 +157,9 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     """
     check_preload_keys(cfg)
     root = Path(cfg.root)
-    classes = folder_classes(root)
+    classes = folder_classes(root, evaluation_folder(cfg))
     train = folder_samples(root, "train", classes, cfg.train_limit, check_files=False)
-    test = folder_samples(root, "test", classes, cfg.test_limit, check_files=False)
+    test = folder_samples(root, evaluation_folder(cfg), classes, cfg.test_limit, check_files=False)
     _check_batch_size(cfg, len(train), world_size)
     max_pixels = int(getattr(cfg, "max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS)
     common = {"augment": cfg.augment, "seed": seed, "crop_fraction": cfg.crop_fraction,
@@ -166,7 +168,8 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     pin = device.type == "cuda"
     on_device = getattr(cfg, "decode", "workers") == "device"
     train_set = StreamingImageFolder(train, cfg.image_size, train=True, decode_on_device=on_device, **common)
-    kwargs = {"seed": seed, "num_workers": cfg.num_workers, "rank": rank, "world_size": world_size}
+    kwargs = {"seed": seed, "num_workers": cfg.num_workers, "rank": rank, "world_size": world_size,
+              "repeats": int(getattr(cfg, "aug_repeats", 0) or 1)}  # fmt: skip
     loader: TrainLoader = (
         DeviceDecodedTrainLoader(train_set, cfg.batch_size, device=torch.device(device), **kwargs)
         if on_device
@@ -178,3 +181,22 @@ def build_streamed_data(cfg: Any, *, seed: int, device: torch.device, rank: int 
     stats = _override_normalisation(cfg, DataStats(tuple(classes), IMAGENET_MEAN, IMAGENET_STD, int(cfg.image_size)))
     listing, content = streamed_fingerprints(root, train, int(cfg.image_size), max_pixels)
     return DataBundle(loader, test_loader, stats, None, None, streamed_fingerprint=content, legacy_fingerprint=listing)
+
+
+def build_webdataset_data(
+    cfg: Any, *, seed: int, device: torch.device, rank: int = 0, world_size: int = 1
+) -> DataBundle:
+    """Tar shards (:mod:`mbn.data.shards`): ``data.root`` / ``data.test_root`` brace patterns, streamed in workers.
+
+    The normalisation is ``data.mean`` / ``data.std``, else ImageNet's, as for a streamed tree.
+    """
+    from mbn.data.shards import build_shard_loaders
+
+    check_preload_keys(cfg)
+    shards = build_shard_loaders(cfg, seed=seed, device=device, rank=rank, world_size=world_size)
+    stats = DataStats(tuple(shards.classes), IMAGENET_MEAN, IMAGENET_STD, int(cfg.image_size))
+    listing, content = shards.fingerprints
+    return DataBundle(
+        shards.train, shards.test, _override_normalisation(cfg, stats), None, None,
+        streamed_fingerprint=content, legacy_fingerprint=listing,
+    )  # fmt: skip

@@ -1,4 +1,7 @@
-"""Image files of an ImageFolder tree (``<root>/{train,test}/<class>/*``): listing, checking, reading, decoding."""
+"""Image files of an ImageFolder tree: listing, checking, reading, decoding.
+
+The tree is ``<root>/train/<class>/*`` and ``<root>/<data.test_split>/<class>/*`` (``test`` by default).
+"""
 
 from __future__ import annotations
 
@@ -212,14 +215,14 @@ def _unreadable_folder(err: OSError) -> None:
     raise RecipeError(f"key 'data.root': cannot read folder {err.filename} ({_reason(err)})") from None
 
 
-def _find_classes(root: Path, split: str) -> list[str]:
+def _find_classes(root: Path, split: str, test_split: str = "test") -> list[str]:
     """The class folders of ``<root>/<split>``, as torchvision's ``find_classes`` lists them."""
     from torchvision.datasets.folder import find_classes
 
     try:
         classes, _ = find_classes(str(root / split))
     except FileNotFoundError as err:
-        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {err}") from None
+        raise RecipeError(f"key 'data.root': {_folder_layout(root, test_split)}; {err}") from None
     except OSError as err:  # an unreadable folder: the errno's words, not torchvision's
         folder = err.filename or root / split
         raise RecipeError(f"key 'data.root': cannot read folder {folder} ({_reason(err)})") from None
@@ -237,24 +240,41 @@ def _first_link(path: str, top: Path) -> str | None:
     return None
 
 
-def folder_classes(root: Path) -> list[str]:
-    """The class names of ``<root>/train`` (sorted folder names); ``<root>/test`` may hold only some of them.
+def evaluation_folder(data: Any) -> str:
+    """``data.test_split``: the evaluation folder of an ImageFolder tree under ``data.root`` (``test``; ``val``).
 
     Raises:
-        RecipeError: a missing ``train``/``test`` folder, or test classes absent from train.
+        RecipeError: an empty name, an absolute path or one leading out of ``data.root`` (``..``).
     """
-    for split in ("train", "test"):
-        _require_folder(root, split)
-    classes, test_classes = _find_classes(root, "train"), _find_classes(root, "test")
-    _check_classes(root, "test", test_classes, classes)
+    value = getattr(data, "test_split", None)  # None: a recipe stored before the key existed
+    split = "test" if value is None else str(value)
+    parts = Path(split).parts
+    if not split.strip() or Path(split).is_absolute() or ".." in parts or parts in ((), (".",)):
+        raise RecipeError(
+            f"key 'data.test_split': expected a folder under data.root holding <class>/<image> (test, val), "
+            f"got {split!r}"
+        )
+    return split
+
+
+def folder_classes(root: Path, test_split: str = "test") -> list[str]:
+    """The class names of ``<root>/train`` (sorted folder names); ``<root>/<test_split>`` may hold only some of them.
+
+    Raises:
+        RecipeError: a missing ``train`` or ``test_split`` folder, or test classes absent from train.
+    """
+    for split in ("train", test_split):
+        _require_folder(root, split, test_split)
+    classes, test_classes = _find_classes(root, "train", test_split), _find_classes(root, test_split, test_split)
+    _check_classes(root, test_split, test_classes, classes)
     return list(classes)
 
 
-def _folder_layout(root: Path) -> str:
-    return f"imagefolder expects {root}/train/<class>/<image> and {root}/test/<class>/<image>"
+def _folder_layout(root: Path, test_split: str = "test") -> str:
+    return f"imagefolder expects {root}/train/<class>/<image> and {root}/{test_split}/<class>/<image>"
 
 
-def _require_folder(root: Path, split: str) -> None:
+def _require_folder(root: Path, split: str, test_split: str = "test") -> None:
     try:
         is_dir = stat.S_ISDIR(os.stat(root / split).st_mode)
     except (FileNotFoundError, NotADirectoryError):
@@ -262,7 +282,8 @@ def _require_folder(root: Path, split: str) -> None:
     except OSError as err:  # a root without search permission: not "not a directory"
         raise RecipeError(f"key 'data.root': cannot read folder {root} ({_reason(err)})") from None
     if not is_dir:
-        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {root / split} is not a directory")
+        key = "data.test_split" if split == test_split != "test" else "data.root"  # the key that names the folder
+        raise RecipeError(f"key '{key}': {_folder_layout(root, test_split)}; {root / split} is not a directory")
 
 
 def _check_classes(root: Path, split: str, found: Sequence[str], classes: Sequence[str]) -> None:
@@ -290,18 +311,20 @@ def folder_samples(
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    _require_folder(root, split)
-    found = _find_classes(root, split)
+    layout = "test" if split == "train" else split  # the evaluation folder the messages name
+    _require_folder(root, split, layout)
+    found = _find_classes(root, split, layout)
     _check_classes(root, split, found, classes)
     class_to_idx = {name: i for i, name in enumerate(classes)}
     check_tree(root / split)
     try:
         samples = make_dataset(str(root / split), class_to_idx, IMG_EXTENSIONS, allow_empty=split != "train")
     except FileNotFoundError as err:
-        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; {first_line(err)}") from None
+        raise RecipeError(f"key 'data.root': {_folder_layout(root, layout)}; {first_line(err)}") from None
     if not samples:
-        raise RecipeError(f"key 'data.root': {_folder_layout(root)}; no images found in {root / split}")
-    samples = [samples[i] for i in subset_indices(len(samples), limit, f"data.{split}_limit")]
+        raise RecipeError(f"key 'data.root': {_folder_layout(root, layout)}; no images found in {root / split}")
+    limit_key = "data.train_limit" if split == "train" else "data.test_limit"
+    samples = [samples[i] for i in subset_indices(len(samples), limit, limit_key)]
     if check_files:
         check_image_files(samples, max_pixels)
     return samples

@@ -25,13 +25,34 @@ if TYPE_CHECKING:
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def sample_seeds(seed: int, epoch: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
-    """Independent 64-bit seeds for the augmentation of ``indices`` in ``epoch`` (splitmix64 of a run key)."""
+def sample_seeds(
+    seed: int, epoch: int, indices: np.ndarray | Sequence[int], copies: np.ndarray | Sequence[int] | None = None
+) -> np.ndarray:
+    """Independent 64-bit seeds for the augmentation of ``indices`` in ``epoch`` (splitmix64 of a run key).
+
+    ``copies``: under repeated augmentation (``data.aug_repeats``), which copy of its sample each index is. Copy
+    ``c`` of index ``i`` is keyed ``i + c * 2**32``, so copy 0 draws what a run without repeats draws and the other
+    copies draw their own (splitmix64 is a bijection: distinct keys, distinct seeds, for indices below ``2**32``).
+    """
     base = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)
-    z = base + (np.asarray(indices, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    keys = np.asarray(indices, dtype=np.uint64)
+    if copies is not None:
+        keys = keys + (np.asarray(copies, dtype=np.uint64) << np.uint64(32))
+    z = base + (keys + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
+
+
+def split_key(key: Any) -> tuple[int, int | None, int]:
+    """A dataset key as ``(index, epoch, copy)``.
+
+    Keys are a plain index (evaluation), ``(index, epoch)`` (training), or ``(index, epoch, copy)`` (copy ``copy`` of
+    the sample under repeated augmentation, ``data.aug_repeats``).
+    """
+    if not isinstance(key, tuple):
+        return int(key), None, 0
+    return int(key[0]), int(key[1]), int(key[2]) if len(key) > 2 else 0
 
 
 class _LazyGenerator:
@@ -60,8 +81,9 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
 class AugmentedArrayDataset(Dataset):
     """Training samples with albumentations base transforms, seeded per (seed, epoch, index).
 
-    Keys are ``(index, epoch)`` pairs; ``__getitems__`` returns a whole collated batch
-    ``(uint8 NCHW tensor, int64 tensor)``, so use it with :func:`collate_batch`.
+    Keys are ``(index, epoch)`` pairs, or ``(index, epoch, copy)`` under repeated augmentation (:func:`split_key`);
+    ``__getitems__`` returns a whole collated batch ``(uint8 NCHW tensor, int64 tensor)``, so use it with
+    :func:`collate_batch`.
 
     Args:
         split: the training arrays.
@@ -81,16 +103,19 @@ class AugmentedArrayDataset(Dataset):
         self.transform.set_random_state(_LazyGenerator(key), random.Random(key))
         return self.transform(image=self.split.images[index])["image"]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
-        index, epoch = key
-        return self._augment(index, int(sample_seeds(self.seed, epoch, [index])[0])), int(self.split.labels[index])
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[np.ndarray, int]:
+        index, epoch, copy = split_key(key)
+        seed = int(sample_seeds(self.seed, epoch or 0, [index], [copy] if copy else None)[0])
+        return self._augment(index, seed), int(self.split.labels[index])
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> Batch:
-        indices = [index for index, _ in keys]
-        epochs = {epoch for _, epoch in keys}
+    def __getitems__(self, keys: list[tuple[int, ...]]) -> Batch:
+        split = [split_key(key) for key in keys]
+        indices = [index for index, _, _ in split]
+        epochs = {epoch for _, epoch, _ in split}
         if len(epochs) != 1:
-            raise ValueError(f"keys: expected one epoch per batch, got {sorted(epochs)}")
-        seeds = sample_seeds(self.seed, epochs.pop(), indices).tolist()
+            raise ValueError(f"keys: expected one epoch per batch, got {sorted(epochs, key=str)}")
+        copies = [copy for _, _, copy in split]
+        seeds = sample_seeds(self.seed, epochs.pop() or 0, indices, copies if any(copies) else None).tolist()
         images = np.stack([self._augment(i, s) for i, s in zip(indices, seeds, strict=True)])
         # numpy's uint8 transpose-copy is >10x faster than torch's permute().contiguous()
         nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
@@ -127,29 +152,55 @@ class ResumableBatches:
     dropped, as a single process drops an incomplete batch). One process (``world_size=1``) is the plain order.
     Subclasses produce the batches (:meth:`epoch_batches`); a resumed run asks for ``start_batch > 0``.
 
+    Repeated augmentation (``repeats = k >= 2``, ``data.aug_repeats``; Hoffer et al. 2020, DeiT's ``RASampler``):
+    the epoch's order is the same permutation with every sample repeated ``k`` times in a row (``N * k``
+    positions, position ``p`` is copy ``p mod k`` of sample ``perm[p // k]``), and rank ``r`` takes every
+    ``world_size``-th position of each step's ``batch_size * world_size`` (positions ``r, r + W, ...``), so the
+    copies of a sample land on ``k`` different ranks when ``k <= world_size`` (in one process, in one batch).
+    Every sample appears exactly ``k`` times an epoch, except at the dropped tail (the last
+    ``N * k mod (batch_size * world_size)`` positions): exactly ``k`` times for all when that is 0. Each copy is
+    keyed with its copy number (:meth:`batch_copies`, :func:`sample_seeds`), so it gets its own augmentation.
+
     Args:
         num_samples: training set size.
         batch_size: images per batch (per rank).
         seed: seeds the per-epoch order.
         rank: this process's rank.
         world_size: number of training processes.
+        repeats: copies of every sample per epoch (``data.aug_repeats``; 0 or 1: none).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1, repeats: int = 1
+    ) -> None:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.repeats = rank, world_size, max(1, int(repeats))
 
     def __len__(self) -> int:
-        return self.num_samples // (self.batch_size * self.world_size)
+        return self.num_samples * self.repeats // (self.batch_size * self.world_size)
+
+    def _positions(self, start_batch: int) -> torch.Tensor:
+        """This rank's positions in the repeated order of batches ``start_batch..`` (``repeats >= 2``)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
+        per_step = self.batch_size * self.world_size
+        positions = torch.arange(start_batch * per_step, len(self) * per_step)
+        return positions.view(-1, self.batch_size, self.world_size)[:, :, self.rank].contiguous()
 
     def batch_indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
         """This rank's sample indices of batches ``start_batch..len-1`` of ``epoch``, shape (batches, batch_size)."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch: expected 0..{len(self)}, got {start_batch}")
         perm = epoch_permutation(self.num_samples, self.seed, epoch)
+        if self.repeats > 1:
+            return perm[self._positions(start_batch) // self.repeats]
         per_step = self.batch_size * self.world_size
         steps = perm[start_batch * per_step : len(self) * per_step].view(-1, self.world_size, self.batch_size)
         return steps[:, self.rank].contiguous()
+
+    def batch_copies(self, start_batch: int = 0) -> torch.Tensor | None:
+        """Which copy of its sample each of :meth:`batch_indices` is (``0..repeats-1``); None without repeats."""
+        return self._positions(start_batch) % self.repeats if self.repeats > 1 else None
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield batches ``start_batch..`` of ``epoch`` as (images, labels)."""
@@ -165,6 +216,7 @@ class TrainLoader(ResumableBatches):
         seed: seeds the per-epoch order (and, via the dataset, the augmentation).
         num_workers: DataLoader worker processes (0: in the main process); results do not depend on it.
         pin_memory: pin batches for asynchronous host-to-GPU copies.
+        rank, world_size, repeats: as :class:`ResumableBatches`; the dataset takes ``(index, epoch[, copy])`` keys.
     """
 
     def __init__(
@@ -177,14 +229,20 @@ class TrainLoader(ResumableBatches):
         pin_memory: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        repeats: int = 1,
     ) -> None:
         size = len(dataset)  # type: ignore[arg-type]  # map-style datasets are sized
-        super().__init__(size, batch_size, seed, rank=rank, world_size=world_size)
+        super().__init__(size, batch_size, seed, rank=rank, world_size=world_size, repeats=repeats)
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield batches ``start_batch..`` of ``epoch``; skipped batches are never decoded or augmented."""
-        batches = [[(i, epoch) for i in row] for row in self.batch_indices(epoch, start_batch).tolist()]
+        rows, copies = self.batch_indices(epoch, start_batch).tolist(), self.batch_copies(start_batch)
+        if copies is None:
+            batches: list[list[tuple[int, ...]]] = [[(i, epoch) for i in row] for row in rows]
+        else:  # repeated augmentation: each copy keyed by its number, so it draws its own augmentation
+            pairs = zip(rows, copies.tolist(), strict=True)
+            batches = [[(i, epoch, c) for i, c in zip(row, cs, strict=True)] for row, cs in pairs]
         if not batches:
             return
         loader = DataLoader(
@@ -227,6 +285,8 @@ class DeviceTrainLoader(ResumableBatches):
         device: where the dataset lives and batches are produced.
         crop_padding: zero padding of the random crop (0 disables).
         hflip: random horizontal flip with probability 0.5.
+        rank, world_size, repeats: as :class:`ResumableBatches`; repeated copies draw their own crops (each image of a
+            batch draws its own).
     """
 
     def __init__(
@@ -240,8 +300,9 @@ class DeviceTrainLoader(ResumableBatches):
         hflip: bool,
         rank: int = 0,
         world_size: int = 1,
+        repeats: int = 1,
     ) -> None:
-        super().__init__(len(split), batch_size, seed, rank=rank, world_size=world_size)
+        super().__init__(len(split), batch_size, seed, rank=rank, world_size=world_size, repeats=repeats)
         self.images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.device, self.crop_padding, self.hflip = device, crop_padding, hflip

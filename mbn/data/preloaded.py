@@ -24,6 +24,7 @@ from mbn.data.arrays import ArraySplit, DataStats, channel_stats, subset_indices
 from mbn.data.files import (
     DEFAULT_MAX_IMAGE_PIXELS,
     decode_image_file,
+    evaluation_folder,
     folder_classes,
     folder_samples,
     image_header_size,
@@ -201,7 +202,8 @@ def _load_folder_split(
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     key = _fingerprint(root, samples, image_size)
     name = root.name.encode("utf-8", "surrogateescape").decode("ascii", "replace")[:40]  # short, printable
-    path = cache_dir / f"{name}-{split}-{len(samples)}-{image_size}px-{key}.npy" if cache_dir else None
+    folder = split.replace("/", "_").replace(os.sep, "_")  # data.test_split may name a nested folder
+    path = cache_dir / f"{name}-{folder}-{len(samples)}-{image_size}px-{key}.npy" if cache_dir else None
     if path is not None:
         cached = _read_cache(path, (len(samples), image_size, image_size, 3))
         if cached is not None:
@@ -224,8 +226,9 @@ def load_image_folder(
     test_limit: int | None = None,
     cache_dir: str | Path | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    test_split: str = "test",
 ) -> tuple[ArraySplit, ArraySplit, list[str]]:
-    """Load ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` into memory.
+    """Load ``<root>/train/<class>/*`` and ``<root>/<test_split>/<class>/*`` into memory.
 
     Limits are applied to the file lists before decoding, so a small subset of a large tree is cheap.
     Decoded arrays are cached under ``cache_dir`` keyed by a fingerprint of the selected files (paths,
@@ -238,6 +241,7 @@ def load_image_folder(
         test_limit: the same for the test split.
         cache_dir: cache folder; defaults to :func:`default_cache_dir`.
         max_image_pixels: images with more pixels (from their headers) are refused before decoding.
+        test_split: the evaluation folder under ``root`` (``data.test_split``: ``test``, ``val``).
 
     Returns:
         ``(train, test, class_names)``; labels follow the sorted train class folders.
@@ -246,9 +250,9 @@ def load_image_folder(
         RecipeError: missing folders, no images, test classes absent from train, or a bad file (named).
     """
     root = Path(root)
-    classes = folder_classes(root)  # before decoding anything
+    classes = folder_classes(root, test_split)  # before decoding anything
     train = load_image_folder_split(root, "train", classes, image_size, train_limit, cache_dir, max_image_pixels)
-    test = load_image_folder_split(root, "test", classes, image_size, test_limit, cache_dir, max_image_pixels)
+    test = load_image_folder_split(root, test_split, classes, image_size, test_limit, cache_dir, max_image_pixels)
     return train, test, classes
 
 
@@ -307,7 +311,12 @@ def load_arrays(cfg: Any) -> tuple[ArraySplit, ArraySplit, DataStats]:
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     elif cfg.name == "imagefolder":
         train, test, classes = load_image_folder(
-            cfg.root, cfg.image_size, cfg.train_limit, cfg.test_limit, max_image_pixels=_max_pixels(cfg)
+            cfg.root,
+            cfg.image_size,
+            cfg.train_limit,
+            cfg.test_limit,
+            max_image_pixels=_max_pixels(cfg),
+            test_split=evaluation_folder(cfg),
         )
         mean, std = channel_stats(train.images)
         if min(std) == 0:
@@ -341,9 +350,18 @@ def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
         return _limit(loaded["test"], cfg.test_limit, "data.test_limit")
     if cfg.name == "imagefolder" and not getattr(cfg, "preload", True):
         return _decode_streamed_test_split(cfg, stats)
+    if cfg.name == "webdataset":  # the data.test_root shards
+        from mbn.data.shards import load_shard_test_split
+
+        return load_shard_test_split(cfg, stats.class_names)
     if cfg.name == "imagefolder":
         return load_image_folder_split(
-            cfg.root, "test", stats.class_names, stats.image_size, cfg.test_limit, max_image_pixels=_max_pixels(cfg)
+            cfg.root,
+            evaluation_folder(cfg),
+            stats.class_names,
+            stats.image_size,
+            cfg.test_limit,
+            max_image_pixels=_max_pixels(cfg),
         )
     if cfg.name == "synthetic":
         _check_synthetic(cfg)
@@ -354,7 +372,9 @@ def load_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
 
 def _decode_streamed_test_split(cfg: Any, stats: DataStats) -> ArraySplit:
     """A streamed run's test split, decoded in workers with its evaluation transform (``crop_fraction``)."""
-    samples = folder_samples(Path(cfg.root), "test", stats.class_names, cfg.test_limit, check_files=False)
+    samples = folder_samples(
+        Path(cfg.root), evaluation_folder(cfg), stats.class_names, cfg.test_limit, check_files=False
+    )
     dataset = StreamingImageFolder(
         samples, stats.image_size, train=False, augment=cfg.augment, crop_fraction=cfg.crop_fraction,
         min_image_side=cfg.min_image_side, max_image_pixels=_max_pixels(cfg),

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mbn.config import RecipeError
 from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, decode_image_file, image_header_size, read_image_file
-from mbn.data.loaders import TrainLoader, closing_workers, collate_batch, sample_seeds, worker_init_fn
+from mbn.data.loaders import TrainLoader, closing_workers, collate_batch, sample_seeds, split_key, worker_init_fn
 from mbn.data.transforms import random_resized_crop_box, resize_centre_crop
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -58,8 +58,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class StreamingImageFolder(Dataset):
     """Files and labels of one split, decoded (and, for training, augmented) per sample on demand.
 
-    Training keys are ``(index, epoch)`` pairs (as :class:`mbn.data.loaders.AugmentedArrayDataset`); evaluation keys are
-    plain indices. ``__getitems__`` returns whole ``(uint8 N3HW images, int64 labels)`` batches.
+    Training keys are ``(index, epoch)`` pairs, or ``(index, epoch, copy)`` under repeated augmentation (as
+    :class:`mbn.data.loaders.AugmentedArrayDataset`); evaluation keys are plain indices. ``__getitems__`` returns
+    whole ``(uint8 N3HW images, int64 labels)`` batches.
 
     Args:
         samples: ``(path, label)`` pairs.
@@ -101,14 +102,17 @@ class StreamingImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int, epoch: int | None = None) -> torch.Tensor:
+    def load(self, index: int, epoch: int | None = None, copy: int = 0) -> torch.Tensor:
         """Sample ``index`` as uint8 (3, S, S): augmented for ``epoch`` in training, else resized and cropped."""
         image = decode_image_file(self.paths[index], max_pixels=self.max_image_pixels)
         h, w = image.shape[-2:]
-        return self.transform(image, self.draw(index, epoch, (int(h), int(w))))
+        return self.transform(image, self.draw(index, epoch, (int(h), int(w)), copy))
 
-    def draw(self, index: int, epoch: int | None, size: tuple[int, int]) -> Transform:
-        """Check sample ``index``'s size ``(h, w)`` and draw its transform (seeded by ``(seed, epoch, index)``)."""
+    def draw(self, index: int, epoch: int | None, size: tuple[int, int], copy: int = 0) -> Transform:
+        """Check sample ``index``'s size ``(h, w)`` and draw its transform, seeded by ``(seed, epoch, index)``.
+
+        ``copy``: which repeated copy of the sample it is (``data.aug_repeats``); each copy draws its own.
+        """
         path = self.paths[index]
         h, w = size
         if min(h, w) < self.min_image_side:
@@ -122,7 +126,7 @@ class StreamingImageFolder(Dataset):
             )
         if not self.train:
             return ("centre", (), False)
-        rng = np.random.default_rng(int(sample_seeds(self.seed, epoch or 0, [index])[0]))
+        rng = np.random.default_rng(int(sample_seeds(self.seed, epoch or 0, [index], [copy] if copy else None)[0]))
         args: tuple[int, ...]
         if self.augment == "imagenet":
             op, args = "resized_crop", random_resized_crop_box(h, w, rng)
@@ -150,8 +154,8 @@ class StreamingImageFolder(Dataset):
         return image.contiguous()
 
     def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
-        index, epoch = key if isinstance(key, tuple) else (key, None)
-        return self.load(int(index), epoch), int(self.labels[int(index)])
+        index, epoch, copy = split_key(key)
+        return self.load(index, epoch, copy), int(self.labels[index])
 
     def __getitems__(self, keys: list[Any]) -> Batch | EncodedBatch:
         if self.decode_on_device:
@@ -166,14 +170,14 @@ class StreamingImageFolder(Dataset):
         """
         files, paths, drawn, labels = [], [], [], []
         for key in keys:
-            index, epoch = key if isinstance(key, tuple) else (key, None)
-            path = self.paths[int(index)]
+            index, epoch, copy = split_key(key)
+            path = self.paths[index]
             data = read_image_file(path, self.max_image_pixels).numpy().tobytes()
             w, h = image_header_size(path, data, self.max_image_pixels)
             files.append(data)
             paths.append(path)
-            drawn.append(self.draw(int(index), epoch, (h, w)))
-            labels.append(int(self.labels[int(index)]))
+            drawn.append(self.draw(index, epoch, (h, w), copy))
+            labels.append(int(self.labels[index]))
         return EncodedBatch(files, paths, drawn, torch.as_tensor(labels))
 
     def decode_batch(self, batch: EncodedBatch, device: torch.device) -> Batch:

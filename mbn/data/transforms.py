@@ -45,7 +45,8 @@ def eval_crop_fraction(data: Any) -> float:
 
     Preloaded trees are decoded at ``image_size`` (shorter side, centre crop) and CIFAR arrays are at their size.
     """
-    streamed_imagenet = not bool(data.preload) and str(data.augment) == "imagenet"
+    streamed = not bool(data.preload) or getattr(data, "name", None) == "webdataset"  # shards always stream
+    streamed_imagenet = streamed and str(data.augment) == "imagenet"
     return float(data.crop_fraction) if streamed_imagenet else 1.0
 
 
