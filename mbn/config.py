@@ -101,6 +101,9 @@ class ScheduleCfg:
 
     name: str = "cosine"  # timm's cosine | tanh | poly | step | multistep, or constant
     warmup_epochs: float = 0.0  # linear warm-up from optim.lr / warm-up steps to optim.lr, then the schedule
+    # true: the schedule starts after the warm-up and spans the steps left; false (timm's and TF's default): it counts
+    # from step 0 over every step, the warm-up replacing its first steps
+    warmup_prefix: bool = True
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training (multistep)
     decay_epochs: float | None = None  # step: decay by gamma every this many epochs (2.4: EfficientNet's)
     gamma: float = 0.1  # the decay factor of step / multistep (timm's decay_rate)
@@ -596,10 +599,10 @@ def check_schedule(cfg: DictConfig) -> None:
             "key 'schedule.decay_epochs': timm's step schedule decays by schedule.gamma every decay_epochs epochs "
             "(e.g. 2.4); set it, or use schedule.name=multistep for schedule.milestones (mbn < 0.5's step)"
         )
-    from mbn.optim import optimizer_arguments, scheduler_arguments
+    from mbn.optim import check_schedule_builds, optimizer_arguments
 
     optimizer_arguments(cfg.optim)  # an optimiser timm names, taking the optim.kwargs given
-    scheduler_arguments(schedule, 2, 0, 1)  # schedule.kwargs that timm's schedules take
+    check_schedule_builds(schedule, cfg.trainer.epochs, cfg.optim.lr)  # timm's schedule takes schedule.kwargs
     if schedule.min_lr > cfg.optim.lr:
         raise RecipeError(
             f"key 'schedule.min_lr': {schedule.min_lr} is above optim.lr={cfg.optim.lr}; the cosine schedule "

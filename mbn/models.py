@@ -250,9 +250,15 @@ def _check_kwargs(cfg: ModelCfg) -> None:
     kwargs = model_kwargs(cfg)
     if not kwargs:
         return
-    for key in ("num_classes", "pretrained", "weights"):
+    for key in ("num_classes", "pretrained", "weights", "in_chans", "features_only"):
         if key in kwargs:
-            raise ModelConfigError(f"kwargs.{key}", "set by mbn (the data's classes, model.pretrained); not in kwargs")
+            raise ModelConfigError(
+                f"kwargs.{key}", "set by mbn (the data's classes and RGB images, model.pretrained, a classifier)"
+            )
+    for key in ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "dropout", "stochastic_depth_prob"):
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+            raise ModelConfigError(f"kwargs.{key}", f"a probability in [0, 1), got {str(value)[:80]!r}")
     name = cfg.name
     try:
         with torch.device("meta"):

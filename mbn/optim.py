@@ -41,13 +41,18 @@ _SCHEDULER_OWN = {
     "min_lr": "schedule.min_lr",
     "warmup_lr": "schedule.warmup_epochs",
     "warmup_epochs": "schedule.warmup_epochs",
-    "warmup_prefix": "schedule.warmup_epochs",
+    "warmup_prefix": "schedule.warmup_prefix",
     "step_on_epochs": "",
     "updates_per_epoch": "",
     "cooldown_epochs": "",  # the run's length is trainer.epochs; timm only adds the cool-down to the epochs it reports
     "patience_epochs": "",  # plateau (an epoch-wise schedule on a metric) is not offered
     "plateau_mode": "",
+    "cycle_mul": "",  # one cycle spans the run (trainer.epochs): restarts are not offered
+    "cycle_decay": "",
+    "cycle_limit": "",
 }
+#: ``optim.betas``'s default: given to optimisers that take two betas, unless they have other defaults of their own.
+_DEFAULT_BETAS = (0.9, 0.999)
 #: Arguments of timm's optimiser factory that mbn sets from its own keys.
 _OPTIMIZER_OWN = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "params": "", "momentum": "optim.momentum"}
 
@@ -94,10 +99,17 @@ def optimizer_arguments(optim: Any) -> tuple[str, dict[str, Any]]:
     except (ValueError, KeyError):
         raise RecipeError(
             f"key 'optim.name': {str(optim.name)[:80]!r} is not an optimiser timm names ({len(list_optimizers())} "
-            "do, e.g. sgd, momentum, adamw, rmsproptf, lamb, lars, lion: timm.optim.list_optimizers())"
+            "do, e.g. sgd, momentum, adamw, rmsproptf, lamb, lars, lion: timm.optim.list_optimizers(); no "
+            "lookahead_ prefix)"
         ) from None
+    if info.second_order:
+        raise RecipeError(f"key 'optim.name': {name} is a second-order optimiser (a backward with create_graph), "
+                          "which mbn's update does not run")  # fmt: skip
+    try:
+        opt_class = get_optimizer_class(name, bind_defaults=False)
+    except Exception as err:  # bitsandbytes / APEX missing, or CUDA required
+        raise RecipeError(f"key 'optim.name': {name} cannot be built here ({first_line(err)})") from None
     extra = _plain(optim.kwargs)
-    opt_class = get_optimizer_class(name, bind_defaults=False)
     accepted = inspect.signature(opt_class).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     for key in extra:
@@ -112,8 +124,17 @@ def optimizer_arguments(optim: Any) -> tuple[str, dict[str, Any]]:
     arguments: dict[str, Any] = {"lr": float(optim.lr), "weight_decay": float(optim.weight_decay)}
     if info.has_momentum:
         arguments["momentum"] = float(optim.momentum)
-    if info.has_betas and "betas" not in extra:
-        arguments["betas"] = tuple(float(b) for b in optim.betas)
+    own = accepted["betas"].default if "betas" in accepted else None
+    betas = tuple(float(b) for b in optim.betas)
+    if "betas" in extra:  # any number of betas (adan: 3), checked against the class's own
+        if isinstance(own, tuple) and (not isinstance(extra["betas"], list) or len(extra["betas"]) != len(own)):
+            raise RecipeError(f"key 'optim.kwargs.betas': {name} takes {len(own)} betas (its own: {list(own)})")
+        extra["betas"] = tuple(extra["betas"])
+    elif info.has_betas and isinstance(own, tuple) and len(own) == len(betas):
+        if betas != _DEFAULT_BETAS or own == _DEFAULT_BETAS:  # left at the default: the optimiser keeps its own
+            arguments["betas"] = betas
+    elif info.has_betas and betas != _DEFAULT_BETAS:
+        raise RecipeError(f"key 'optim.betas': {name} takes other betas (its own: {own}); set optim.kwargs.betas")
     return name, {**arguments, **extra}
 
 
@@ -144,12 +165,13 @@ def _first_step_at(fraction: float, span: int) -> int:
 
 def scheduler_arguments(schedule: Any, total_steps: int, warmup_steps: int, steps_per_epoch: int) -> dict[str, Any]:
     """The arguments of timm's ``create_scheduler_v2`` for the steps after the warm-up, counted in steps."""
-    span = max(1, total_steps - warmup_steps)
+    prefix = bool(getattr(schedule, "warmup_prefix", True))
+    span = max(1, total_steps - warmup_steps) if prefix else max(1, total_steps)
     extra = _plain(schedule.kwargs)
     for key in extra:
         if key in _SCHEDULER_OWN:
             owner = _SCHEDULER_OWN[key]
-            instead = f"set it as {owner}" if owner else "mbn sets it (per-step schedule over trainer.epochs)"
+            instead = f"set it as {owner}" if owner else "mbn sets it (one per-step schedule over trainer.epochs)"
             raise RecipeError(f"key 'schedule.kwargs.{key}': {instead}, not in schedule.kwargs")
     from timm.scheduler import create_scheduler_v2
 
@@ -177,6 +199,15 @@ def scheduler_arguments(schedule: Any, total_steps: int, warmup_steps: int, step
     if schedule.decay_epochs is not None:
         decay = float(schedule.decay_epochs)
         arguments["decay_epochs"] = decay if name in ("wsd", "rsqrt") and decay < 1 else decay * steps_per_epoch
+        if name == "step" and arguments["decay_epochs"] < 1:
+            raise RecipeError(
+                f"key 'schedule.decay_epochs': {decay:g} epochs is {arguments['decay_epochs']:.3g} optimisation steps "
+                "here; the step schedule decays at most once a step"
+            )
+    if isinstance(extra.get("stable_timescale"), (int, float)):  # rsqrt's timescale, in epochs as timm's flag
+        extra["stable_timescale"] = float(extra["stable_timescale"]) * steps_per_epoch
+    elif name == "rsqrt" and "stable_timescale" not in extra:  # timm's default is its own warm-up (0 here)
+        arguments["stable_timescale"] = max(1, warmup_steps or steps_per_epoch)
     return {**arguments, **extra}
 
 
@@ -192,16 +223,22 @@ class StepSchedule:
 
         self.optimizer = optimizer
         self.warmup_steps = round(float(schedule.warmup_epochs) * steps_per_epoch)
+        self.warmup_prefix = bool(getattr(schedule, "warmup_prefix", True))
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         for group, base in zip(optimizer.param_groups, self.base_lrs, strict=True):
             group["initial_lr"] = base  # timm's schedule starts from it
         arguments = scheduler_arguments(schedule, total_steps, self.warmup_steps, steps_per_epoch)
+        key = "schedule.kwargs" if schedule.kwargs else "schedule.name"
+        refused = f"key '{key}': timm's {arguments['sched']!r} schedule refused"
         try:
             self.decay, _ = create_scheduler_v2(optimizer, **arguments)
-        except (ValueError, TypeError, AssertionError) as err:
-            raise RecipeError(
-                f"key 'schedule.name': timm's {arguments['sched']!r} schedule refused ({first_line(err)})"
-            ) from None
+            # the rates of the first and last steps after the warm-up: a bad argument fails here, not mid-run
+            probes = [lr for t in {self.warmup_steps, (self.warmup_steps + total_steps) // 2, total_steps - 1}
+                      for lr in self.lr_at(max(t, 0))]  # fmt: skip
+        except (ValueError, TypeError, AssertionError, ArithmeticError) as err:
+            raise RecipeError(f"{refused} ({first_line(err)})") from None
+        if not all(math.isfinite(lr) and lr >= 0 for lr in probes):
+            raise RecipeError(f"{refused}: it gives learning rates {probes} (expected finite, at least 0)")
         self.last_step = 0
         self._apply()
 
@@ -209,7 +246,8 @@ class StepSchedule:
         """Every parameter group's learning rate at optimisation ``step`` (0-based)."""
         if step < self.warmup_steps:
             return [base * ((step + 1) / self.warmup_steps) for base in self.base_lrs]
-        return list(self.decay._get_lr(step - self.warmup_steps))
+        t = step - self.warmup_steps if self.warmup_prefix else step
+        return list(self.decay._add_noise(self.decay._get_lr(t), t))  # schedule.kwargs.noise: timm's, seeded by t
 
     def _apply(self) -> None:
         for group, lr in zip(self.optimizer.param_groups, self.lr_at(self.last_step), strict=True):
@@ -247,6 +285,15 @@ class StepSchedule:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["initial_lr"] = base
         self._apply()
+
+
+def check_schedule_builds(schedule: Any, epochs: int, lr: float) -> None:
+    """Build the schedule once at recipe load (10,000 steps an epoch, a throw-away optimiser).
+
+    A bad argument is one line before anything is read or written; the run's own steps are checked when it builds.
+    """
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(lr))
+    StepSchedule(optimizer, schedule, int(epochs) * 10_000, 10_000)
 
 
 def build_scheduler(

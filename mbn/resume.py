@@ -23,6 +23,7 @@ from mbn.written_recipe import digest_path, lookup, resolve_stored, value_digest
 RESUMABLE_KEYS: tuple[str, ...] = (
     "trainer.epochs",  # train longer (or shorter): the schedule and domain windows stretch from here on
     "trainer.max_steps",
+    "trainer.keep_best_k",  # a lower k trims the ranking; a higher one keeps more from here on
     "trainer.out_dir",
     "trainer.device",
     "trainer.compile",

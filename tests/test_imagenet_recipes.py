@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mbn.config import domain_specs, load_recipe
+from mbn.optim import timm_optimizer_name
 from mbn.train.checkpoints import load_checkpoint
 from tests.runs import REPO
 from tests.test_export import make_tree
@@ -31,14 +32,16 @@ RECIPES = REPO / "recipes"
 )
 def test_the_published_setups_are_what_the_recipes_say(recipe, optimiser, schedule, domains):
     cfg = load_recipe(RECIPES / f"{recipe}.yaml")
-    assert (cfg.optim.name, cfg.schedule.name) == (optimiser, schedule)
+    assert (timm_optimizer_name(cfg.optim), cfg.schedule.name) == (optimiser, schedule)
     assert {s.name: (s.type, s.bn) for s in domain_specs(cfg)} == domains
     assert (cfg.data.test_split, cfg.data.augment, cfg.data.image_size) == ("val", "imagenet", 224)
     if "resnet50" in recipe:  # the port: 105 epochs, x0.1 at epochs 30, 60, 90, 100, SGD 0.1 (momentum, no Nesterov)
         assert cfg.trainer.epochs == 105 and cfg.optim.lr == 0.1 and cfg.optim.weight_decay == 1e-4
+        assert cfg.optim.decay_norm_and_bias  # the port's SGD decays every parameter
         assert [round(m * 105, 6) for m in cfg.schedule.milestones] == [30, 60, 90, 100]
     else:  # EfficientNet: RMSpropTF eps 1e-3, x0.97 every 2.4 epochs, EMA 0.9999, drop-connect 0.2, 350 epochs
         assert cfg.optim.kwargs.eps == 0.001 and cfg.schedule.decay_epochs == 2.4 and cfg.schedule.gamma == 0.97
+        assert not cfg.schedule.warmup_prefix  # TF's exponential_decay(global_step) counts from step 0
         assert cfg.ema.decay == 0.9999 and cfg.model.kwargs.drop_path_rate == 0.2 and cfg.trainer.epochs == 350
     pgd = [s for s in domain_specs(cfg) if s.type == "pgd"]
     if pgd:  # PGD1, eps 1 (0-255 units), step 1; B0 attacks the AutoAugment images

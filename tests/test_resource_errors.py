@@ -291,7 +291,7 @@ CPU_OOM = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't alloca
          "lower data.image_size"),
         ("mbn.train.build.build_model", 2, "out of memory building the model on cpu (tried to allocate 335.3 GiB); "
          "lower model.width"),
-        ("mbn.train.hooks.accuracy", 1, "out of memory in the evaluation forward on cpu (tried to allocate "
+        ("mbn.train.hooks.topk_accuracy", 1, "out of memory in the evaluation forward on cpu (tried to allocate "
          "335.3 GiB); lower data.eval_batch_size"),
     ],
 )  # fmt: skip

@@ -128,6 +128,17 @@ def test_rmsproptf_with_exponential_decay_trains_and_resumes_bit_identically(tmp
         (["schedule.name=plateau"], "key 'schedule.name'"),
         (["model.name=timm.resnet18", "model.kwargs.drop_path=0.1"], "key 'model.kwargs.drop_path': timm.resnet18"),
         (["model.kwargs.drop_rate=0.1"], "key 'model.kwargs.drop_rate': cifar_resnet8 takes no keyword arguments"),
+        (["model.name=timm.resnet18", "model.kwargs.drop_rate=-1"], "key 'model.kwargs.drop_rate': a probability"),
+        (["model.name=timm.resnet18", "model.kwargs.in_chans=1"], "key 'model.kwargs.in_chans': set by mbn"),
+        # values timm's schedule only trips over after the warm-up: the schedule is built when the recipe loads
+        (["schedule.warmup_epochs=1", "schedule.kwargs.k_decay=abc"], "key 'schedule.kwargs': timm's 'cosine'"),
+        (["schedule.name=poly", "schedule.kwargs.k_decay=-1"], "key 'schedule.kwargs': timm's 'poly' schedule refused"),
+        (["schedule.kwargs.noise=abc"], "key 'schedule.kwargs': timm's 'cosine' schedule refused"),
+        (["schedule.kwargs.cycle_limit=3"], "key 'schedule.kwargs.cycle_limit': mbn sets it"),
+        (["schedule.name=step", "schedule.decay_epochs=1e-6"], "key 'schedule.decay_epochs': 1e-06 epochs is"),
+        (["optim.name=adamw", "optim.kwargs.betas=[0.9]"], "key 'optim.kwargs.betas': adamw takes 2 betas"),
+        (["optim.name=adan", "optim.betas=[0.8,0.9]"], "key 'optim.betas': adan takes other betas"),
+        (["optim.name=adahessian"], "key 'optim.name': adahessian is a second-order optimiser"),
     ],
 )
 def test_unknown_optimiser_schedule_or_argument_is_one_line(overrides, expected, tmp_path, capsys):
@@ -165,3 +176,48 @@ def test_a_saved_lambda_lr_state_resumes_at_its_step():
     )
     with pytest.raises(ValueError, match="not a count of steps"):
         sched.load_state_dict({"step": -1})
+
+
+def test_betas_left_at_the_default_keep_an_optimisers_own():
+    model = torch.nn.Linear(3, 2)
+    lion = build_optimizer(model, load_recipe(VANILLA, ["optim.name=lion", "optim.lr=1e-4"]).optim)
+    assert lion.defaults["betas"] == (0.9, 0.99)  # Lion's own, not AdamW's 0.999
+    set_lion = build_optimizer(model, load_recipe(VANILLA, ["optim.name=lion", "optim.betas=[0.8,0.9]"]).optim)
+    assert set_lion.defaults["betas"] == (0.8, 0.9)
+    adan = build_optimizer(model, load_recipe(VANILLA, ["optim.name=adan", "optim.kwargs.betas=[0.9,0.9,0.9]"]).optim)
+    assert adan.defaults["betas"] == (0.9, 0.9, 0.9)
+
+
+def test_timms_schedule_noise_is_applied_seeded():
+    rates = []
+    for noise in (None, [0.0, 1.0]):
+        kwargs = {} if noise is None else {"noise": noise, "noise_seed": 3}
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = StepSchedule(optimizer, _schedule(kwargs=kwargs), 50, 10)
+        rates.append([sched.lr_at(s)[0] for s in range(50)])
+    plain, noisy = rates
+    assert plain != noisy and all(abs(n - p) <= 0.67 * p + 1e-12 for n, p in zip(noisy, plain, strict=True))
+    again = StepSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
+                         _schedule(kwargs={"noise": [0.0, 1.0], "noise_seed": 3}), 50, 10)  # fmt: skip
+    assert [again.lr_at(s)[0] for s in range(50)] == noisy  # a function of the step: resumes exactly
+
+
+@pytest.mark.slow
+def test_keep_best_k_may_change_on_resume(tmp_path):
+    assert train(VANILLA, tmp_path / "run", "trainer.max_steps=4", "trainer.keep_best_k=2") == 0
+    assert train_main(["--resume", str(tmp_path / "run"), "trainer.max_steps=8", "trainer.keep_best_k=1"]) == 0
+
+
+def test_without_warmup_prefix_the_schedule_counts_from_step_zero():
+    """EfficientNet's schedule (TF, timm's default): x0.97 every 2.4 epochs from step 0, the warm-up over its start."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.016)
+    schedule = _schedule(name="step", decay_epochs=2.4, gamma=0.97, warmup_epochs=5.0, warmup_prefix=False)
+    sched = StepSchedule(optimizer, schedule, 350 * 10, 10)
+    assert sched.lr_at(0)[0] == pytest.approx(0.016 / 50) and sched.lr_at(49)[0] == pytest.approx(0.016)
+    for step in (50, 99, 1000, 3499):
+        assert sched.lr_at(step)[0] == pytest.approx(0.016 * 0.97 ** (step // 24), rel=1e-12)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.016)  # a fresh one: its rate is the base
+    prefixed = StepSchedule(
+        optimizer, _schedule(name="step", decay_epochs=2.4, gamma=0.97, warmup_epochs=5.0), 3500, 10
+    )
+    assert prefixed.lr_at(50)[0] == pytest.approx(0.016)  # mbn's default: the decay starts after the warm-up

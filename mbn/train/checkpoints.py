@@ -471,14 +471,15 @@ class RunCheckpoints:
         }
         if self.ema is not None:
             ckpt["ema"] = self.ema.module.state_dict()
+        ranked = self.ranked_metric(state)
+        if self.kept is not None and ranked is not None and state.evaluated_step == state.step:
+            # before last.pt: a crash in between leaves a ranked step past last.pt, which a resume drops and re-ranks
+            self.kept.offer(state.step, ranked[1], ranked[0], ckpt)
         atomic_torch_save(ckpt, self.last)
         self.saved_step = state.step
         main = state.test_acc.get(self.sources[0])
         if main is not None and state.evaluated_step == state.step and main >= state.best_acc:  # these weights
             atomic_torch_save(ckpt, self.dir / "best.pt")
-        ranked = self.ranked_metric(state)
-        if self.kept is not None and ranked is not None and state.evaluated_step == state.step:
-            self.kept.offer(state.step, ranked[1], ranked[0], ckpt)
 
     def ranked_metric(self, state: TrainState) -> tuple[str, float] | None:
         """``(tag, accuracy)`` the kept checkpoints are ranked by; None before any evaluation.
