@@ -37,6 +37,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "schedule.min_lr",  # the schedule keeps its shape and position, scaled from the resumed step on
     "optim.grad_clip",
     "data.root",  # the same data, moved
+    "data.test_root",  # webdataset: the same evaluation shards, moved
     "data.download",
     "data.num_workers",
     "data.max_image_pixels",  # refuses images, never changes what is trained

@@ -205,8 +205,10 @@ def png_bytes() -> bytes:
         ({"__key__": "b", "png": None, "cls": b"one"}, "b.cls", "not a class index"),
         ({"__key__": "b", "png": None, "cls": b"7"}, "b.cls", "outside the 3 classes"),
         ({"__key__": "b", "cls": b"1"}, "b.cls", "without an image member"),
+        ({"__key__": "b", "png": None, "cls": b"1_0"}, "b.cls", "not a class index"),
+        ({"__key__": "b", "png": None, "cls": b"1" * 40}, "b.cls", "40 bytes, not a class index"),
     ],
-    ids=["corrupt-jpeg", "missing-cls", "non-integer-cls", "unknown-class", "missing-image"],
+    ids=["corrupt-jpeg", "missing-cls", "non-integer-cls", "unknown-class", "missing-image", "underscore", "huge-cls"],
 )
 def test_bad_members_are_named_in_one_line(tmp_path, bad, member, message):
     train, test = shards_of(tmp_path)
@@ -353,3 +355,56 @@ def test_tar_headers_are_read_as_tarfile_reads_them(tmp_path, fmt):
     with open(path, "rb") as f:
         members = list(tar_members(f, str(path), lambda *a: RecipeError(str(a))))
         assert [(m.name, read_member(f, m)) for m in members] == expected
+
+
+def _tar_with(path: Path, members: list[tuple[str, bytes, dict[str, str] | None]]) -> Path:
+    """A tar of (name, bytes, pax headers) members, written by tarfile (pax format)."""
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, pax in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if pax:
+                info.pax_headers = pax
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_member_without_a_key_and_a_bad_pax_header_are_one_line(tmp_path):
+    keyless = _tar_with(tmp_path / "keyless.tar", [(".png", png_bytes(), None), (".cls", b"0", None)])
+    with pytest.raises(RecipeError) as err:
+        load_shard_set(str(keyless), "data.root")
+    assert f"shard {keyless} member .png: no key or no extension" in one_line(err.value)
+    pax = tmp_path / "pax.tar"
+    _tar_with(pax, [("a.png", png_bytes(), {"comment": "x"}), ("a.cls", b"0", None)])
+    raw = bytearray(pax.read_bytes())
+    at = raw.find(b" comment=x")  # the pax record "NN comment=x": make it a size that is not a number
+    raw[at + 1 : at + 10] = b"size=abcd"
+    pax.write_bytes(bytes(raw))
+    with pytest.raises(RecipeError) as err:
+        load_shard_set(str(pax), "data.root")
+    line = one_line(err.value)
+    assert f"shard {pax} member" in line and ("bad pax header" in line or "bad checksum" in line), line
+
+
+def test_one_shard_finds_its_index_and_make_shards_never_mixes_runs(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree")
+    assert make_shards([str(tree), str(tmp_path / "one"), "--shard-size", "1000"]) == 0
+    printed = capsys.readouterr().out
+    single = str(tmp_path / "one" / "train-000000.tar")
+    assert f"data.root={single}" in printed
+    shards = load_shard_set(single, "data.root")
+    assert shards.classes == list(CLASSES) and not shards.scanned  # the index of train-000000.tar is train.index.json
+    assert make_shards([str(tree), str(tmp_path / "one"), "--shard-size", "5"]) == 2  # old shards would stay
+    assert "already holds shards (test-000000.tar" in capsys.readouterr().err
+    assert make_shards([str(tree), str(tree / "shards")]) == 2
+    assert "is inside the tree" in capsys.readouterr().err
+
+
+def test_a_typo_label_without_an_index_is_refused_not_a_million_classes(tmp_path):
+    shard = write_shard(tmp_path / "t-000000.tar", [{"__key__": "a", "png": png_bytes(), "cls": b"3000000"}])
+    with pytest.raises(RecipeError, match="implies over 100,000 classes"):
+        load_shard_set(str(shard), "data.root")
+    with pytest.raises(RecipeError, match="names over 1,000,000 files"):
+        load_shard_set(str(tmp_path / "t-{0000000..9999999}.tar"), "data.root")

@@ -68,7 +68,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     opt.add_argument("--reference", metavar="EVAL", help="eval.json or run directory for corruption CE / mCE")
     opt.add_argument(
-        "--data-root", type=Path, metavar="DIR", help="dataset root to evaluate on (default: the recipe's data.root)"
+        "--data-root",
+        type=Path,
+        metavar="DIR",
+        help="dataset root to evaluate on (default: the recipe's data.root; webdataset: the test shards' pattern)",
     )
     opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     opt.add_argument(

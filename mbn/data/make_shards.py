@@ -83,6 +83,18 @@ def detect_splits(src: Path) -> list[str]:
     return [split for split in SPLIT_CANDIDATES if (src / split).is_dir()]
 
 
+def check_destination(src: Path, dst: Path, splits: Sequence[str]) -> None:
+    """DST is outside SRC and holds no shards of these splits yet (a re-run never mixes old and new shards)."""
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise RecipeError(f"{dst} is inside the tree {src}: write the shards elsewhere")
+    old = sorted(p.name for split in splits for p in dst.glob(f"{split}-*.tar")) if dst.is_dir() else []
+    if old:
+        raise RecipeError(
+            f"{dst} already holds shards ({old[0]}, {len(old)} in all): remove them or choose another folder, so that "
+            "no pattern mixes shards of two runs"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 with one line on stderr for bad input)."""
     parser = argparse.ArgumentParser(
@@ -104,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         classes = find_classes(args.src)
         splits = args.splits or detect_splits(args.src)
+        check_destination(args.src, args.dst, splits)
         args.dst.mkdir(parents=True, exist_ok=True)
         patterns = {split: write_split(args.src, args.dst, split, classes, args.shard_size, args.seed)
                     for split in splits}  # fmt: skip

@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mbn.config import RecipeError
 from mbn.data.arrays import ArraySplit
-from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, decode_image_file, image_header_size
+from mbn.data.files import DEFAULT_MAX_IMAGE_PIXELS, decode_image_file, image_header_size, max_image_file_bytes
 from mbn.data.loaders import ResumableBatches, closing_workers, collate_batch, epoch_permutation, worker_init_fn
 from mbn.data.streamed import EncodedBatch, StreamingImageFolder
 from mbn.errors import first_line
@@ -80,6 +82,8 @@ def member_key(name: str) -> tuple[str, str] | None:
     if "." not in base:
         return None
     stem, _, ext = base.partition(".")
+    if not stem:
+        return None  # ".jpg": no key
     return name[: len(name) - len(base)] + stem, ext.lower()
 
 
@@ -92,9 +96,11 @@ def expand_pattern(pattern: str, key: str) -> list[str]:
     from braceexpand import braceexpand
 
     try:
-        paths = list(braceexpand(str(pattern)))
+        paths = list(itertools.islice(braceexpand(str(pattern)), MAX_SHARDS + 1))
     except Exception as err:  # UnbalancedBracesError and the like
         raise RecipeError(f"key '{key}': malformed shard pattern {pattern!r} ({first_line(err)})") from None
+    if len(paths) > MAX_SHARDS:
+        raise RecipeError(f"key '{key}': the shard pattern {pattern} names over {MAX_SHARDS:,} files (a typo?)")
     missing = [p for p in paths if not os.path.isfile(p)]
     if len(missing) == len(paths):
         raise RecipeError(f"key '{key}': no file matches the shard pattern {pattern} (first: {paths[0]})")
@@ -106,7 +112,7 @@ def expand_pattern(pattern: str, key: str) -> list[str]:
 def index_path(pattern: str, first_shard: str) -> Path:
     """The JSON index of a pattern: ``<prefix>.index.json`` beside the first shard (``train-{...}.tar``: ``train``)."""
     base = os.path.basename(pattern)
-    head = base.split("{", 1)[0] if "{" in base else base.removesuffix(".tar")
+    head = base.split("{", 1)[0] if "{" in base else re.sub(r"-\d+$", "", base.removesuffix(".tar"))
     return Path(first_shard).parent / f"{head.rstrip('-_.') or 'shards'}.index.json"
 
 
@@ -164,8 +170,14 @@ def load_shard_set(pattern: str, key: str, classes: Sequence[str] | None = None)
     if where.is_file():
         try:
             index = json.loads(where.read_text())
-            entries = {e["name"]: e for e in index["shards"]}
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            entries = {str(e["name"]): e for e in index["shards"]}
+            for e in entries.values():
+                if not isinstance(e["samples"], int) or not isinstance(e["bytes"], int) or e["samples"] < 0:
+                    raise ValueError(f"shard {e['name']}: samples and bytes must be counts")
+            classes_given = index.get("classes", [])
+            if not isinstance(classes_given, list) or len(set(map(str, classes_given))) != len(classes_given):
+                raise ValueError("classes must be a list of distinct names")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise RecipeError(f"key '{key}': cannot read the shard index {where} ({first_line(err)})") from None
     else:
         entries = {}
@@ -189,6 +201,11 @@ def load_shard_set(pattern: str, key: str, classes: Sequence[str] | None = None)
     if classes is None and not names:
         if len(stale) < len(paths):  # an index without classes: every shard's labels are needed
             labels_seen = max(scan_shard(p, key)[1] for p in paths)
+        if labels_seen >= MAX_SCANNED_CLASSES:
+            raise RecipeError(
+                f"key '{key}': a .cls of {labels_seen} implies over {MAX_SCANNED_CLASSES:,} classes and no index names "
+                "them (a typo'd label?); write the shards with python -m mbn.data.make_shards"
+            )
         names = [str(i) for i in range(labels_seen + 1)]
     if sum(counts) == 0:
         raise RecipeError(f"key '{key}': the shards of {pattern} hold no samples")
@@ -213,6 +230,14 @@ class Member(NamedTuple):
 
 
 _ZERO_BLOCK = bytes(512)
+#: The most of a pax header or GNU long name read (a name, a size: a few hundred bytes in practice).
+MAX_EXTENDED_HEADER = 1 << 16
+#: The largest ``.cls`` member read (a class index as decimal text).
+MAX_LABEL_BYTES = 32
+#: The most classes a shard set's labels may imply without an index naming them (a typo'd label is not a class).
+MAX_SCANNED_CLASSES = 100_000
+#: The most shards a pattern may name (ImageNet-21k in 1,000-image shards is about 14,000).
+MAX_SHARDS = 1_000_000
 
 
 def tar_members(f: BinaryIO, path: str, fail: Callable[[str, str, str], RecipeError]) -> Iterator[Member]:
@@ -256,8 +281,11 @@ def tar_members(f: BinaryIO, path: str, fail: Callable[[str, str, str], RecipeEr
             raise fail(path, text, f"truncated (ends at byte {data + size} of a {end}-byte file)")
         if kind in (b"x", b"L"):  # a pax header or GNU long name: for the next member
             f.seek(data)
-            extended = f.read(size)
-            long_name, long_size = _extended(extended, kind)
+            extended = f.read(min(size, MAX_EXTENDED_HEADER))
+            try:
+                long_name, long_size = _extended(extended, kind)
+            except ValueError as err:
+                raise fail(path, last, f"a bad pax header after it ({first_line(err)})") from None
             continue
         long_name, long_size, last = "", -1, text
         if kind in (b"0", b"\0", b"7"):
@@ -281,7 +309,9 @@ def _extended(data: bytes, kind: bytes) -> tuple[str, int]:
         if field.startswith("path="):
             name = field[5:]
         elif field.startswith("size="):
-            size = int(field[5:])
+            size = int(field[5:])  # a ValueError: named by the caller
+            if size < 0:
+                raise ValueError(f"negative size {size}")
     return name, size
 
 
@@ -315,7 +345,7 @@ class ShardReader:
                 for member in tar_members(f, path, self.fail):
                     parts = member_key(member.name)
                     if parts is None:
-                        raise self.fail(path, member.name, "no extension (expected <key>.jpg and <key>.cls)")
+                        raise self.fail(path, member.name, "no key or no extension (expected <key>.jpg and <key>.cls)")
                     if parts[0] != key:
                         if group and want(position):
                             yield self.sample(f, path, shard, position, group, images)
@@ -339,14 +369,21 @@ class ShardReader:
         if "cls" not in members:
             raise self.fail(path, image.name, f"no {member_key(image.name)[0]}.cls beside it")  # type: ignore[index]
         label_member = members["cls"]
+        if label_member.size > MAX_LABEL_BYTES:
+            raise self.fail(path, label_member.name, f"{label_member.size} bytes, not a class index")
         text = read_member(f, label_member)
         try:
-            label = int(text.decode("ascii").strip())
+            digits = text.decode("ascii").strip()
+            if not digits.isdigit():
+                raise ValueError(digits)
+            label = int(digits)
         except (UnicodeDecodeError, ValueError):
             raise self.fail(path, label_member.name, f"not a class index ({text[:20]!r})") from None
         classes = len(self.shards.classes)
         if label < 0 or (classes and label >= classes):
             raise self.fail(path, label_member.name, f"class {label} outside the {classes} classes 0..{classes - 1}")
+        if image.size > max_image_file_bytes(self.max_pixels):
+            raise self.fail(path, image.name, f"{image.size} bytes, over the image size data.max_image_pixels allows")
         data = read_member(f, image) if images else None
         if data is not None and not data:
             raise self.fail(path, image.name, "an empty member, not an image")

@@ -105,7 +105,8 @@ def load_run(
         device: ``auto``, ``cpu`` or a CUDA device.
         overrides: dotlist overrides of the stored recipe, e.g. ``["data.test_limit=500"]``.
         data_root: evaluate on the dataset here instead of the recipe's ``data.root`` (a moved copy,
-            or a relative root resolved from another working directory).
+            or a relative root resolved from another working directory); for a webdataset run, the evaluation
+            shards' brace pattern instead of ``data.test_root``.
         weights: ``model`` (the trained weights) or ``ema`` (their moving average, runs with ``ema.decay > 0``).
 
     Raises:
@@ -115,7 +116,10 @@ def load_run(
     stored = read_stored_run(path, overrides)
     cfg, stats, ckpt_path = stored.cfg, stored.stats, stored.checkpoint
     if data_root is not None:
-        cfg.data.root = str(data_root)
+        if cfg.data.name == "webdataset":  # what is evaluated: the test shards' pattern
+            cfg.data.test_root = str(data_root)
+        else:
+            cfg.data.root = str(data_root)
     dev = resolve_device(device, "--device")
     try:
         if stats is not None:
