@@ -22,13 +22,22 @@ from tests.plugin_env import install_plugin
 from tests.runs import TINY, train, weights
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "base.yaml")
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.stem.endswith("base"))  # bases: no domains
 
 
 #: Recipes made for real data and weights, brought down to the synthetic set (no download, 32x32, preloaded, fp32).
+_SMALL = [
+    "data.preload=true",
+    "data.augment=cifar",
+    "data.image_size=32",
+    "trainer.amp=none",
+    "trainer.channels_last=false",
+]
 SMOKE_EXTRA = {
-    "finetune_advprop_effnet": ["model.pretrained=false", "data.preload=true", "data.augment=cifar",
-                                "data.image_size=32", "trainer.amp=none", "trainer.channels_last=false"],
+    "finetune_advprop_effnet": ["model.pretrained=false", *_SMALL],
+    **{f"imagenet_{net}_{kind}": [*_SMALL, f"model.name={model}"]  # their own network (drop-path kwargs)
+       for net, model in (("resnet50", "torchvision.resnet50"), ("effnet_b0", "timm.tf_efficientnet_b0"))
+       for kind in ("advprop", "vanilla")},
 }  # fmt: skip
 
 
@@ -59,10 +68,10 @@ def test_feature_tensorboard_has_per_domain_curves(tmp_path):
     for d in domains:
         expected = {"loss/per_domain", "train_acc/per_domain", "throughput/per_domain", "x_samples/images"}
         assert tags[f"domain={d}"] == expected | ({"x_samples/perturbation"} if d != "clean" else set())
-    assert tags["bn=clean"] == {"test_acc/per_bn"}  # the main BN: no divergence to itself
+    assert tags["bn=clean"] == {"test_acc/per_bn", "test_acc5/per_bn"}  # the main BN: no divergence to itself
     for b in ("autoaug", "adv"):
         divergence = {f"{DIAGNOSTICS}/bn_divergence_log10", f"{DIAGNOSTICS}/bn_divergence_per_layer"}
-        assert tags[f"bn={b}"] == {"test_acc/per_bn"} | divergence
+        assert tags[f"bn={b}"] == {"test_acc/per_bn", "test_acc5/per_bn"} | divergence
     scalars, images = tensorboard_scalars(run / "tb"), tensorboard_images(run / "tb")
     assert [step for step, _ in scalars["loss/adv"]] == [1, 2, 3, 4]
     assert {divergence_tag("autoaug"), divergence_tag("adv")} <= set(scalars)
