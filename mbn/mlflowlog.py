@@ -8,8 +8,9 @@ run and several trainers in one process do not meet. The run id and tracking URI
 ``RUN_DIR/trackers.json``; a resumed run continues the same MLflow run (status back to RUNNING).
 
 What it logs: every scalar as a metric under its canonical tag (``loss/clean``, ``acc_test/adv``, ...) at the
-trainer's step, sent in the background (MLflow's asynchronous logging, so a remote server's latency does not
-slow training); the image grids and divergence plots as PNG artifacts ``<tag>/step_<step>.png``; the recipe as
+trainer's step, sent in the background to a server (MLflow's asynchronous logging, so a remote server's latency
+does not slow training) and written in place to a local file store (whose asynchronous batches race creating a
+metric's folder); the image grids and divergence plots as PNG artifacts ``<tag>/step_<step>.png``; the recipe as
 written flattened to parameters (``optim.lr``, ``domains.adv.eps``; lists as JSON, text cut at MLflow's 6000
 characters) and its YAML as the artifact ``recipe.yaml``; the numeric leaves of ``metrics.json`` as metrics
 (``final/test_acc_main``, ...) and ``metrics.json`` itself as an artifact. The run ends FINISHED after the final
@@ -26,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from torch import Tensor
 
@@ -66,6 +68,7 @@ class MlflowLogger(RunLogger):
         self.run_name = run_name(cfg.run_name, self.run_dir)
         self.client: Any = None  # an MlflowClient, once the run started
         self.run_id: str | None = None
+        self.synchronous = False  # a local file store is written in place (see run())
         self._logged_through = -1  # a resumed run: the last step the MLflow run holds metrics of
         self._pending: list[Any] = []  # RunOperations of background batches
         self._finished = False
@@ -91,6 +94,9 @@ class MlflowLogger(RunLogger):
                 run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
                 self.client, self.run_id = client, run.info.run_id
                 write_tracker_ids(self.run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri_sha256": digest})
+            # a local file store: written in place (MLflow's asynchronous batches race there creating a metric's
+            # folder, "File exists"; and there is no server latency to hide)
+            self.synchronous = urlparse(uri).scheme in ("", "file")
         assert self.run_id is not None
         return self.client, self.run_id
 
@@ -141,7 +147,7 @@ class MlflowLogger(RunLogger):
         now = int(time.time() * 1000)
         metrics = [Metric(path_name(tag), float(value), now, int(step)) for tag, value in values.items()]
         for i in range(0, len(metrics), METRICS_PER_BATCH):
-            done = client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH], synchronous=False)
+            done = client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH], synchronous=self.synchronous)
             if done is not None:
                 self._pending.append(done)
         if len(self._pending) > PENDING:  # long sent: waiting only collects their errors
