@@ -11,6 +11,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -188,8 +189,22 @@ def _wandb_records(path: Path) -> list[Any]:
     return records
 
 
-def _wandb_run(run_dir: Path) -> dict[str, Any]:
-    """What the offline W&B sessions of a run logged: run ids, history by step, config, summary, files, exit codes."""
+def _wandb_run(run_dir: Path, wait_s: float = 30.0) -> dict[str, Any]:
+    """What the offline W&B sessions of a run logged: run ids, history by step, config, summary, files, exit codes.
+
+    W&B's service process writes the offline files; on a loaded machine a session's file can lag the training
+    process's exit, so this reads again (up to ``wait_s``) until every session's run record is there.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _read_wandb_run(run_dir)
+        sessions = len(list(run_dir.glob("wandb/offline-run-*")))
+        if len(out["ids"]) >= sessions or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _read_wandb_run(run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"ids": [], "names": [], "tags": [], "history": {}, "config": {}, "summary": {}}
     out.update(files=[], exit_codes=[])
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
